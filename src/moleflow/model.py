@@ -1,0 +1,220 @@
+"""MoLEFlow: the normalizing flow with shared weights and per-task experts (spec §2.4-2.9).
+
+    tokens (B,H,W,D) -> + 2-D sinusoidal PE -> adapter_t -> spatial context mixer (shared)
+                     -> coupling blocks (shared base + LoRA_t + bias_t) -> DIA_t -> z (B,H,W,D)
+    nll per patch = 0.5 ||z||^2 + (D/2) log(2 pi) - log-det           (B,H,W)
+
+Experts are keyed by task id. The active task is an argument of every call; nothing is global.
+Freezing rules (spec §2.7.3): task 0 trains the shared weights and its own expert; later tasks train
+their own expert only, so everything learned earlier stays bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .nn.adapters import (SoftLNAdapter, SpatialContextMixer, WhiteningAdapter, sinusoidal_position_encoding,
+                          whitening_gamma_raw_init)
+from .nn.coupling import CouplingBlock, PlainSubnet, ScaleContextSubnet
+from .nn.dia import DIA
+from .nn.lora import LoRALinear
+
+SHARED_FLOW = "shared"
+
+
+@dataclass
+class FlowOutput:
+    """Per-patch results of one forward pass."""
+
+    nll: torch.Tensor  # (B, H, W) negative log-likelihood, the patch anomaly score
+    logdet: torch.Tensor  # (B, H, W) total log-det (shared flow + DIA)
+    z: torch.Tensor  # (B, H, W, D) latent
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    """A fresh generator per (seed, stream): task t's init never depends on what was built before."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + stream)
+
+
+class FlowStack(nn.Module):
+    """The coupling blocks: (B,H,W,D) -> (B,H,W,D), log-det (B,H,W)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, generator: torch.Generator) -> None:
+        super().__init__()
+        half = dim // 2
+        blocks = []
+        for _ in range(cfg.num_coupling_blocks):
+            if cfg.use_scale_context:
+                subnet: nn.Module = ScaleContextSubnet(half, cfg.scale_context_kernel, cfg.scale_context_init,
+                                                       cfg.scale_context_max, generator)
+            else:
+                subnet = PlainSubnet(half, generator)
+            blocks.append(CouplingBlock(dim, cfg.clamp, subnet, generator))
+        self.blocks = nn.ModuleList(blocks)
+
+    def lora_layers(self) -> list[LoRALinear]:
+        return [layer for block in self.blocks for layer in block.subnet.lora_layers()]
+
+    def forward(self, x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        logdet = x.new_zeros(x.shape[:-1])
+        for block in self.blocks:
+            x, ld = block(x, task)
+            logdet = logdet + ld
+        return x, logdet
+
+    def inverse(self, z: torch.Tensor, task: int | None) -> torch.Tensor:
+        for block in reversed(self.blocks):
+            z = block.inverse(z, task)
+        return z
+
+
+class MoLEFlow(nn.Module):
+    """The flow model over backbone tokens of dimension `dim`. Tasks are added with `add_task`."""
+
+    def __init__(self, cfg: ModelConfig, dim: int, seed: int = 0) -> None:
+        super().__init__()
+        if dim % 4:
+            raise ValueError(f"embed dim must be divisible by 4, got {dim}")
+        self.cfg, self.dim, self.seed = cfg, dim, seed
+        self.scm = (SpatialContextMixer(dim, cfg.spatial_context_kernel,
+                                        residual=cfg.spatial_context_mode == "depthwise_residual")
+                    if cfg.use_spatial_context else None)
+        self.flows = nn.ModuleDict({SHARED_FLOW: FlowStack(cfg, dim, _generator(seed, 0))})
+        self.adapters = nn.ModuleDict()
+        self.dias = nn.ModuleDict()
+        self.task_ids: list[int] = []
+        self.base_task: int | None = None  # the task that trained the shared weights (the first one added)
+
+    # ------------------------------------------------------------------------------ tasks
+    def add_task(self, task: int | None = None) -> int:
+        """Create the expert of a new task (LoRA, task biases, adapter, DIA) and return its id."""
+        task = (max(self.task_ids) + 1 if self.task_ids else 0) if task is None else task
+        if task in self.task_ids:
+            raise ValueError(f"task {task} already exists")
+        cfg, key = self.cfg, str(task)
+        gen = _generator(self.seed, task + 1)
+        first = self.base_task is None or task == self.base_task
+        if cfg.task_separated and not first:
+            self.flows[key] = FlowStack(cfg, self.dim, gen)
+        for layer in self._flow(task).lora_layers():
+            layer.add_task(task, cfg.lora_rank if cfg.use_lora else None, cfg.lora_alpha, cfg.use_task_bias, gen)
+        if cfg.task_adapter == "whitening":
+            self.adapters[key] = WhiteningAdapter(
+                self.dim, whitening_gamma_raw_init(0 if first else 1, cfg.whitening_identity_init))
+        elif cfg.task_adapter == "soft_ln":
+            self.adapters[key] = SoftLNAdapter(self.dim, first_task=first, generator=gen)
+        if cfg.dia_blocks > 0:
+            self.dias[key] = DIA(self.dim, cfg.dia_blocks, cfg.dia_hidden_ratio, cfg.clamp, gen)
+        self.task_ids.append(task)
+        if first:
+            self.base_task = task
+        return task
+
+    def remove_task(self, task: int) -> None:
+        """Delete task `task`'s expert; every other task is untouched."""
+        if task not in self.task_ids:
+            raise ValueError(f"no task {task}")
+        key = str(task)
+        for layer in self._flow(task).lora_layers():
+            layer.remove_task(task)
+        for store in (self.adapters, self.dias):
+            if key in store:
+                del store[key]
+        if key in self.flows and key != SHARED_FLOW:
+            del self.flows[key]
+        self.task_ids.remove(task)
+
+    def _flow(self, task: int) -> FlowStack:
+        return self.flows[str(task)] if str(task) in self.flows else self.flows[SHARED_FLOW]
+
+    # ------------------------------------------------------------------------------ parameters
+    def task_parameter_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
+        """Parameters owned by task `task`, by group: lora, task_bias, adapter, dia (and flow if separated)."""
+        key = str(task)
+        groups: dict[str, list[nn.Parameter]] = {"lora": [], "task_bias": [], "adapter": [], "dia": []}
+        for layer in self._flow(task).lora_layers():
+            if key in layer.lora_A:
+                groups["lora"] += [layer.lora_A[key], layer.lora_B[key]]
+            if key in layer.task_bias:
+                groups["task_bias"].append(layer.task_bias[key])
+        if key in self.adapters:
+            groups["adapter"] = list(self.adapters[key].parameters())
+        if key in self.dias:
+            groups["dia"] = list(self.dias[key].parameters())
+        if key in self.flows:
+            owned = {id(p) for g in groups.values() for p in g}
+            groups["flow"] = [p for p in self.flows[key].parameters() if id(p) not in owned]
+        return groups
+
+    def task_parameters(self, task: int) -> list[nn.Parameter]:
+        return [p for group in self.task_parameter_groups(task).values() for p in group]
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """Parameters that belong to no task: the shared flow's base weights, contexts and the SCM."""
+        owned = {id(p) for t in self.task_ids for p in self.task_parameters(t)}
+        return [p for p in self.parameters() if id(p) not in owned]
+
+    def set_trainable(self, task: int) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze what task `task` trains (spec §2.7.3, §4); return those."""
+        own = self.task_parameters(task)
+        if task == self.base_task or not self.cfg.freeze_base and not self.cfg.task_separated:
+            trainable = self.shared_parameters() + own
+        else:
+            trainable = own
+        for p in self.parameters():
+            p.requires_grad_(False)
+        for p in trainable:
+            p.requires_grad_(True)
+        return trainable
+
+    def parameter_counts(self) -> dict[str, object]:
+        """Shared and per-task parameter counts (per task: by group and total)."""
+        per_task = {}
+        for t in self.task_ids:
+            groups = {name: sum(p.numel() for p in ps) for name, ps in self.task_parameter_groups(t).items()}
+            groups["total"] = sum(groups.values())
+            per_task[t] = groups
+        shared = sum(p.numel() for p in self.shared_parameters())
+        return {"shared": shared, "per_task": per_task}
+
+    # ------------------------------------------------------------------------------ forward
+    def prepare(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
+        """Tokens (B,H,W,D) -> flow input: + PE, task adapter, spatial context mixer."""
+        x = tokens
+        if self.cfg.use_pos_embedding:
+            b, h, w, d = x.shape
+            x = x + sinusoidal_position_encoding(h, w, d, device=x.device).to(x.dtype)
+        key = str(task)
+        if key in self.adapters:
+            x = self.adapters[key](x)
+        if self.scm is not None:
+            x = self.scm(x)
+        return x
+
+    def flow_forward(self, x: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The invertible part: coupling blocks then DIA_t. (B,H,W,D) -> z, log-det (B,H,W)."""
+        z, logdet = self._flow(task)(x, task)
+        key = str(task)
+        if key in self.dias:
+            z, ld = self.dias[key](z)
+            logdet = logdet + ld
+        return z, logdet
+
+    def flow_inverse(self, z: torch.Tensor, task: int) -> torch.Tensor:
+        key = str(task)
+        if key in self.dias:
+            z = self.dias[key].inverse(z)
+        return self._flow(task).inverse(z, task)
+
+    def forward(self, tokens: torch.Tensor, task: int) -> FlowOutput:
+        """tokens (B,H,W,D) of images all belonging to `task` -> per-patch NLL, log-det and latent."""
+        if task not in self.task_ids:
+            raise ValueError(f"task {task} is not learned (tasks: {self.task_ids})")
+        z, logdet = self.flow_forward(self.prepare(tokens, task), task)
+        log_prob = -0.5 * z.pow(2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi) + logdet
+        return FlowOutput(nll=-log_prob, logdet=logdet, z=z)

@@ -1,0 +1,106 @@
+"""Prototype router: which task (product) does an image belong to? (spec §5)
+
+Each task keeps a Gaussian prototype of the routing features (B, D) of *all* its training images
+(deterministic, no shuffled drop_last loader, §12.13). Covariances are shrunk (Ledoit-Wolf by
+default, or OAS): one-class tasks often have fewer images than dimensions, where the reference's
+1e-5 ridge makes the inverse weight out-of-span directions by 1e5 (kept as `covariance="ridge"`).
+
+Unknown products: a task also stores a distance threshold, the `unknown_quantile` quantile of its
+held-out training images' distances times `unknown_margin`. An image farther than that from its
+nearest prototype fits no learned product.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from sklearn.covariance import OAS, LedoitWolf
+
+from .config import RouterConfig
+from .errors import MoleflowError
+
+
+@dataclass
+class Prototype:
+    mean: torch.Tensor  # (D,) float64
+    precision: torch.Tensor  # (D, D) float64; identity for the Euclidean metric
+    unknown_threshold: float = float("inf")  # distance above which an image is an unknown product
+
+
+def estimate_precision(features: np.ndarray, method: str, ridge: float) -> np.ndarray:
+    """Inverse covariance (D, D) of `features` (N, D) with shrinkage or the reference's ridge."""
+    x = np.asarray(features, dtype=np.float64)
+    if x.shape[0] < 2:
+        raise MoleflowError("a task needs at least 2 training images to build its router prototype")
+    if method == "ledoit_wolf":
+        cov = LedoitWolf().fit(x).covariance_
+    elif method == "oas":
+        cov = OAS().fit(x).covariance_
+    elif method == "ridge":
+        cov = np.cov(x, rowvar=False) + ridge * np.eye(x.shape[1])
+    else:
+        raise MoleflowError(f"unknown covariance estimator {method!r}")
+    try:
+        return np.linalg.inv(cov)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(cov)
+
+
+class PrototypeRouter:
+    """Routes routing features (N, D) to the task whose prototype is nearest."""
+
+    def __init__(self, cfg: RouterConfig) -> None:
+        self.cfg = cfg
+        self.prototypes: dict[int, Prototype] = {}
+
+    @property
+    def task_ids(self) -> list[int]:
+        return list(self.prototypes)
+
+    def add_task(self, task: int, features: torch.Tensor, holdout: torch.Tensor | None = None) -> None:
+        """Build task `task`'s prototype from its training features (N, D). `holdout` (M, D): images not
+        used for the prototype, whose distances calibrate the unknown-product threshold."""
+        x = features.detach().double().cpu()
+        if self.cfg.metric == "mahalanobis":
+            precision = torch.from_numpy(estimate_precision(x.numpy(), self.cfg.covariance, self.cfg.ridge))
+        else:
+            precision = torch.eye(x.shape[1], dtype=torch.float64)
+        proto = Prototype(mean=x.mean(0), precision=precision)
+        self.prototypes[task] = proto
+        if holdout is not None and len(holdout) > 0:
+            own = self._distance(holdout.detach().double().cpu(), proto)
+            q = float(torch.quantile(own, self.cfg.unknown_quantile))
+            proto.unknown_threshold = q * self.cfg.unknown_margin
+
+    def remove_task(self, task: int) -> None:
+        del self.prototypes[task]
+
+    @staticmethod
+    def _distance(x: torch.Tensor, proto: Prototype) -> torch.Tensor:
+        diff = x - proto.mean
+        return ((diff @ proto.precision) * diff).sum(-1).clamp_min(0).sqrt()
+
+    def distances(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> (N, T) distances to each prototype, columns in `task_ids` order."""
+        if not self.prototypes:
+            raise MoleflowError("the router has no tasks yet; train a task first")
+        x = features.detach().double().cpu()
+        return torch.stack([self._distance(x, p) for p in self.prototypes.values()], dim=1)
+
+    def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, D) -> (task ids (N,), distance to that task (N,), known (N,) bool: within its threshold)."""
+        dist = self.distances(features)
+        best, idx = dist.min(1)
+        ids = torch.tensor(self.task_ids, dtype=torch.long)[idx]
+        limits = torch.tensor([p.unknown_threshold for p in self.prototypes.values()], dtype=torch.float64)[idx]
+        return ids, best, best <= limits
+
+    def state_dict(self) -> dict:
+        return {t: {"mean": p.mean, "precision": p.precision, "unknown_threshold": p.unknown_threshold}
+                for t, p in self.prototypes.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prototypes = {int(t): Prototype(v["mean"], v["precision"], float(v["unknown_threshold"]))
+                           for t, v in state.items()}
