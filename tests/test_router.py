@@ -1,0 +1,86 @@
+"""Prototype router: separable tasks, fewer images than dimensions, unknown products, metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moleflow.config import RouterConfig
+from moleflow.router import PrototypeRouter, estimate_precision
+
+
+def _cluster(seed: int, n: int, dim: int, centre: float, spread: float = 1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return centre + spread * torch.randn(n, dim, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("metric", ["mahalanobis", "euclidean"])
+@pytest.mark.parametrize("covariance", ["ledoit_wolf", "oas", "ridge"])
+def test_routes_separable_tasks(metric, covariance):
+    router = PrototypeRouter(RouterConfig(metric=metric, covariance=covariance))
+    centres = [-4.0, 0.0, 4.0]
+    for task, c in enumerate(centres):
+        router.add_task(task, _cluster(task, 100, 8, c))
+    test = torch.cat([_cluster(10 + t, 30, 8, c) for t, c in enumerate(centres)])
+    ids, dist, known = router.route(test)
+    assert ids.tolist() == [0] * 30 + [1] * 30 + [2] * 30
+    assert dist.shape == (90,) and known.all()
+
+
+def _low_rank_task(seed: int, n: int, dim: int, rank: int, offset: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features that vary in a task-specific `rank`-dim subspace plus small isotropic noise."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(dim, rank, generator=g, dtype=torch.float64))[0]
+    def draw(m: int) -> torch.Tensor:
+        return offset + torch.randn(m, rank, generator=g, dtype=torch.float64) @ basis.T * 3 \
+            + 0.3 * torch.randn(m, dim, generator=g, dtype=torch.float64)
+    return draw(n), draw(200)
+
+
+def test_fewer_images_than_dimensions():
+    """40 training images in 128 dimensions: the shrunk covariance is well conditioned and routes held-out
+    images correctly (the real-data comparison with the reference's ridge is in test_real_data.py)."""
+    dim = 128
+    g = torch.Generator().manual_seed(0)
+    offsets = [torch.randn(dim, generator=g, dtype=torch.float64) * 0.35 for _ in range(3)]
+    tasks = [_low_rank_task(s, 40, dim, 10, o) for s, o in enumerate(offsets)]
+    accuracy = {}
+    for method in ("ledoit_wolf", "ridge"):
+        router = PrototypeRouter(RouterConfig(covariance=method))
+        for t, (train, _) in enumerate(tasks):
+            router.add_task(t, train)
+        test = torch.cat([held for _, held in tasks])
+        truth = torch.arange(3).repeat_interleave(200)
+        accuracy[method] = (router.route(test)[0] == truth).double().mean().item()
+    assert accuracy["ledoit_wolf"] >= 0.97
+    shrunk = estimate_precision(tasks[0][0].numpy(), "ledoit_wolf", 0.0)
+    ridge = estimate_precision(tasks[0][0].numpy(), "ridge", 1e-5)
+    assert np.linalg.cond(shrunk) < 1e3 < np.linalg.cond(ridge)
+
+
+def test_precision_is_the_inverse_of_the_estimate():
+    x = np.random.default_rng(0).normal(size=(20, 30))
+    p = estimate_precision(x, "ridge", 1e-5)
+    cov = np.cov(x, rowvar=False) + 1e-5 * np.eye(30)
+    np.testing.assert_allclose(p @ cov, np.eye(30), atol=1e-5)
+
+
+def test_unknown_products_are_flagged():
+    router = PrototypeRouter(RouterConfig(unknown_quantile=0.99, unknown_margin=1.5))
+    router.add_task(0, _cluster(0, 200, 6, 0.0), holdout=_cluster(1, 50, 6, 0.0))
+    router.add_task(1, _cluster(2, 200, 6, 5.0), holdout=_cluster(3, 50, 6, 5.0))
+    _, _, known = router.route(_cluster(4, 50, 6, 0.0))
+    assert known.float().mean() >= 0.95
+    _, _, known_far = router.route(_cluster(5, 50, 6, 40.0))
+    assert not known_far.any()
+
+
+def test_state_round_trip():
+    router = PrototypeRouter(RouterConfig())
+    router.add_task(3, _cluster(0, 30, 4, 1.0), holdout=_cluster(1, 10, 4, 1.0))
+    clone = PrototypeRouter(RouterConfig())
+    clone.load_state_dict(router.state_dict())
+    x = _cluster(2, 5, 4, 1.0)
+    assert torch.equal(router.distances(x), clone.distances(x))
+    assert clone.task_ids == [3]
