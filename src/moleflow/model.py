@@ -97,6 +97,7 @@ class MoLEFlow(nn.Module):
         if task in self.task_ids:
             raise ValueError(f"task {task} already exists")
         cfg, key = self.cfg, str(task)
+        reference = next(self.flows[SHARED_FLOW].parameters(), None)
         gen = _generator(self.seed, task + 1)
         first = self.base_task is None or task == self.base_task
         if cfg.task_separated and not first:
@@ -110,6 +111,8 @@ class MoLEFlow(nn.Module):
             self.adapters[key] = SoftLNAdapter(self.dim, first_task=first, generator=gen)
         if cfg.dia_blocks > 0:
             self.dias[key] = DIA(self.dim, cfg.dia_blocks, cfg.dia_hidden_ratio, cfg.clamp, gen)
+        if reference is not None:  # new experts live where the model lives
+            self.to(device=reference.device, dtype=reference.dtype)
         self.task_ids.append(task)
         if first:
             self.base_task = task

@@ -84,6 +84,7 @@ class ImageTransform:
         return (x - self.mean) / self.std
 
     def mask(self, mask: Image.Image) -> torch.Tensor:
-        """Mask -> bool tensor (size, size) with the image's geometry (nearest neighbour)."""
-        arr = np.asarray(_geometry(mask.convert("L"), self.size, self.mode, Image.Resampling.NEAREST))
+        """Mask -> bool tensor (size, size) with the image's geometry; a pixel is anomalous if any source pixel is."""
+        # area resampling, then any covered pixel counts: thin defects (cracks) survive downscaling
+        arr = np.asarray(_geometry(mask.convert("L"), self.size, self.mode, Image.Resampling.BOX))
         return torch.from_numpy(arr > 0)
