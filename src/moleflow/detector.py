@@ -182,8 +182,9 @@ class MoleFlow:
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, images: Images, task_ids: Sequence[int] | torch.Tensor | None = None,
-                batch_size: int = 32) -> Prediction:
-        """Score images. Without `task_ids` the router picks each image's task (task-agnostic)."""
+                batch_size: int = 32, among: Sequence[int] | None = None) -> Prediction:
+        """Score images. Without `task_ids` the router picks each image's task (task-agnostic), among the
+        tasks `among` if given (e.g. those learned up to a step of the sequence), else among all."""
         if not self.tasks:
             raise MoleflowError("the model has learned no task yet; call fit_task first")
         tokens, routing = self.extract(images, batch_size)
@@ -191,7 +192,7 @@ class MoleFlow:
         if task_ids is None and not self.config.router.enabled:
             raise MoleflowError("router.enabled is false (oracle mode): pass task_ids")
         if task_ids is None:
-            ids, distance, known = self.router.route(routing)
+            ids, distance, known = self.router.route(routing, None if among is None else list(among))
         else:
             ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
             if len(ids) != n:

@@ -82,19 +82,23 @@ class PrototypeRouter:
         diff = x - proto.mean
         return ((diff @ proto.precision) * diff).sum(-1).clamp_min(0).sqrt()
 
-    def distances(self, features: torch.Tensor) -> torch.Tensor:
-        """(N, D) -> (N, T) distances to each prototype, columns in `task_ids` order."""
-        if not self.prototypes:
+    def distances(self, features: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:
+        """(N, D) -> (N, T) distances to each prototype, columns in `tasks` order (default: all tasks)."""
+        tasks = self.task_ids if tasks is None else tasks
+        if not tasks:
             raise MoleflowError("the router has no tasks yet; train a task first")
         x = features.detach().double().cpu()
-        return torch.stack([self._distance(x, p) for p in self.prototypes.values()], dim=1)
+        return torch.stack([self._distance(x, self.prototypes[t]) for t in tasks], dim=1)
 
-    def route(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, D) -> (task ids (N,), distance to that task (N,), known (N,) bool: within its threshold)."""
-        dist = self.distances(features)
-        best, idx = dist.min(1)
-        ids = torch.tensor(self.task_ids, dtype=torch.long)[idx]
-        limits = torch.tensor([p.unknown_threshold for p in self.prototypes.values()], dtype=torch.float64)[idx]
+    def route(self, features: torch.Tensor, tasks: list[int] | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(N, D) -> (task ids (N,), distance to that task (N,), known (N,) bool: within its threshold).
+
+        `tasks` restricts the choice (e.g. to the tasks learned up to some step); default all."""
+        tasks = self.task_ids if tasks is None else list(tasks)
+        best, idx = self.distances(features, tasks).min(1)
+        ids = torch.tensor(tasks, dtype=torch.long)[idx]
+        limits = torch.tensor([self.prototypes[t].unknown_threshold for t in tasks], dtype=torch.float64)[idx]
         return ids, best, best <= limits
 
     def state_dict(self) -> dict:

@@ -1,0 +1,97 @@
+"""Options and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import __version__
+from ..config import Config
+from ..errors import MoleflowError
+
+
+def add_config_options(p: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
+    g = p.add_argument_group("model configuration")
+    g.add_argument("--preset", default=default_preset, help=f"named preset: main, cpu, repo, tiny (default {default_preset})")
+    g.add_argument("--config", type=Path, help="a YAML config file (as written to RUN_DIR/config.yaml); overrides the preset")
+    g.add_argument("--backbone", help="backbone name: tf_efficientnet_lite0 (offline), wide_resnet50_2, vit_base_patch16_224")
+    g.add_argument("--backbone-weights", help="local weights file for the backbone (else MOLEFLOW_WEIGHTS_<NAME> or a download)")
+    g.add_argument("--embed-dim", type=int, help="feature dimension D (768 in the paper)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, e.g. --set train.epochs=20 --set model.lora_rank=16")
+
+
+def add_runtime_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
+    g.add_argument("--batch-size", type=int, default=32, help="inference batch size (default 32)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def apply_runtime(args: argparse.Namespace) -> None:
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def build_config(args: argparse.Namespace) -> Config:
+    """Preset (or config file), then the named options, then --set overrides."""
+    if args.config:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(args.config).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise MoleflowError(f"{args.config}: cannot read the config file ({exc})") from None
+        cfg = Config.from_dict(data)
+    else:
+        cfg = Config.preset(args.preset)
+    named: dict[str, Any] = {}
+    if args.backbone:
+        named["backbone.name"] = args.backbone
+    if args.backbone_weights:
+        named["backbone.weights"] = args.backbone_weights
+    if args.embed_dim:
+        named["backbone.embed_dim"] = args.embed_dim
+    if named:
+        cfg = cfg.with_overrides(named)
+    return cfg.with_overrides(args.overrides)
+
+
+def write_config(path: Path, cfg: Config) -> None:
+    import yaml
+
+    from ..checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda fh: fh.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
+
+
+def run_meta(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
+    """Provenance stored with every run: versions, command, machine, seed."""
+    return {
+        "moleflow_version": __version__,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": " ".join(["moleflow"] + sys.argv[1:]),
+        "seed": cfg.train.seed,
+        "config": cfg.to_dict(),
+        "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                        "machine": platform.machine(), "threads": torch.get_num_threads()},
+        **extra,
+    }
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"

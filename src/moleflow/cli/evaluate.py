@@ -1,0 +1,60 @@
+"""`moleflow evaluate`: re-score a saved run and write the same outputs again."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..data.datasets import load_class
+from ..detector import MoleFlow
+from ..errors import MoleflowError
+from ..evaluation import reevaluate_run
+from .common import add_runtime_options, apply_runtime, run_meta
+from .train import print_final_table
+
+EXAMPLES = """examples:
+  moleflow evaluate runs/real
+  moleflow evaluate runs/mvtec --data /mnt/other/mvtec --backbone-weights wrn50.pth
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("evaluate", help="re-score a saved run", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Load RUN_DIR/model.pt, score every learned class again (task-agnostic, "
+                                   "with the full per-step matrix) and rewrite results, CSVs and the report.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", type=Path, help="dataset root (default: the one the run was trained on)")
+    p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    p.add_argument("--no-report", action="store_true")
+    add_runtime_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_runtime(args)
+    previous = None
+    results_path = args.run_dir / "results.json"
+    if results_path.is_file():
+        previous = json.loads(results_path.read_text())
+    model = MoleFlow.load(args.run_dir / "model.pt", device=args.device, backbone_weights=args.backbone_weights)
+    dataset = (previous or {}).get("dataset", {})
+    root = args.data or (Path(dataset["root"]) if dataset.get("root") else None)
+    if root is None:
+        raise MoleflowError(f"{args.run_dir}: the run does not say where its data is; pass --data ROOT")
+    name = dataset.get("name", "folder")
+    meta = run_meta(model.config, {"backbone": {"name": model.extractor.name,
+                                                "weights_sha256": model.extractor.weights_sha256,
+                                                "weights_source": model.extractor.weights_source},
+                                   "dataset": {**dataset, "root": str(root), "name": name}})
+    results = reevaluate_run(model, lambda c: load_class(root, c, name), args.run_dir, meta, previous,
+                             batch_size=args.batch_size, num_workers=args.workers)
+    if not args.no_report:
+        from ..report import write_report
+
+        write_report(args.run_dir)
+    print_final_table(results)
+    if not args.no_report:
+        print(f"\nreport: {args.run_dir / 'report.html'}")
+    return 0

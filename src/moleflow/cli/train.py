@@ -1,0 +1,116 @@
+"""`moleflow train`: learn classes one after another and evaluate after every task."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..data.datasets import DATASETS, default_classes, load_class
+from ..detector import MoleFlow
+from ..errors import MoleflowError
+from ..evaluation import METRICS, parse_scenario, run_continual, save_json
+from .common import (add_config_options, add_runtime_options, apply_runtime, build_config, format_table, pct,
+                     run_meta, write_config)
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  # the four real sets in ../shared/datasets, one after another, offline backbone
+  moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --out runs/real
+  # MVTec AD with the paper's MAIN configuration (needs WideResNet-50-2 weights)
+  moleflow train --data /data/mvtec --dataset mvtec --preset main --backbone-weights wrn50.pth --out runs/mvtec
+  # three seeds, 5-5 scenario, 20 epochs
+  moleflow train --data /data/mvtec --dataset mvtec --scenario 5-5 --seeds 0 1 2 --set train.epochs=20 --out runs/s55
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="learn classes one after another; evaluate after every task",
+                       description="Learn the classes of a dataset as a continual sequence of tasks, evaluate "
+                                   "every learned class after each task with the router (task-agnostic), and "
+                                   "write a checkpoint, per-step metric matrices and a report into --out.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="dataset root")
+    p.add_argument("--dataset", default="folder", choices=DATASETS,
+                   help="layout: mvtec/mpdd/folder (MVTec AD folders) or visa (split_csv/1cls.csv); default folder")
+    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
+    p.add_argument("--scenario", default="1-1", help="a-b: first task a classes, then b per task (default 1-1)")
+    p.add_argument("--seeds", type=int, nargs="+", help="run once per seed (mean and std are reported)")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
+    add_config_options(p)
+    add_runtime_options(p)
+    p.set_defaults(run=run)
+
+
+def dataset_meta(args: argparse.Namespace, classes: list[str], tasks: list[list[str]]) -> dict:
+    return {"dataset": {"root": str(args.data), "name": args.dataset, "scenario": args.scenario,
+                        "classes": classes, "tasks": tasks}}
+
+
+def print_final_table(results: dict) -> None:
+    header = ["class", "I-AUROC", "I-AP", "I-F1", "P-AUROC", "P-AP", "AUPRO", "routing"]
+    rows = [[c] + [pct(v.get(k)) for k in METRICS] for c, v in results["final"].items()]
+    rows.append(["mean"] + [pct(results["final_mean"].get(k)) for k in METRICS])
+    print(format_table(rows, header))
+    gap = results["final_mean"]["image_auroc"], results["oracle_mean"]["image_auroc"]
+    if None not in gap:
+        print(f"oracle (true task given) mean I-AUROC {pct(gap[1])}; routed - oracle = {100 * (gap[0] - gap[1]):+.2f}")
+
+
+def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], tasks: list[list[str]]) -> dict:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(run_dir / "config.yaml", cfg)
+    model = MoleFlow(cfg, device=args.device)
+    meta = run_meta(cfg, {"backbone": {"name": model.extractor.name, "weights_sha256": model.extractor.weights_sha256,
+                                       "weights_source": model.extractor.weights_source},
+                          **dataset_meta(args, classes, tasks)})
+    results = run_continual(model, lambda c: load_class(args.data, c, args.dataset), tasks, run_dir, meta,
+                            progress=not args.no_progress, batch_size=args.batch_size, num_workers=args.workers)
+    if not args.no_report:
+        from ..report import write_report
+
+        write_report(run_dir)
+    return results
+
+
+def summarise_seeds(out: Path, seeds: list[int], runs: list[dict]) -> dict:
+    summary = {"seeds": seeds, "runs": [str(out / f"seed_{s}") for s in seeds], "final_mean": {}}
+    for key in METRICS:
+        values = [r["final_mean"][key] for r in runs if r["final_mean"].get(key) is not None]
+        summary["final_mean"][key] = ({"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))
+                                       if len(values) > 1 else 0.0, "values": values} if values else None)
+    save_json(out / "summary.json", summary)
+    return summary
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_runtime(args)
+    cfg = build_config(args)
+    classes = args.classes or default_classes(args.dataset, args.data)
+    if not classes:
+        raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
+    tasks = parse_scenario(args.scenario, classes)
+    seeds = args.seeds or [cfg.train.seed]
+    runs = []
+    for seed in seeds:
+        seeded = cfg.with_overrides({"train.seed": seed})
+        run_dir = args.out if len(seeds) == 1 else args.out / f"seed_{seed}"
+        log.info("run %s: %d tasks, preset %s, backbone %s", run_dir, len(tasks), cfg.preset, cfg.backbone.name)
+        results = train_one(args, seeded, run_dir, classes, tasks)
+        print(f"\nseed {seed}: final results after {len(tasks)} tasks (%, router on)")
+        print_final_table(results)
+        runs.append(results)
+    if len(seeds) > 1:
+        summary = summarise_seeds(args.out, seeds, runs)
+        print(f"\nmean ± std over seeds {seeds}:")
+        for key, v in summary["final_mean"].items():
+            if v:
+                print(f"  {key:18s} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}")
+    report = args.out / ("report.html" if len(seeds) == 1 else f"seed_{seeds[0]}/report.html")
+    if not args.no_report:
+        print(f"\nreport: {report}")
+    return 0

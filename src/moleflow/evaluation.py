@@ -1,0 +1,330 @@
+"""The continual evaluation protocol (spec §7) and the files of a run directory.
+
+After every task, every class learned so far is evaluated with the router (task-agnostic: routing
+errors count). The full matrix R[step][class] is kept for every metric; after the last task an
+oracle pass (true task ids) measures what routing costs. Nothing is tuned or normalised on test data:
+the only thresholds (decision, unknown product) come from held-out normal training images.
+
+Run directory::
+
+    config.yaml  model.pt  results.json  final.csv  matrix_<metric>.csv
+    scores/<class>.csv     one row per test image (score, routed task, decision)
+    examples/<class>.npz   a few images with maps for the report (best and worst cases)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .data.datasets import ClassSplit, ImageDataset
+from .detector import MoleFlow
+from .errors import MoleflowError
+from .metrics import backward_transfer, forgetting_measure, image_metrics, pixel_metrics
+
+log = logging.getLogger(__name__)
+
+METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy")
+UNKNOWN = "unknown"
+
+
+def parse_scenario(scenario: str, classes: Sequence[str]) -> list[list[str]]:
+    """'a-b': the first task takes the first a classes, each later task the next b (the last may be short)."""
+    try:
+        first, step = (int(v) for v in scenario.split("-"))
+    except ValueError:
+        raise MoleflowError(f"scenario {scenario!r} must look like 1-1 or 5-5 (first task size - later task size)") from None
+    if first < 1 or step < 1:
+        raise MoleflowError(f"scenario {scenario!r}: task sizes must be >= 1")
+    classes = list(classes)
+    if len(classes) < first:
+        raise MoleflowError(f"scenario {scenario!r} needs at least {first} classes, got {len(classes)}")
+    tasks = [classes[:first]]
+    tasks += [classes[i:i + step] for i in range(first, len(classes), step)]
+    return tasks
+
+
+@dataclass
+class ClassEvaluation:
+    """Everything measured on one class's test split."""
+
+    class_name: str
+    true_task: int
+    files: list[str]
+    defect_types: list[str]
+    labels: np.ndarray  # (N,) 0/1
+    scores: np.ndarray  # (N,)
+    routed: np.ndarray  # (N,) task ids
+    known: np.ndarray  # (N,) bool
+    anomalous: np.ndarray  # (N,) bool
+    metrics: dict[str, float | None]
+    examples: dict[str, np.ndarray] | None = None
+
+
+def _clean(value: float) -> float | None:
+    return None if value is None or (isinstance(value, float) and math.isnan(value)) else float(value)
+
+
+def _select_examples(labels: np.ndarray, scores: np.ndarray, per_kind: int) -> list[tuple[int, str]]:
+    """Indices of detected (top anomalous), missed (lowest anomalous), false alarms and typical normals."""
+    anomalous = np.flatnonzero(labels == 1)
+    normal = np.flatnonzero(labels == 0)
+    by_score = lambda idx: idx[np.argsort(scores[idx], kind="stable")]  # noqa: E731
+    a, n = by_score(anomalous), by_score(normal)
+    chosen: list[tuple[int, str]] = [(int(i), "detected") for i in a[::-1][:per_kind]]
+    chosen += [(int(i), "missed") for i in a[:per_kind] if int(i) not in {c for c, _ in chosen}]
+    chosen += [(int(i), "false_alarm") for i in n[::-1][:per_kind]]
+    if len(n):
+        chosen.append((int(n[len(n) // 2]), "normal"))
+    seen, out = set(), []
+    for i, kind in chosen:
+        if i not in seen:
+            seen.add(i)
+            out.append((i, kind))
+    return out
+
+
+@torch.no_grad()
+def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: bool = False, batch_size: int = 32,
+                   examples_per_kind: int = 0, num_workers: int = 0, among: list[int] | None = None
+                   ) -> ClassEvaluation:
+    """Score a class's test split (routed among `among`, or with the true task when `oracle`); its metrics."""
+    dataset = ImageDataset(split.test, model.transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    scores, routed, known, anomalous, maps, masks = [], [], [], [], [], []
+    for batch in loader:
+        ids = [true_task] * len(batch["image"]) if oracle else None
+        pred = model.predict(batch["image"], task_ids=ids, batch_size=batch_size, among=among)
+        scores.append(pred.scores.numpy())
+        routed.append(pred.task_ids.numpy())
+        known.append(pred.known.numpy())
+        anomalous.append(pred.anomalous.numpy())
+        maps.append(pred.maps.numpy().astype(np.float32))
+        masks.append(batch["mask"].numpy())
+    s, r = np.concatenate(scores).astype(np.float64), np.concatenate(routed)
+    labels = np.array([x.label for x in split.test])
+    m, k = np.concatenate(maps), np.concatenate(masks)
+    metrics: dict[str, float | None] = {key: _clean(v) for key, v in image_metrics(s, labels).items()}
+    if split.has_masks:
+        metrics.update({key: _clean(v) for key, v in pixel_metrics(m, k).items()})
+    else:
+        metrics.update({"pixel_auroc": None, "pixel_ap": None, "aupro": None})
+    metrics["routing_accuracy"] = float(np.mean(r == true_task))
+    metrics["n_test"] = int(len(labels))
+    metrics["n_anomalous"] = int(labels.sum())
+    result = ClassEvaluation(split.class_name, true_task, [str(x.image) for x in split.test],
+                             [x.defect_type for x in split.test], labels, s, r, np.concatenate(known),
+                             np.concatenate(anomalous), metrics)
+    if examples_per_kind:
+        chosen = _select_examples(labels, s, examples_per_kind)
+        idx = [i for i, _ in chosen]
+        from PIL import Image
+
+        images = np.stack([model.transform.to_array(Image.open(split.test[i].image)) for i in idx])
+        result.examples = {"images": images, "maps": m[idx], "masks": k[idx], "scores": s[idx],
+                           "labels": labels[idx], "kinds": np.array([kind for _, kind in chosen]),
+                           "files": np.array([result.files[i] for i in idx])}
+    return result
+
+
+def mean_metrics(per_class: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """Unweighted mean over classes of each metric, skipping classes where it is not available."""
+    out = {}
+    for key in METRICS:
+        values = [v[key] for v in per_class.values() if v.get(key) is not None]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def continual_metrics(steps: list[dict[str, Any]], classes: list[str], first_step: dict[str, int]) -> dict:
+    """BWT and FM of every metric from the per-step results (null with fewer than two steps)."""
+    out = {}
+    for key in METRICS:
+        matrix = np.full((len(steps), len(classes)), np.nan)
+        for j, step in enumerate(steps):
+            for i, name in enumerate(classes):
+                value = step["results"].get(name, {}).get(key)
+                if value is not None:
+                    matrix[j, i] = value
+        fs = np.array([first_step[c] for c in classes])
+        if len(steps) < 2:
+            out[key] = {"bwt": None, "fm": None}
+            continue
+        out[key] = {"bwt": _clean(backward_transfer(matrix, first_step=fs)),
+                    "fm": _clean(forgetting_measure(matrix, first_step=fs))}
+    return out
+
+
+def write_scores_csv(path: Path, ev: ClassEvaluation, task_names: dict[int, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["file", "defect_type", "label", "score", "routed_task", "routed_name", "known", "anomalous"])
+        for i in range(len(ev.labels)):
+            writer.writerow([ev.files[i], ev.defect_types[i], int(ev.labels[i]), f"{ev.scores[i]:.6g}",
+                             int(ev.routed[i]), task_names.get(int(ev.routed[i]), "?"), int(ev.known[i]),
+                             int(ev.anomalous[i])])
+
+
+def write_matrices(run_dir: Path, steps: list[dict[str, Any]], classes: list[str]) -> None:
+    """matrix_<metric>.csv: rows = learning steps (task just learned), columns = classes."""
+    for key in METRICS:
+        with open(run_dir / f"matrix_{key}.csv", "w", newline="") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(["step", "task"] + classes)
+            for step in steps:
+                row = [step["results"].get(c, {}).get(key) for c in classes]
+                writer.writerow([step["step"], step["task_name"]] + ["" if v is None else f"{v:.6f}" for v in row])
+
+
+def write_final_csv(run_dir: Path, final: dict[str, dict], mean: dict[str, float | None]) -> None:
+    with open(run_dir / "final.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["class"] + list(METRICS))
+        for name, vals in list(final.items()) + [("mean", mean)]:
+            writer.writerow([name] + ["" if vals.get(k) is None else f"{vals[k]:.6f}" for k in METRICS])
+
+
+def routing_confusion(evals: dict[str, ClassEvaluation], task_ids: list[int], task_names: list[str]) -> dict:
+    """Rows: true class; columns: routed task, plus a last column for images flagged as unknown product."""
+    matrix = []
+    for ev in evals.values():
+        row = [int(np.sum((ev.routed == t) & ev.known)) for t in task_ids]
+        row.append(int(np.sum(~ev.known)))
+        matrix.append(row)
+    return {"classes": list(evals), "tasks": list(task_names) + [UNKNOWN], "matrix": matrix}
+
+
+def save_json(path: Path, data: dict) -> None:
+    from .checkpoint import atomic_write_bytes
+
+    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()))
+
+
+def evaluate_classes(model: MoleFlow, splits: dict[str, ClassSplit], class_task: dict[str, int],
+                     among: list[int] | None = None, oracle: bool = False, batch_size: int = 32,
+                     examples_per_kind: int = 0, num_workers: int = 0) -> dict[str, ClassEvaluation]:
+    """Evaluate each class in `class_task` (class -> true task id), routed among `among` (default all)."""
+    return {c: evaluate_class(model, splits[c], t, oracle=oracle, batch_size=batch_size, among=among,
+                              examples_per_kind=examples_per_kind, num_workers=num_workers)
+            for c, t in class_task.items()}
+
+
+def step_record(step: int, info: Any, evals: dict[str, ClassEvaluation]) -> dict[str, Any]:
+    return {"step": step, "task_name": info.name, "classes": list(info.classes),
+            "train_seconds": info.train.get("seconds"), "skipped_batches": info.train.get("skipped_batches"),
+            "threshold": info.threshold, "calibration": info.calibration,
+            "results": {c: e.metrics for c, e in evals.items()}}
+
+
+def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], tasks: list[list[str]], run_dir: Path,
+                  meta: dict[str, Any], progress: bool = True, batch_size: int = 32, examples_per_kind: int = 2,
+                  num_workers: int = 0) -> dict[str, Any]:
+    """Learn `tasks` one after another into `model`, evaluating all learned classes after each task.
+
+    Writes the checkpoint (after every task), results.json, the matrices and per-class score files into
+    `run_dir` and returns the results dictionary.
+    """
+    from .data.datasets import load_images
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    splits: dict[str, ClassSplit] = {}
+    class_task: dict[str, int] = {}
+    steps: list[dict[str, Any]] = []
+    eval_seconds = 0.0
+    for step, classes in enumerate(tasks):
+        for c in classes:
+            splits[c] = load_split(c)
+        name = "+".join(classes)
+        log.info("step %d/%d: learning %s", step + 1, len(tasks), name)
+        images = load_images([s for c in classes for s in splits[c].train], model.transform)
+        info = model.fit_task(images, name=name, classes=classes, progress=progress)
+        del images
+        class_task.update({c: info.task_id for c in classes})
+        model.save(run_dir / "model.pt")
+        t0 = time.perf_counter()
+        last = step == len(tasks) - 1
+        evals = evaluate_classes(model, splits, class_task, batch_size=batch_size, num_workers=num_workers,
+                                 examples_per_kind=examples_per_kind if last else 0)
+        eval_seconds += time.perf_counter() - t0
+        steps.append(step_record(step, info, evals))
+        log.info("after step %d: %s", step + 1, summary_line(mean_metrics(steps[-1]["results"])))
+    return finish_run(model, run_dir, splits, class_task, steps, evals, meta, eval_seconds, start,
+                      batch_size, num_workers)
+
+
+def reevaluate_run(model: MoleFlow, load_split: Callable[[str], ClassSplit], run_dir: Path, meta: dict[str, Any],
+                   previous: dict[str, Any] | None, batch_size: int = 32, examples_per_kind: int = 2,
+                   num_workers: int = 0) -> dict[str, Any]:
+    """Re-score a saved run. With frozen shared weights the model after step j is exactly the final model
+    restricted to the tasks learned up to j, so the whole matrix is recomputed; otherwise (sequential
+    ablation) only the last step is, and earlier rows are kept from `previous`."""
+    start = time.perf_counter()
+    splits = {c: load_split(c) for t in model.tasks for c in t.classes}
+    class_task = {c: t.task_id for t in model.tasks for c in t.classes}
+    structural = model.config.model.freeze_base
+    steps: list[dict[str, Any]] = []
+    for j, info in enumerate(model.tasks):
+        last = j == len(model.tasks) - 1
+        if not (structural or last):
+            steps.append(previous["steps"][j] if previous and j < len(previous.get("steps", [])) else
+                         {"step": j, "task_name": info.name, "classes": info.classes, "results": {}})
+            continue
+        among = [t.task_id for t in model.tasks[: j + 1]]
+        learned = {c: t for c, t in class_task.items() if t in among}
+        evals = evaluate_classes(model, splits, learned, among=among, batch_size=batch_size,
+                                 examples_per_kind=examples_per_kind if last else 0, num_workers=num_workers)
+        steps.append(step_record(j, info, evals))
+    return finish_run(model, run_dir, splits, class_task, steps, evals, meta, time.perf_counter() - start, start,
+                      batch_size, num_workers)
+
+
+def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], class_task: dict[str, int],
+               steps: list[dict[str, Any]], evals: dict[str, ClassEvaluation], meta: dict[str, Any],
+               eval_seconds: float, start: float, batch_size: int, num_workers: int) -> dict[str, Any]:
+    """Oracle pass, continual metrics, confusion matrix; write every output file of the run directory."""
+    task_names = {t.task_id: t.name for t in model.tasks}
+    for c, ev in evals.items():
+        write_scores_csv(run_dir / "scores" / f"{c}.csv", ev, task_names)
+        if ev.examples is not None:
+            (run_dir / "examples").mkdir(exist_ok=True)
+            np.savez_compressed(run_dir / "examples" / f"{c}.npz", **ev.examples)
+    t0 = time.perf_counter()
+    oracle = {c: e.metrics for c, e in evaluate_classes(model, splits, class_task, oracle=True, batch_size=batch_size,
+                                                          num_workers=num_workers).items()}
+    eval_seconds += time.perf_counter() - t0
+    classes = list(class_task)
+    first_step = {c: next(s["step"] for s in steps if c in s["classes"]) for c in classes}
+    final = steps[-1]["results"]
+    results = dict(meta)
+    results.update({
+        "metrics": list(METRICS),
+        "steps": steps,
+        "final": final,
+        "final_mean": mean_metrics(final),
+        "oracle": oracle,
+        "oracle_mean": mean_metrics(oracle),
+        "continual": continual_metrics(steps, classes, first_step),
+        "routing_confusion": routing_confusion(evals, [t.task_id for t in model.tasks], [t.name for t in model.tasks]),
+        "timing": {"train_seconds": [s.get("train_seconds") for s in steps], "eval_seconds": eval_seconds,
+                   "total_seconds": time.perf_counter() - start},
+    })
+    save_json(run_dir / "results.json", results)
+    write_matrices(run_dir, steps, classes)
+    write_final_csv(run_dir, final, results["final_mean"])
+    return results
+
+
+def summary_line(mean: dict[str, float | None]) -> str:
+    return ", ".join(f"{k} {100 * v:.1f}" for k, v in mean.items() if v is not None)

@@ -1,0 +1,303 @@
+"""Tests of moleflow.report: a fake run directory (the `moleflow train` contract) -> report.md/html."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from moleflow import metrics as M
+from moleflow.errors import MoleflowError
+from moleflow.report import figures as F
+from moleflow.report import render as R
+from moleflow.report import write_report
+
+CLASSES = ["bottle", "screw", "fabric_x"]  # fabric_x: no ground-truth masks -> no pixel metrics
+METRICS = ["image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy"]
+PIXEL = ("pixel_auroc", "pixel_ap", "aupro")
+KINDS = ["detected", "detected", "missed", "false_alarm", "normal", "normal"]
+SIZE = 48
+
+
+def _class_metrics(rng: np.random.Generator, has_pixels: bool) -> dict:
+    res = {m: round(float(rng.uniform(0.6, 1.0)), 4) for m in METRICS}
+    if not has_pixels:
+        res.update({m: None for m in PIXEL})
+    res.update(n_test=40, n_anomalous=20)
+    return res
+
+
+def _write_scores(path: Path, cls: str, rng: np.random.Generator, threshold: float) -> None:
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    scores = rng.normal(size=40) + 1.5 * labels
+    scores[:3] = np.round(scores[:3])  # a few ties
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(R.SCORE_COLUMNS)
+        for k, (lab, s) in enumerate(zip(labels, scores)):
+            known = int(k != 5)
+            w.writerow([f"{cls}/test/{'bad' if lab else 'good'}/{k:03d}.png", "crack" if lab else "good", lab,
+                        f"{s:.6f}", 0, cls, known, int(s > threshold)])
+
+
+def _write_examples(path: Path, cls: str, rng: np.random.Generator, with_masks: bool) -> None:
+    k = len(KINDS)
+    yy, xx = np.mgrid[:SIZE, :SIZE]
+    masks = np.zeros((k, SIZE, SIZE), bool)
+    if with_masks:
+        for i, kind in enumerate(KINDS):
+            if kind in ("detected", "missed"):
+                masks[i] = (yy - 20 - 2 * i) ** 2 + (xx - 24) ** 2 < 60
+    maps = (rng.normal(size=(k, SIZE, SIZE)) + 4 * masks).astype(np.float32)
+    np.savez(path, images=rng.integers(0, 256, (k, SIZE, SIZE, 3), dtype=np.uint8), maps=maps, masks=masks,
+             scores=rng.normal(size=k) + 2, labels=np.array([1, 1, 1, 0, 0, 0]), kinds=np.array(KINDS),
+             files=np.array([f"{cls}/test/x/{i:03d}.png" for i in range(k)]))
+
+
+def make_run(root: Path, tasks: list[list[str]], examples: bool = True, oracle: bool = True, seed: int = 0) -> Path:
+    """A run directory following the `moleflow train` contract (random numbers)."""
+    rng = np.random.default_rng(seed)
+    classes = [c for t in tasks for c in t]
+    root.mkdir(parents=True, exist_ok=True)
+    steps, learned = [], []
+    for j, task in enumerate(tasks):
+        learned += task
+        steps.append({"step": j, "task_name": "+".join(task), "classes": task, "train_seconds": 10.0 + j,
+                      "skipped_batches": 0, "threshold": 1.0 + 0.1 * j,
+                      "calibration": {"source": "held-out normal training images", "n": 8, "false_alarm_rate": 0.01},
+                      "results": {c: _class_metrics(rng, c != "fabric_x") for c in learned}})
+    final = steps[-1]["results"]
+    final_mean = R._mean_metrics(final, METRICS)
+    multi = len(tasks) > 1
+    results = {
+        "moleflow_version": "0.1.0", "created": "2026-11-22T15:00:00Z",
+        "command": "moleflow train --data /data/mvtec --preset cpu <out>",
+        "seed": 0,
+        "config": {"backbone": {"name": "tf_efficientnet_lite0", "embed_dim": 128},
+                   "data": {"image_size": 224, "resize_mode": "squash"}, "model": {}, "train": {"epochs": 12},
+                   "router": {}, "score": {}, "preset": "cpu"},
+        "backbone": {"name": "tf_efficientnet_lite0", "weights_sha256": "0123456789abcdef" * 4,
+                     "weights_source": "https://example.org/weights.pth"},
+        "dataset": {"root": "/data/mvtec", "name": "folder", "scenario": "1-1", "classes": classes, "tasks": tasks},
+        "metrics": METRICS, "steps": steps, "final": final, "final_mean": final_mean,
+        "continual": {m: {"bwt": -0.0123 if multi else None, "fm": 0.02 if multi else None} for m in METRICS},
+        "routing_confusion": {"classes": classes, "tasks": ["+".join(t) for t in tasks] + ["unknown"],
+                              "matrix": [[38 if i == t else (1 if t == (i + 1) % len(tasks) else 0)
+                                          for t in range(len(tasks))] + [1] for i in range(len(classes))]},
+        "timing": {"train_seconds": [s["train_seconds"] for s in steps], "eval_seconds": 12.0, "total_seconds": 100.0},
+    }
+    if oracle:
+        results["oracle"] = {c: _class_metrics(rng, c != "fabric_x") for c in classes}
+        results["oracle_mean"] = R._mean_metrics(results["oracle"], METRICS)
+    (root / "results.json").write_text(json.dumps(results, indent=1))
+    (root / "scores").mkdir(exist_ok=True)
+    for c in classes:
+        _write_scores(root / "scores" / f"{c}.csv", c, rng, threshold=1.0)
+    if examples:
+        (root / "examples").mkdir(exist_ok=True)
+        for c in classes:
+            _write_examples(root / "examples" / f"{c}.npz", c, rng, with_masks=c != "fabric_x")
+    return root
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[Path, str, str]:
+    run = make_run(tmp_path_factory.mktemp("run") / "run", [[c] for c in CLASSES])
+    md_path, html_path = write_report(run)
+    return run, md_path.read_text(), html_path.read_text()
+
+
+def _table_rows(md: str, first_header: str) -> list[list[str]]:
+    """Rows (cells) of the markdown table whose first header is `first_header`."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+    return rows
+
+
+def test_files_written_and_returned(full_report):
+    run, md, html = full_report
+    assert (run / "report.md").is_file() and (run / "report.html").is_file()
+    assert md.startswith("# MoLE-Flow report")
+    assert "<title>MoLE-Flow report" in html
+
+
+def test_html_is_self_contained(full_report):
+    run, md, html = full_report
+    n_figs = len(list((run / "figures").glob("*.png")))
+    assert html.count('src="data:image/png;base64,') == n_figs
+    assert 'src="figures/' not in html
+    assert not re.search(r'(src|href)\s*=\s*["\']?\s*(https?:|//)', html)
+    assert "url(" not in html and "<script" not in html.lower() and "<link" not in html.lower()
+    assert "https://example.org/weights.pth" in html  # the weight source as text, not a resource
+
+
+def test_header_and_protocol(full_report):
+    _, md, _ = full_report
+    for text in ("2026-11-22T15:00:00Z", "moleflow train --data /data/mvtec", "tf_efficientnet_lite0",
+                 "`0123456789ab`", "**Preset:** cpu", "1. bottle → 2. screw → 3. fabric_x", "**Seed:** 0",
+                 "task-agnostic", "normal training", "BWT = mean over i < T-1 of (R[T-1,i] - R[i,i])",
+                 "FM = mean over i < T-1 of (max over j in [i, T-2] of R[j,i] - R[T-1,i])"):
+        assert text in md, text
+    assert "0123456789abc" not in md  # only 12 characters of the hash
+
+
+def test_every_class_appears(full_report):
+    _, md, html = full_report
+    for c in CLASSES:
+        assert c in md and c in html
+        assert f"### {c}" in md  # an example strip per class
+
+
+def test_final_table_values_na_and_mean(full_report):
+    run, md, _ = full_report
+    results = json.loads((run / "results.json").read_text())
+    rows = _table_rows(md, "Product")
+    assert [r[0] for r in rows] == CLASSES + ["**Mean**"]
+    for row in rows:
+        assert all("nan" not in cell.lower() for cell in row)
+    by_class = {r[0]: r for r in rows}
+    for i, m in enumerate(METRICS, start=1):
+        expected = results["final"]["bottle"][m]
+        assert by_class["bottle"][i] == f"{100 * expected:.1f}"
+        want = "n/a" if m in PIXEL else f"{100 * results['final']['fabric_x'][m]:.1f}"
+        assert by_class["fabric_x"][i] == want
+        mean = np.mean([results["final"][c][m] for c in CLASSES if results["final"][c][m] is not None])
+        assert by_class["**Mean**"][i] == f"**{100 * mean:.1f}**"
+        assert results["final_mean"][m] == pytest.approx(mean)
+    assert by_class["bottle"][-1] == "40 (20)"
+    for line in md.splitlines():
+        if line.startswith("|"):
+            assert "nan" not in line.lower()
+
+
+def test_gap_table(full_report):
+    run, md, _ = full_report
+    results = json.loads((run / "results.json").read_text())
+    rows = {r[0]: r for r in _table_rows(md, "Metric")}
+    gap = results["final_mean"]["image_auroc"] - results["oracle_mean"]["image_auroc"]
+    assert rows["I-AUROC"][1:] == [f"{100 * results['final_mean']['image_auroc']:.1f}",
+                                   f"{100 * results['oracle_mean']['image_auroc']:.1f}", f"{100 * gap:+.1f} pp"]
+    assert "Routing" not in rows
+
+
+def test_decisions_from_csv(full_report):
+    run, md, _ = full_report
+    rows = {r[0]: r for r in _table_rows(md, "Product") if "False alarms" not in r[0]}
+    with open(run / "scores" / "bottle.csv") as fh:
+        data = list(csv.DictReader(fh))
+    fa = sum(1 for d in data if d["label"] == "0" and d["anomalous"] == "1")
+    # the decisions table is the second table whose first header is "Product"
+    dec_rows = _table_rows(md.split("## Decisions", 1)[1], "Product")
+    assert dec_rows[0][0] == "bottle" and dec_rows[0][1].startswith(f"{fa} / 20 (")
+    assert dec_rows[0][4] == "1 / 40 (2.5%)"  # one image flagged as unknown product
+    assert rows  # the final table is still parsed
+
+
+def test_continual_and_timing(full_report):
+    _, md, _ = full_report
+    assert "-1.2 pp" in md and "+2.0 pp" in md  # BWT / FM as given
+    rows = _table_rows(md, "Step")
+    assert [r[0] for r in rows] == ["0", "1", "2"]
+    assert rows[1][3] == "11.0" and rows[1][5] == "1.1" and rows[1][6] == "held-out normal training images"
+    assert rows[1][8] == "1.0"
+
+
+def test_figures_exist_and_decode(full_report):
+    run, md, _ = full_report
+    names = {p.stem for p in (run / "figures").glob("*.png")}
+    expected = {"routed_vs_oracle", "continual_image_auroc", "continual_pixel_ap", "routing_confusion", "roc", "pr",
+                "score_histograms"} | {f"examples_{c}" for c in CLASSES}
+    assert expected == names
+    for name in names:
+        assert f"(figures/{name}.png)" in md
+        with Image.open(run / "figures" / f"{name}.png") as img:
+            img.load()
+            assert img.format == "PNG" and min(img.size) > 100
+            assert max(img.size) < 2500
+    total = sum(p.stat().st_size for p in (run / "figures").glob("*.png"))
+    assert total < 1_500_000
+
+
+def test_single_task_run(tmp_path):
+    run = make_run(tmp_path / "single", [["bottle"]], oracle=False)
+    md_path, html_path = write_report(run, title="One product")
+    md = md_path.read_text()
+    assert md.startswith("# One product")
+    assert "Only 1 task" in md and "No oracle evaluation" in md
+    assert not list((run / "figures").glob("continual_*"))
+    assert (run / "figures" / "examples_bottle.png").is_file()
+    assert "nan" not in md.lower().replace("financ", "")
+    assert "data:image/png;base64," in html_path.read_text()
+
+
+def test_missing_examples_and_broken_parts(tmp_path):
+    run = make_run(tmp_path / "noex", [["bottle", "screw"], ["fabric_x"]], examples=False)
+    (run / "scores" / "screw.csv").write_text("file,score\nx.png,1.0\n")  # no label column
+    md_path, html_path = write_report(run)
+    md = md_path.read_text()
+    assert "No example images" in md
+    assert "scores/screw.csv could not be read" in md
+    assert not list((run / "figures").glob("examples_*"))
+    assert "1. bottle + screw → 2. fabric\\_x" in md or "1. bottle + screw → 2. fabric_x" in md
+    assert (run / "figures" / "continual_image_auroc.png").is_file()
+    html = html_path.read_text()
+    assert "fabric_x" in html and 'src="figures/' not in html
+
+
+def test_missing_results_json(tmp_path):
+    with pytest.raises(MoleflowError, match="results.json"):
+        write_report(tmp_path)
+
+
+def test_html_escapes_user_text(tmp_path):
+    run = make_run(tmp_path / "esc", [["bottle"]], examples=False, oracle=False)
+    results = json.loads((run / "results.json").read_text())
+    results["command"] = "moleflow train <script>alert(1)</script> --x `y`"
+    (run / "results.json").write_text(json.dumps(results))
+    shutil.rmtree(run / "scores")
+    html = write_report(run)[1].read_text()
+    assert "<script" not in html and "&lt;script&gt;" in html
+    assert "No per-image scores" in html
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_curves_match_library_metrics(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random(200) < 0.4
+    scores = np.round(rng.normal(size=200) + labels, 1)  # many ties
+    fpr, tpr, auc = F.roc_curve(scores, labels)
+    recall, precision, ap = F.pr_curve(scores, labels)
+    assert auc == pytest.approx(M.auroc(scores, labels), abs=1e-12)
+    assert ap == pytest.approx(M.average_precision(scores, labels), abs=1e-12)
+    assert fpr[0] == tpr[0] == 0 and fpr[-1] == tpr[-1] == 1 and recall[-1] == 1
+    assert np.isnan(F.roc_curve(scores, np.zeros(200, bool))[2])
+
+
+def test_table_markdown_and_formatting():
+    md = R.table_markdown(["A", "B"], [["x|y", "1.0"], ["Mean", "2.0"]], bold_rows=[1])
+    assert md.splitlines() == ["| A | B |", "| :--- | ---: |", "| x\\|y | 1.0 |", "| **Mean** | **2.0** |"]
+    assert R.fmt_pct(None) == R.fmt_pct(float("nan")) == "n/a"
+    assert R.fmt_pct(0.98765) == "98.8" and R.fmt_pp(-0.0123) == "-1.2 pp"
+    assert R.inline_html("**a** `<b>` *c* 1\\*2") == "<strong>a</strong> <code>&lt;b&gt;</code> <em>c</em> 1*2"
+
+
+def test_reusable_figures_small_multiples_and_bars():
+    rng = np.random.default_rng(0)
+    curves = {f"class_{i:02d}": (rng.normal(size=30), np.arange(30) % 3 == 0) for i in range(12)}
+    for png in (F.roc_figure(curves), F.pr_figure(curves),
+                F.bar_chart(["I-AUROC", "P-AP"], {"run A": [0.9, None], "run B": [0.8, 0.5]},
+                            title="Ablation", ylabel="metric")):
+        with Image.open(io.BytesIO(png)) as img:
+            assert img.format == "PNG" and img.size[0] > 300
