@@ -47,6 +47,7 @@ class TaskInfo:
     threshold: float  # image score above which an image of this task is anomalous
     calibration: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)  # where its images came from (root, dataset), if known
 
 
 @dataclass
@@ -117,7 +118,7 @@ class MoleFlow:
 
     # ------------------------------------------------------------------------------ training
     def fit_task(self, images: Images, name: str | None = None, classes: Sequence[str] | None = None,
-                 progress: bool = False) -> TaskInfo:
+                 progress: bool = False, source: dict[str, Any] | None = None) -> TaskInfo:
         """Learn a new task from its normal training images; earlier tasks are not touched.
 
         A `score.calibration_fraction` share of the images is held out (seeded) to calibrate the decision
@@ -155,6 +156,7 @@ class MoleFlow:
             if task in self.router.prototypes:
                 self.router.remove_task(task)
             raise
+        info.source = dict(source or {})
         self.tasks.append(info)
         return info
 
@@ -162,22 +164,32 @@ class MoleFlow:
                    train_tokens: torch.Tensor | None, train_x: torch.Tensor, report: TrainReport) -> TaskInfo:
         """Decision threshold from held-out normal training images (or, without any, the training images)."""
         if cal_tokens is not None and len(cal_tokens):
-            scores, source = self._score_tokens(cal_tokens, task), "held-out normal training images"
+            tokens, source = cal_tokens, "held-out normal training images"
         else:
             tokens = train_tokens if train_tokens is not None else self.extract(train_x)[0]
-            scores, source = self._score_tokens(tokens, task), "training images (too few to hold out; optimistic)"
+            source = "training images (too few to hold out; optimistic)"
+        scores, pixel_median, pixel_max = self._score_tokens(tokens, task)
         rate = self.config.score.false_alarm_rate
         calibration = {"source": source, "n": int(len(scores)), "false_alarm_rate": rate,
                        "score_mean": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                       "unknown_distance": self.router.prototypes[task].unknown_threshold}
+                       "unknown_distance": self.router.prototypes[task].unknown_threshold,
+                       "normal_pixel_median": pixel_median, "normal_pixel_max": pixel_max}
         return TaskInfo(task_id=task, name=name, classes=classes, n_train=n_train,
                         n_calibration=int(len(cal_tokens)) if cal_tokens is not None else 0,
                         threshold=decision_threshold(scores, rate), calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
-    def _score_tokens(self, tokens: torch.Tensor, task: int, batch_size: int = 64) -> torch.Tensor:
-        return torch.cat([image_scores(self.flow(t.to(self.device), task).nll, self.config.score).cpu()
-                          for t in tokens.split(batch_size)])
+    def _score_tokens(self, tokens: torch.Tensor, task: int, batch_size: int = 64
+                      ) -> tuple[torch.Tensor, float, float]:
+        """Image scores (N,) of normal tokens, and the median and max of their pixel maps (display range)."""
+        scores, medians, maxima = [], [], []
+        for t in tokens.split(batch_size):
+            nll = self.flow(t.to(self.device), task).nll
+            scores.append(image_scores(nll, self.config.score).cpu())
+            maps = anomaly_maps(nll, self.config.data.image_size, self.config.score.map_sigma)
+            medians.append(maps.flatten(1).median(1).values.cpu())
+            maxima.append(maps.flatten(1).max(1).values.cpu())
+        return torch.cat(scores), float(torch.cat(medians).median()), float(torch.cat(maxima).max())
 
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()

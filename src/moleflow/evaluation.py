@@ -249,7 +249,8 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
         name = "+".join(classes)
         log.info("step %d/%d: learning %s", step + 1, len(tasks), name)
         images = load_images([s for c in classes for s in splits[c].train], model.transform)
-        info = model.fit_task(images, name=name, classes=classes, progress=progress)
+        source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
+        info = model.fit_task(images, name=name, classes=classes, progress=progress, source=source)
         del images
         class_task.update({c: info.task_id for c in classes})
         model.save(run_dir / "model.pt")

@@ -13,7 +13,7 @@ from importlib import import_module
 
 from ..errors import MoleflowError
 
-COMMANDS = ("train", "evaluate", "info")
+COMMANDS = ("demo", "train", "evaluate", "predict", "add-task", "tasks", "remove-task", "export", "ablate", "bench", "info")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,16 +11,20 @@ ablation comparison): `heatmap`, `bar_chart`, `roc_figure`, `pr_figure`, `score_
 
 from __future__ import annotations
 
+import functools
 import io
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image as PILImage
 
 __all__ = [
     "DPI",
@@ -29,6 +33,7 @@ __all__ = [
     "fig_to_png",
     "heatmap",
     "map_range",
+    "overlay_tile",
     "new_figure",
     "pr_curve",
     "pr_figure",
@@ -49,38 +54,53 @@ _FONT = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.label
 # Plumbing
 
 
-def new_figure(width: float, height: float) -> Figure:
-    """A white figure (inches) with constrained layout, so labels never overlap."""
-    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained", facecolor="white")
+def new_figure(width: float, height: float, constrained: bool = True) -> Figure:
+    """A white figure (inches); constrained layout (so labels never overlap) unless told otherwise."""
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained" if constrained else None,
+                 facecolor="white")
     FigureCanvasAgg(fig)
     return fig
 
 
+def _small_multiples(n: int, max_cols: int, panel: tuple[float, float], *, sharex: bool = False,
+                     sharey: bool = False) -> tuple[Figure, list]:
+    """A figure with a grid of n axes (unused cells hidden) and fixed margins in inches.
+
+    Constrained layout costs seconds for a dozen panels; fixed margins are enough here because
+    every panel has the same short decorations.
+    """
+    rows, cols = _grid(max(n, 1), max_cols)
+    left, right, bottom, top, wgap, hgap = 0.75, 0.15, 0.6, 0.55, 0.35, 0.45
+    width = left + right + cols * panel[0] + (cols - 1) * wgap
+    height = bottom + top + rows * panel[1] + (rows - 1) * hgap
+    fig = new_figure(width, height, constrained=False)
+    fig.subplots_adjust(left=left / width, right=1 - right / width, bottom=bottom / height,
+                        top=1 - top / height, wspace=wgap / panel[0], hspace=hgap / panel[1])
+    axes = list(np.atleast_1d(fig.subplots(rows, cols, sharex=sharex, sharey=sharey, squeeze=False)).ravel())
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    return fig, axes[:n]
+
+
 def fig_to_png(fig: Figure, dpi: int = DPI, palette: bool = False) -> bytes:
     """Render `fig` to PNG bytes. `palette=True` quantises to 256 colours (much smaller for photos)."""
-    import matplotlib
-
-    buf = io.BytesIO()
-    with matplotlib.rc_context({"savefig.bbox": "standard"}):
-        fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
     if not palette:
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=dpi, facecolor="white")
         return buf.getvalue()
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    fig.set_dpi(dpi)
+    fig.canvas.draw()
+    img = PILImage.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3])
     # an octree palette keeps the few exact colours of text / colour bars; dithering against it
     # hides the banding of the photos.
-    pal = img.quantize(colors=256, method=Image.Quantize.FASTOCTREE)
+    pal = img.quantize(colors=256, method=PILImage.Quantize.FASTOCTREE)
     out = io.BytesIO()
-    img.quantize(palette=pal, dither=Image.Dither.FLOYDSTEINBERG).save(out, format="png", optimize=True)
+    img.quantize(palette=pal, dither=PILImage.Dither.FLOYDSTEINBERG).save(out, format="png", compress_level=9)
     return out.getvalue()
 
 
-def _styled(builder):
+def _styled(builder: Callable[..., bytes]) -> Callable[..., bytes]:
     """Decorator: run a figure builder under the report's font sizes (a local rc context)."""
-    import functools
-
-    import matplotlib
 
     @functools.wraps(builder)
     def wrapper(*args, **kwargs):
@@ -253,11 +273,7 @@ def _curve_panels(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], kind: str
         fig = new_figure(5.2, 4.4)
         axes = [fig.add_subplot()] * max(len(names), 1)
     else:
-        rows, cols = _grid(len(names))
-        fig = new_figure(2.3 * cols, 2.2 * rows + 0.4)
-        axes = list(fig.subplots(rows, cols, sharex=True, sharey=True).ravel())
-        for ax in axes[len(names):]:
-            ax.set_visible(False)
+        fig, axes = _small_multiples(len(names), 5, (1.9, 1.9), sharex=True, sharey=True)
     cmap = colormaps["tab10"]
     for k, name in enumerate(names):
         ax = axes[k]
@@ -266,14 +282,16 @@ def _curve_panels(curves: Mapping[str, tuple[np.ndarray, np.ndarray]], kind: str
         color = cmap(k % 10) if overlay else "tab:blue"
         label = f"{name} ({metric} {value_txt})"
         ax.plot(x, y, color=color, lw=1.6, label=label, drawstyle="default" if kind == "roc" else "steps-pre",
-                linestyle="-" if k < 10 else "--")
+                linestyle="--" if overlay and k >= 10 else "-")
         if kind == "roc" and (not overlay or k == 0):
             ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
         if not overlay:
             ax.set_title(label, fontsize=8)
-    for ax in (axes[:1] if overlay else axes[: len(names)]):
+    for ax in (axes[:1] if overlay else axes):
         ax.set_xlim(-0.02, 1.02)
         ax.set_ylim(-0.02, 1.02)
+        ax.set_xticks([0, 0.5, 1] if not overlay else np.linspace(0, 1, 6))
+        ax.set_yticks([0, 0.5, 1] if not overlay else np.linspace(0, 1, 6))
         ax.set_aspect("equal")
         ax.grid(alpha=0.3)
     if overlay:
@@ -307,11 +325,7 @@ def score_histograms(data: Mapping[str, tuple[np.ndarray, np.ndarray, float | No
                      title: str = "Image scores: normal vs anomalous") -> bytes:
     """Small multiples of score histograms, `data[name] = (scores, labels, threshold or None)`."""
     names = list(data)
-    rows, cols = _grid(max(len(names), 1), 4)
-    fig = new_figure(2.6 * cols, 2.0 * rows + 0.5)
-    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    for ax in axes[len(names):]:
-        ax.set_visible(False)
+    fig, axes = _small_multiples(len(names), 4, (2.2, 1.45))
     for ax, name in zip(axes, names):
         scores, labels, thr = data[name]
         scores = np.asarray(scores, dtype=float)
@@ -320,15 +334,17 @@ def score_histograms(data: Mapping[str, tuple[np.ndarray, np.ndarray, float | No
         values = finite if thr is None or not np.isfinite(thr) else np.r_[finite, thr]
         lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
         bins = np.linspace(lo, hi if hi > lo else lo + 1.0, 31)
-        ax.hist(scores[~labels], bins=bins, color="tab:blue", alpha=0.6, label="normal")
-        ax.hist(scores[labels], bins=bins, color="tab:red", alpha=0.6, label="anomalous")
+        ax.hist(scores[~labels], bins=bins, color="tab:blue", alpha=0.55, label="normal", histtype="stepfilled")
+        ax.hist(scores[labels], bins=bins, color="tab:red", alpha=0.55, label="anomalous", histtype="stepfilled")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.yaxis.set_major_locator(MaxNLocator(nbins=4, integer=True))
         if thr is not None and np.isfinite(thr):
             ax.axvline(thr, color="black", ls="--", lw=1, label="threshold")
         ax.set_title(name, fontsize=8)
         ax.tick_params(labelsize=7)
     if names:
         axes[0].legend(fontsize=7, framealpha=0.9)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1 - 0.12 / fig.get_figheight())
     fig.supxlabel("image score (higher = more anomalous)", fontsize=9)
     fig.supylabel("images", fontsize=9)
     return fig_to_png(fig)
@@ -348,57 +364,100 @@ def map_range(maps: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[f
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
 
 
-def _show_example(ax_img, ax_map, image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None,
-                  norm: Normalize, alpha: float) -> None:
-    """Image on the top axis; the map overlay (and the ground-truth contour) on the bottom one."""
-    ax_img.imshow(image)
-    ax_map.imshow(image)
-    ax_map.imshow(np.nan_to_num(amap, nan=norm.vmin, posinf=norm.vmax, neginf=norm.vmin),
-                  cmap="jet", norm=norm, alpha=alpha)
-    if mask is not None and mask.any():
-        ax_map.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1.2)
-        ax_map.contour(mask.astype(np.float32), levels=[0.5], colors="black", linewidths=0.5,
-                       linestyles="--")
-    for ax in (ax_img, ax_map):
-        ax.set_xticks([])
-        ax.set_yticks([])
+def _tile(rgb: np.ndarray, size: int) -> np.ndarray:
+    """An (S,S,3) uint8 image resized to (size,size,3) (bilinear)."""
+    if rgb.shape[0] == size and rgb.shape[1] == size:
+        return rgb
+    return np.asarray(PILImage.fromarray(rgb).resize((size, size), PILImage.Resampling.BILINEAR))
+
+
+def _mask_tile(mask: np.ndarray, size: int) -> np.ndarray:
+    """A bool mask resized to (size,size) (nearest)."""
+    if mask.shape == (size, size):
+        return mask
+    return np.asarray(PILImage.fromarray(mask.astype(np.uint8) * 255).resize(
+        (size, size), PILImage.Resampling.NEAREST)) > 127
+
+
+def _dilate(mask: np.ndarray) -> np.ndarray:
+    """One step of 4-neighbour binary dilation."""
+    out = mask.copy()
+    out[1:] |= mask[:-1]
+    out[:-1] |= mask[1:]
+    out[:, 1:] |= mask[:, :-1]
+    out[:, :-1] |= mask[:, 1:]
+    return out
+
+
+def overlay_tile(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, norm: Normalize,
+                 size: int, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
+    """(size,size,3) uint8: `amap` coloured with `cmap` under `norm`, blended over `image`, with the
+    outline of `mask` (if it has any pixel) drawn white on a black rim."""
+    amap = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=norm.vmin, posinf=norm.vmax, neginf=norm.vmin)
+    heat = (colormaps[cmap](np.clip(norm(amap), 0, 1))[..., :3] * 255).astype(np.float32)
+    blend = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * heat
+    out = _tile(np.clip(blend + 0.5, 0, 255).astype(np.uint8), size).copy()
+    if mask is not None and np.any(mask):
+        m = _mask_tile(np.asarray(mask, dtype=bool), size)
+        inner = _dilate(m) & ~m | (m & ~_erode(m))
+        outer = _dilate(_dilate(m)) & ~_dilate(m)
+        out[outer] = 0
+        out[inner] = 255
+    return out
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """One step of 4-neighbour binary erosion."""
+    return ~_dilate(~mask)
 
 
 @_styled
 def example_strip(images: np.ndarray, maps: np.ndarray, masks: np.ndarray | None,
                   captions: Sequence[str], groups: Sequence[tuple[str, Sequence[int]]], *,
                   title: str, vrange: tuple[float, float] | None = None, alpha: float = 0.45,
-                  colorbar_label: str = "anomaly map (NLL)") -> bytes:
-    """Examples side by side: image on top, anomaly-map overlay below (shared colour scale).
+                  colorbar_label: str = "anomaly map (NLL)", tile: int = 140) -> bytes:
+    """Examples side by side: image on top, anomaly-map overlay below (one shared colour scale).
 
     images (K,S,S,3) uint8, maps (K,S,S), masks (K,S,S) bool or None; captions (K,) shown under
-    each overlay; groups: [(group title, indices), ...] drawn left to right (e.g. best / worst).
-    The ground-truth mask (when it has any pixel) is drawn as a white contour on the overlay.
+    each column; groups: [(group title, indices), ...] drawn left to right (e.g. best / worst).
+    The ground-truth outline (when the mask has any pixel) is drawn white on the overlay. Tiles
+    are composed in numpy and drawn as one image (pixel-exact, fast); `tile` is their size in px.
     """
     groups = [(name, list(idx)) for name, idx in groups if len(idx)]
-    n = sum(len(idx) for _, idx in groups)
-    if n == 0:
+    if not groups:
         raise ValueError("example_strip needs at least one example")
     lo, hi = vrange if vrange is not None else map_range(maps[[i for _, idx in groups for i in idx]])
     norm = Normalize(lo, hi)
-    panel = 1.55
-    n_lines = max(str(c).count("\n") + 1 for c in captions)
-    bar_w = 0.75  # inches for the colour bar column
-    fig = new_figure(panel * n + 0.3 * len(groups) + bar_w, 2 * panel + 0.55 + 0.14 * n_lines)
-    ratios = [len(i) * panel for _, i in groups] + [bar_w]
-    subfigs = fig.subfigures(1, len(groups) + 1, width_ratios=ratios, wspace=0.0)
-    for sub, (name, idx) in zip(subfigs, groups):
-        axes = sub.subplots(2, len(idx), squeeze=False)
-        for col, i in enumerate(idx):
-            mask = None if masks is None else np.asarray(masks[i]).astype(bool)
-            _show_example(axes[0, col], axes[1, col], images[i], maps[i], mask, norm, alpha)
-            axes[1, col].set_xlabel(captions[i], fontsize=7)
-        axes[0, 0].set_ylabel("image", fontsize=8)
-        axes[1, 0].set_ylabel("anomaly map", fontsize=8)
-        sub.suptitle(name, fontsize=9, fontweight="bold")
-    cax = subfigs[-1].add_axes((0.12, 0.12, 0.22, 0.36))
-    cbar = subfigs[-1].colorbar(ScalarMappable(norm=norm, cmap="jet"), cax=cax)
+    gap, group_gap = 6, 26
+    n_lines = max(str(captions[i]).count("\n") + 1 for _, idx in groups for i in idx)
+    left, right, top, bottom = 26, 95, 50, 14 + 12 * n_lines
+    n_cols = sum(len(idx) for _, idx in groups)
+    width_px = n_cols * tile + (n_cols - len(groups)) * gap + (len(groups) - 1) * group_gap
+    mosaic = np.full((2 * tile + gap, width_px, 3), 255, np.uint8)
+    fig_w, fig_h = left + width_px + right, top + mosaic.shape[0] + bottom
+    fig = new_figure(fig_w / DPI, fig_h / DPI, constrained=False)
+    x = 0
+    for name, idx in groups:
+        fig.text((left + x + (len(idx) * (tile + gap) - gap) / 2) / fig_w, 1 - (top - 8) / fig_h, name,
+                 ha="center", va="bottom", fontsize=9, fontweight="bold")
+        for i in idx:
+            image = np.asarray(images[i])
+            mask = None if masks is None else np.asarray(masks[i])
+            mosaic[:tile, x:x + tile] = _tile(image, tile)
+            mosaic[tile + gap:, x:x + tile] = overlay_tile(image, maps[i], mask, norm, tile, alpha)
+            fig.text((left + x + tile / 2) / fig_w, (bottom - 4) / fig_h, str(captions[i]), ha="center",
+                     va="top", fontsize=7, linespacing=1.25)
+            x += tile + gap
+        x += group_gap - gap
+    ax = fig.add_axes((left / fig_w, bottom / fig_h, width_px / fig_w, mosaic.shape[0] / fig_h))
+    ax.imshow(mosaic, interpolation="nearest", aspect="auto")
+    ax.set_axis_off()
+    for row, label in ((0, "image"), (1, "anomaly map")):
+        y = bottom + mosaic.shape[0] - row * (tile + gap) - tile / 2
+        fig.text(6 / fig_w, y / fig_h, label, rotation=90, ha="left", va="center", fontsize=8)
+    cax = fig.add_axes(((left + width_px + 14) / fig_w, bottom / fig_h, 12 / fig_w, tile / fig_h))
+    cbar = fig.colorbar(ScalarMappable(norm=norm, cmap="jet"), cax=cax)
     cbar.set_label(colorbar_label, fontsize=7)
     cbar.ax.tick_params(labelsize=6)
-    fig.suptitle(title, fontsize=10)
+    fig.text(0.5, 1 - 6 / fig_h, title, ha="center", va="top", fontsize=10)
     return fig_to_png(fig, palette=True)

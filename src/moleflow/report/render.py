@@ -185,14 +185,15 @@ def render_markdown(blocks: Sequence[Block], figure_dir: str = "figures") -> str
         elif isinstance(b, Table):
             parts.append(table_markdown(b.headers, b.rows, b.align, b.bold_rows))
         elif isinstance(b, Image):
-            parts.append(f"![{md_escape(b.name)}]({figure_dir}/{b.name}.png)\n\n*{b.caption}*")
+            caption = f"*{b.caption}*" if "*" not in b.caption else b.caption
+            parts.append(f"![{md_escape(b.name)}]({figure_dir}/{b.name}.png)\n\n{caption}")
         elif isinstance(b, Code):
             parts.append(f"```{b.lang}\n{b.text.rstrip()}\n```")
     return "\n\n".join(parts) + "\n"
 
 
 _CSS = """
-body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1180px;
+body{font-family:-apple-system,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;max-width:1400px;
 margin:2em auto;padding:0 1.2em;color:#222;line-height:1.45;font-size:15px}
 h1{border-bottom:2px solid #345;padding-bottom:.25em}h2{border-bottom:1px solid #ccd;margin-top:1.8em}
 h3{margin-top:1.4em}code{background:#f2f3f5;padding:1px 4px;border-radius:3px;font-size:90%}
@@ -229,7 +230,8 @@ def render_html(blocks: Sequence[Block], title: str) -> str:
             anchor = f' id="{html.escape(b.anchor)}"' if b.anchor else ""
             parts.append(f"<h{b.level}{anchor}>{inline_html(b.text)}</h{b.level}>")
         elif isinstance(b, Para):
-            parts.append(f'<p{" class=small" if b.small else ""}>{inline_html(b.text)}</p>')
+            cls = ' class="small"' if b.small else ""
+            parts.append(f"<p{cls}>{inline_html(b.text)}</p>")
         elif isinstance(b, Bullets):
             parts.append("<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in b.items) + "</ul>")
         elif isinstance(b, Table):
@@ -398,7 +400,9 @@ def _protocol() -> list[Block]:
         "(P-AUROC, P-AP, AUPRO up to 30% FPR) use the anomaly maps at the model's input size.",
         "**Decisions** (flagged / passed) use thresholds calibrated on held-out *normal training* "
         "images only, at a target false-alarm rate; test data never sets a threshold.",
-        "**Forgetting.** `R[j,i]` is the metric of task i after learning step j (T steps). "
+        "**Forgetting.** `R[j,i]` is the metric of task i after learning step j (T steps; when a "
+        "task holds several products, i runs over products and `R[i,i]` is read at the step that "
+        "learned the product). "
         "`BWT = mean over i < T-1 of (R[T-1,i] - R[i,i])` (negative = forgetting); "
         "`FM = mean over i < T-1 of (max over j in [i, T-2] of R[j,i] - R[T-1,i])` (0 = no "
         "forgetting). Both are in percentage points (pp).",
@@ -411,10 +415,12 @@ def _summary(run: RunData) -> list[Block]:
     """One sentence with the headline numbers."""
     mean = run.results.get("final_mean") or {}
     cont = run.results.get("continual") or {}
-    parts = [f"mean image AUROC **{fmt_pct(mean.get('image_auroc'))}%**",
-             f"pixel AUROC **{fmt_pct(mean.get('pixel_auroc'))}%**",
-             f"AUPRO **{fmt_pct(mean.get('aupro'))}%**",
-             f"routing accuracy **{fmt_pct(mean.get('routing_accuracy'))}%**"]
+    def pct(key: str) -> str:
+        text = fmt_pct(mean.get(key))
+        return f"**{text}%**" if text != "n/a" else "n/a"
+
+    parts = [f"mean image AUROC {pct('image_auroc')}", f"pixel AUROC {pct('pixel_auroc')}",
+             f"AUPRO {pct('aupro')}", f"routing accuracy {pct('routing_accuracy')}"]
     bwt = (cont.get("image_auroc") or {}).get("bwt")
     if _finite(bwt):
         parts.append(f"image-AUROC BWT **{fmt_pp(bwt)}**")
@@ -531,7 +537,7 @@ def _continual_section(run: RunData) -> list[Block]:
             xlabel="product", ylabel="after step", colorbar_label=f"{_metric_label(metric)} (%)")
         blocks.append(Image(f"continual_{metric}", png,
                             f"{_metric_label(metric)} of each product (columns) after each learning step (rows). "
-                            "Grey blank = not learned yet; grey *n/a* = learned but not measurable. A column "
+                            "Grey blank = not learned yet; grey n/a = learned but not measurable. A column "
                             "that fades downwards is forgetting."))
     return blocks
 
@@ -592,8 +598,8 @@ def _pick_examples(kinds: np.ndarray, scores: np.ndarray) -> list[tuple[str, lis
         return [int(i) for i in idx[np.argsort(-scores[idx] if descending else scores[idx], kind="stable")]]
 
     groups = []
-    for name, (a, b) in (("Best cases: correct and confident", (of("detected", True), of("normal", False))),
-                         ("Worst cases: missed defects and false alarms", (of("missed", False), of("false_alarm", True)))):
+    for name, (a, b) in (("Best: detected defects, typical normals", (of("detected", True), of("normal", False))),
+                         ("Worst: missed defects, false alarms", (of("missed", False), of("false_alarm", True)))):
         half = PER_GROUP // 2
         take_a = a[: max(half, PER_GROUP - len(b))]
         take_b = b[: PER_GROUP - len(take_a)]
@@ -608,8 +614,8 @@ def _examples_section(run: RunData) -> list[Block]:
         blocks.append(Para("No example images (examples/*.npz) in this run."))
         return blocks
     blocks.append(Para("Each strip shows the image (top) and its anomaly map over it (bottom, jet colours: "
-                       "blue = normal, red = anomalous); the white/black dashed contour is the ground-truth "
-                       "defect. The colour scale is shared within a product (stated in each caption), not "
+                       "blue = normal, red = anomalous); the white outline (on a thin black rim) is the "
+                       "ground-truth defect. The colour scale is shared within a product (stated in each caption), not "
                        "across products. Under each example: its kind, the decision at the calibrated "
                        "threshold, the image score and the file."))
     for cls in run.classes:
@@ -624,8 +630,8 @@ def _examples_section(run: RunData) -> list[Block]:
         if not chosen:
             continue
         decisions = _decisions_by_file(run.scores.get(cls))
-        captions = [f"{KIND_LABELS.get(str(k), str(k))}{decisions.get(f, '')}\nscore {fmt_num(s, '.3g')}\n{_short_name(f)}"
-                    for k, s, f in zip(ex["kinds"], scores, files)]
+        captions = [f"{KIND_LABELS.get(str(k), str(k))}{decisions.get(f, '')}\n"
+                    f"score {fmt_num(s, '.3g')}\n{_short_name(f)}" for k, s, f in zip(ex["kinds"], scores, files)]
         maps = np.asarray(ex["maps"], dtype=np.float32)
         lo, hi = F.map_range(maps[chosen])
         masks = ex.get("masks")
@@ -664,9 +670,11 @@ def _timing_section(run: RunData) -> list[Block]:
     for j, s in enumerate(steps):
         cal = s.get("calibration") or {}
         secs = s.get("train_seconds", train_s[j] if j < len(train_s) else None)
-        rows.append([str(j), md_escape(s.get("task_name", "")), ", ".join(md_escape(c) for c in s.get("classes") or []),
-                     fmt_num(secs, ".1f"), str(s.get("skipped_batches", "n/a")), fmt_num(s.get("threshold")),
-                     md_escape(cal.get("source", "n/a")), str(cal.get("n", "n/a")), fmt_pct(cal.get("false_alarm_rate"))])
+        products = ", ".join(md_escape(c) for c in s.get("classes") or [])
+        rows.append([str(j), md_escape(s.get("task_name", "")), products, fmt_num(secs, ".1f"),
+                     str(s.get("skipped_batches", "n/a")), fmt_num(s.get("threshold")),
+                     md_escape(cal.get("source", "n/a")), str(cal.get("n", "n/a")),
+                     fmt_pct(cal.get("false_alarm_rate"))])
     blocks: list[Block] = [Heading(2, "Training time and threshold calibration", "timing"),
                            Table(["Step", "Task", "Products", "Train (s)", "Skipped batches", "Threshold",
                                   "Calibration source", "n", "Target false alarms (%)"], rows,

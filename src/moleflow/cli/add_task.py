@@ -1,0 +1,87 @@
+"""`moleflow add-task`: learn new products into an existing run, proving nothing learned before changed."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data.datasets import DATASETS, load_class, load_images
+from ..detector import MoleFlow
+from ..errors import MoleflowError
+from .common import add_runtime_options, apply_runtime
+from .predict import checkpoint_path
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  moleflow add-task runs/real --data /data/new_line --classes bracket_v2
+  moleflow add-task runs/real --data /data/mvtec --dataset mvtec --classes screw tile --one-task
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("add-task", help="learn new products into an existing run", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Learn each new class as a new task (or all as one with --one-task). "
+                                   "Afterwards every earlier parameter and the earlier tasks' scores on a sample "
+                                   "are checked to be bit-identical; the run is saved only if they are.")
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="dataset root of the new classes")
+    p.add_argument("--dataset", default="folder", choices=DATASETS)
+    p.add_argument("--classes", nargs="+", required=True)
+    p.add_argument("--one-task", action="store_true", help="learn all given classes as a single task")
+    p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    add_runtime_options(p)
+    p.set_defaults(run=run)
+
+
+def snapshot(model: MoleFlow, probe: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+    """All flow tensors and every learned task's oracle scores on `probe`."""
+    state = {k: v.detach().clone() for k, v in model.flow.state_dict().items()}
+    scores = {t.task_id: model.predict(probe, task_ids=[t.task_id] * len(probe)).scores for t in model.tasks}
+    return state, scores
+
+
+def verify_unchanged(model: MoleFlow, probe: torch.Tensor, state: dict[str, torch.Tensor],
+                     scores: dict[int, torch.Tensor]) -> int:
+    """Raise if any earlier tensor or score changed; return the number of tensors checked."""
+    now = model.flow.state_dict()
+    changed = [k for k, v in state.items() if k not in now or not torch.equal(now[k], v)]
+    if changed:
+        raise MoleflowError(f"learning the new task changed {len(changed)} earlier tensors (e.g. {changed[0]}); "
+                            "the run was not saved")
+    for task, before in scores.items():
+        after = model.predict(probe, task_ids=[task] * len(probe)).scores
+        if not torch.equal(before, after):
+            raise MoleflowError(f"scores of task {task} changed; the run was not saved")
+    return len(state)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_runtime(args)
+    path = checkpoint_path(args.run_dir)
+    model = MoleFlow.load(path, device=args.device, backbone_weights=args.backbone_weights)
+    existing = {c for t in model.tasks for c in t.classes} | {t.name for t in model.tasks}
+    clash = [c for c in args.classes if c in existing]
+    if clash:
+        raise MoleflowError(f"{', '.join(clash)} already learned in {args.run_dir}; remove it first or rename")
+    splits = {c: load_class(args.data, c, args.dataset) for c in args.classes}
+    groups = [list(args.classes)] if args.one_task else [[c] for c in args.classes]
+    first = splits[args.classes[0]].train[: min(8, len(splits[args.classes[0]].train))]
+    probe = load_images(first, model.transform)
+    state, scores = snapshot(model, probe)
+    for group in groups:
+        images = load_images([s for c in group for s in splits[c].train], model.transform)
+        info = model.fit_task(images, name="+".join(group), classes=group, progress=not args.no_progress,
+                              source={"root": str(args.data), "name": args.dataset})
+        print(f"learned task {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "
+              f"({info.train['seconds']:.0f} s)")
+    checked = verify_unchanged(model, probe, state, scores)
+    model.save(path)
+    print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks on "
+          f"{len(probe)} sample images are bit-identical; saved {path}")
+    print(f"run `moleflow evaluate {args.run_dir}` to score all classes again")
+    return 0

@@ -1,0 +1,143 @@
+"""`moleflow predict`: route, score and decide for new images; write overlays and a summary."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import glob
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..checkpoint import atomic_write_bytes
+from ..data.datasets import IMAGE_EXTENSIONS
+from ..data.transforms import load_rgb
+from ..detector import MoleFlow
+from ..errors import MoleflowError
+from ..overlay import overlay
+from .common import add_runtime_options, apply_runtime, format_table
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  moleflow predict runs/real new_images/ --out predictions
+  moleflow predict runs/real 'line3/*.jpg' part_17.png --out predictions --csv-only
+The decision threshold of each product was calibrated at training time on held-out normal training
+images (score.false_alarm_rate); images whose routing feature is far from every learned product are
+reported as "unknown product".
+"""
+UNKNOWN = "unknown product"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("predict", help="score new images: product, score, decision, heat map", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path, help="a run directory (with model.pt) or a model.pt file")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--task", help="skip the router: treat every image as this product (task name)")
+    p.add_argument("--csv-only", action="store_true", help="no overlay images")
+    p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    add_runtime_options(p)
+    p.set_defaults(run=run)
+
+
+def expand_inputs(items: list[str]) -> list[Path]:
+    """Files, folders (searched recursively for images) and glob patterns -> sorted unique image paths."""
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found += sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
+        elif path.is_file():
+            found.append(path)
+        else:
+            matches = sorted(Path(m) for m in glob.glob(item, recursive=True))
+            if not matches:
+                raise MoleflowError(f"{item}: no such file, folder or matching images")
+            found += [m for m in matches if m.is_file()]
+    unique = list(dict.fromkeys(found))
+    if not unique:
+        raise MoleflowError("no images found in the given inputs")
+    return unique
+
+
+def checkpoint_path(run: Path) -> Path:
+    return run if run.is_file() else run / "model.pt"
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_runtime(args)
+    model = MoleFlow.load(checkpoint_path(args.run_dir), device=args.device, backbone_weights=args.backbone_weights)
+    paths = expand_inputs(args.images)
+    task_ids = None
+    if args.task:
+        task_ids = model.task_by_name(args.task).task_id
+    names = {t.task_id: t for t in model.tasks}
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], []
+    from tqdm.auto import tqdm
+
+    for start in tqdm(range(0, len(paths), args.batch_size), desc="predict", unit="batch",
+                      disable=args.no_progress):
+        batch_paths, pil = [], []
+        for path in paths[start:start + args.batch_size]:
+            try:
+                pil.append(load_rgb(path))
+                batch_paths.append(path)
+            except MoleflowError as exc:
+                log.warning("%s", exc)
+                failed.append({"file": str(path), "error": str(exc)})
+        if not pil:
+            continue
+        pred = model.predict(pil, task_ids=None if task_ids is None else [task_ids] * len(pil),
+                             batch_size=args.batch_size)
+        for i, path in enumerate(batch_paths):
+            info = names[int(pred.task_ids[i])]
+            known = bool(pred.known[i])
+            decision = UNKNOWN if not known else ("anomalous" if bool(pred.anomalous[i]) else "normal")
+            row = {"file": str(path), "product": info.name if known else UNKNOWN, "nearest_product": info.name,
+                   "score": float(pred.scores[i]), "threshold": info.threshold, "decision": decision,
+                   "router_distance": float(pred.router_distance[i]), "overlay": ""}
+            if not args.csv_only:
+                cal = info.calibration
+                vmin = cal.get("normal_pixel_median", float(pred.maps[i].min()))
+                vmax = max(cal.get("normal_pixel_max", float(pred.maps[i].max())), vmin + 1e-6)
+                picture = overlay(model.transform.to_array(pil[i]), pred.maps[i].numpy(), vmin, vmax)
+                name = f"{len(rows):05d}_{path.stem}_{decision.replace(' ', '_')}.png"
+                Image.fromarray(np.concatenate([model.transform.to_array(pil[i]), picture], axis=1)).save(
+                    args.out / name)
+                row["overlay"] = name
+            rows.append(row)
+    write_summary(args.out, rows, failed)
+    table = [[Path(r["file"]).name, r["product"], f"{r['score']:.2f}", r["decision"]] for r in rows[:20]]
+    print(format_table(table, ["image", "product", "score", "decision"]))
+    if len(rows) > 20:
+        print(f"... {len(rows) - 20} more")
+    counts = {d: sum(r["decision"] == d for r in rows) for d in ("normal", "anomalous", UNKNOWN)}
+    print(f"{len(rows)} images: " + ", ".join(f"{v} {k}" for k, v in counts.items())
+          + (f"; {len(failed)} unreadable (see summary.json)" if failed else ""))
+    print(f"summary: {args.out / 'predictions.csv'}")
+    if not rows:
+        raise MoleflowError("no image could be read; see the warnings above")
+    return 0
+
+
+def write_summary(out: Path, rows: list[dict], failed: list[dict]) -> None:
+    fields = ["file", "product", "nearest_product", "score", "threshold", "decision", "router_distance", "overlay"]
+
+    def write_csv(fh) -> None:
+        import io
+
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        fh.write(text.getvalue().encode())
+
+    atomic_write_bytes(out / "predictions.csv", write_csv)
+    atomic_write_bytes(out / "summary.json",
+                       lambda fh: fh.write(json.dumps({"predictions": rows, "failed": failed}, indent=1).encode()))
