@@ -80,6 +80,8 @@ class TrainConfig:
     max_loss: float = 1e8  # a batch with a loss above this or non-finite is skipped and counted
     seed: int = 0
     feature_cache: bool = True  # compute backbone features once per task, not once per epoch
+    cache_memory_gb: float = 4.0  # a larger cache goes to a memory-mapped file (see cache_dir)
+    cache_dir: str | None = None  # folder for memory-mapped caches (default: the system temp folder)
 
 
 @dataclass

@@ -116,6 +116,29 @@ class MoleFlow:
             routing.append(r.cpu())
         return torch.cat(tokens), torch.cat(routing)
 
+    @torch.no_grad()
+    def extract_cached(self, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor | np.memmap, torch.Tensor]:
+        """Like `extract`, but tokens that would exceed `train.cache_memory_gb` go to a memory-mapped file
+        (deleted when the array is freed); the backbone runs exactly once per image."""
+        import tempfile
+
+        n = len(images)
+        h, w = self.extractor.grid_size(self.config.data.image_size)
+        nbytes = n * h * w * self.extractor.embed_dim * 4
+        if nbytes <= self.config.train.cache_memory_gb * 1e9:
+            return self.extract(images, batch_size)
+        folder = self.config.train.cache_dir or tempfile.gettempdir()
+        handle = tempfile.NamedTemporaryFile(prefix="moleflow-cache-", suffix=".f32", dir=folder)
+        tokens = np.memmap(handle, dtype=np.float32, mode="w+", shape=(n, h, w, self.extractor.embed_dim))
+        tokens._moleflow_file = handle  # keeps the file alive as long as the array
+        routing = []
+        for start in range(0, n, batch_size):
+            t, r = self.extractor(images[start:start + batch_size].to(self.device))
+            tokens[start:start + len(t)] = t.cpu().numpy()
+            routing.append(r.cpu())
+        log.info("feature cache: %.1f GB memory-mapped in %s", nbytes / 1e9, folder)
+        return tokens, torch.cat(routing)
+
     # ------------------------------------------------------------------------------ training
     def fit_task(self, images: Images, name: str | None = None, classes: Sequence[str] | None = None,
                  progress: bool = False, source: dict[str, Any] | None = None) -> TaskInfo:
@@ -134,12 +157,12 @@ class MoleFlow:
             cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
             train_x = x[train_idx]
             if self.config.train.feature_cache:
-                tokens, routing = self.extract(train_x)
+                tokens, routing = self.extract_cached(train_x)
 
                 def batch_features(idx: torch.Tensor) -> torch.Tensor:
-                    return tokens[idx]
+                    return torch.as_tensor(tokens[idx.numpy()] if isinstance(tokens, np.memmap) else tokens[idx])
             else:
-                _, routing = self.extract(train_x)
+                tokens, routing = None, self.extract(train_x)[1]
 
                 def batch_features(idx: torch.Tensor) -> torch.Tensor:
                     return self.extractor(train_x[idx].to(self.device))[0]
@@ -149,8 +172,7 @@ class MoleFlow:
             cal_tokens, cal_routing = self.extract(x[cal_idx]) if n_cal else (None, None)
             self.router.add_task(task, routing, holdout=cal_routing)
             info = self._calibrate(task, name or f"task{task}", list(classes or [name or f"task{task}"]),
-                                   len(train_idx), cal_tokens, tokens if self.config.train.feature_cache else None,
-                                   train_x, report)
+                                   len(train_idx), cal_tokens, train_x, report)
         except BaseException:
             self.flow.remove_task(task)  # leave the model as it was
             if task in self.router.prototypes:
@@ -161,12 +183,12 @@ class MoleFlow:
         return info
 
     def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, cal_tokens: torch.Tensor | None,
-                   train_tokens: torch.Tensor | None, train_x: torch.Tensor, report: TrainReport) -> TaskInfo:
+                   train_x: torch.Tensor, report: TrainReport) -> TaskInfo:
         """Decision threshold from held-out normal training images (or, without any, the training images)."""
         if cal_tokens is not None and len(cal_tokens):
             tokens, source = cal_tokens, "held-out normal training images"
         else:
-            tokens = train_tokens if train_tokens is not None else self.extract(train_x)[0]
+            tokens = self.extract(train_x)[0]
             source = "training images (too few to hold out; optimistic)"
         scores, pixel_median, pixel_max = self._score_tokens(tokens, task)
         rate = self.config.score.false_alarm_rate
