@@ -75,9 +75,14 @@ def resolve_device(device: str | torch.device) -> torch.device:
 class MoleFlow:
     """Continual anomaly detector: frozen backbone, MoLE flow with per-task experts, prototype router."""
 
-    def __init__(self, config: Config, device: str | torch.device = "cpu") -> None:
+    def __init__(self, config: Config, device: str | torch.device = "cpu", precision: str = "fp32") -> None:
         self.config = config
         self.device = resolve_device(device)
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise MoleflowError(f"precision {precision!r}: use fp32, bf16 or fp16")
+        if precision == "fp16" and self.device.type != "cuda":
+            raise MoleflowError("fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
+        self.precision = precision  # inference only; training always runs in fp32
         self.extractor = FeatureExtractor(config.backbone).to(self.device)
         self.flow = MoLEFlow(config.model, self.extractor.embed_dim, seed=config.train.seed).to(self.device)
         self.flow.eval()
@@ -221,7 +226,18 @@ class MoleFlow:
         tasks `among` if given (e.g. those learned up to a step of the sequence), else among all."""
         if not self.tasks:
             raise MoleflowError("the model has learned no task yet; call fit_task first")
+        with self._autocast():
+            return self._predict(images, task_ids, batch_size, among)
+
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(device_type=self.device.type, enabled=False)
+        return torch.autocast(device_type=self.device.type,
+                              dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+
+    def _predict(self, images: Images, task_ids, batch_size: int, among) -> Prediction:
         tokens, routing = self.extract(images, batch_size)
+        tokens, routing = tokens.float(), routing.float()
         n = len(tokens)
         if task_ids is None and not self.config.router.enabled:
             raise MoleflowError("router.enabled is false (oracle mode): pass task_ids")

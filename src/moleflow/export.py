@@ -294,16 +294,35 @@ def read_onnx_metadata(onnx_path: str | Path) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ export
 def _check_exportable(model: "MoleFlow") -> None:
+    export_scores(torch.zeros(1, 2, 2), model.config.score)  # unsupported score modes fail first
     if not model.tasks:
         raise MoleflowError("the model has learned no task yet; nothing to export")
     if not model.config.router.enabled:
         raise MoleflowError("router.enabled is false (oracle mode): the ONNX export routes every image itself, "
                             "so it needs the router")
-    export_scores(torch.zeros(1, 2, 2), model.config.score)
     missing = [t.task_id for t in model.tasks
                if t.task_id not in model.router.prototypes or t.task_id not in model.flow.task_ids]
     if missing:
         raise MoleflowError(f"tasks {missing} have no router prototype or expert; the model is incomplete")
+
+
+@torch.no_grad()
+def _self_check(graph: ExportGraph, model: "MoleFlow") -> None:
+    """The export-friendly rewrites must equal the library's modules (guards against library drift)."""
+    size = model.config.data.image_size
+    probe = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    reference = model.extractor(probe)[0]
+    tokens = graph.tokens(probe)
+    problems = []
+    if tokens.shape != reference.shape or not torch.allclose(tokens, reference, rtol=1e-4, atol=1e-4):
+        problems.append("backbone tokens")
+    for task in graph.task_ids:
+        ref = model.flow(reference, task).nll
+        if not torch.allclose(graph.expert_nll(reference, task), ref, rtol=1e-5, atol=1e-4):
+            problems.append(f"task {task}'s patch NLL")
+    if problems:
+        raise MoleflowError(f"the export graph does not reproduce the model ({', '.join(problems)}); this model's "
+                            "configuration is not supported by the ONNX export")
 
 
 def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path:
@@ -327,6 +346,7 @@ def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path
     flow_mode = src.flow.training
     graph = ExportGraph(src).cpu().eval()
     size = model.config.data.image_size
+    _self_check(graph, src)
     example = torch.zeros(2, 3, size, size)
     dynamic = {INPUT_NAME: {0: "N"}, **{name: {0: "N"} for name in OUTPUT_NAMES}}
     buffer = io.BytesIO()

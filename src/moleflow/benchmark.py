@@ -1,0 +1,136 @@
+"""Speed and footprint measurements behind `moleflow bench speed` (targets live in BENCHMARKS.md, not in tests).
+
+Measured on one task of `n_train` generated images of a realistic size (default 640 x 480, resized to
+the model's input by the normal preprocessing), or on the first class of a dataset root:
+  * preprocessing and backbone feature time per image (batch 32);
+  * training: seconds per epoch and per task (feature extraction, training loop, calibration);
+  * inference: images/s at batch 32 and single-image latency (median of `latency_runs` after warm-up);
+  * peak resident memory (and peak GPU memory on a GPU);
+  * bytes and parameters added per task, in memory and on disk.
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .config import Config
+from .detector import MoleFlow
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, device: torch.device) -> tuple[Any, float]:
+    _sync(device)
+    start = time.perf_counter()
+    out = fn()
+    _sync(device)
+    return out, time.perf_counter() - start
+
+
+def generated_images(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:
+    """n normal images of a generated textured product at width x height."""
+    from .data.synthetic import generate_product
+
+    side = max(width, height)
+    product = generate_product("brick", n, 1, 1, size=side, seed=seed)
+    return [Image.fromarray(a).resize((width, height), Image.Resampling.BILINEAR) for a in product.train_images]
+
+
+def dataset_images(root: Path, n: int) -> tuple[list[Image.Image], str]:
+    from .data.datasets import list_classes, load_class
+    from .data.transforms import load_rgb
+
+    name = list_classes(root, "folder")[0]
+    samples = load_class(root, name, "folder").train[:n]
+    return [load_rgb(s.image) for s in samples], name
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MB (Linux reports KB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024 if platform.system() != "Darwin" else peak / 1024**2
+
+
+def speed_benchmark(cfg: Config, device: str = "cpu", n_train: int = 300, size: tuple[int, int] = (640, 480),
+                    batch_size: int = 32, latency_runs: int = 30, data_root: Path | None = None,
+                    precision: str = "fp32") -> dict[str, Any]:
+    """Run every measurement once and return them as a JSON-able dict."""
+    model = MoleFlow(cfg, device=device, precision=precision)
+    dev = model.device
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if data_root is not None:
+        images, source = dataset_images(data_root, n_train + batch_size)
+    else:
+        images = generated_images(n_train + batch_size, *size)
+        source = f"generated {size[0]}x{size[1]}"
+    train_images, probe_images = images[:n_train], images[n_train:]
+    x_train, t_pre = _timed(lambda: model.to_tensor(train_images), torch.device("cpu"))
+    probe = model.to_tensor(probe_images)
+    model.extract(probe[:4])  # warm-up
+    _, t_feat = _timed(lambda: model.extract(x_train, batch_size), dev)
+    info, t_fit = _timed(lambda: model.fit_task(x_train, name="bench"), dev)
+    epochs = cfg.train.epochs
+
+    result: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev),
+                    "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None},
+        "config": {"preset": cfg.preset, "backbone": cfg.backbone.name, "embed_dim": model.extractor.embed_dim,
+                   "image_size": cfg.data.image_size, "epochs": epochs, "batch_size": cfg.train.batch_size,
+                   "coupling_blocks": cfg.model.num_coupling_blocks, "dia_blocks": cfg.model.dia_blocks,
+                   "lora_rank": cfg.model.lora_rank, "precision": precision},
+        "images": source,
+        "n_train": n_train,
+        "preprocess_ms_per_image": 1000 * t_pre / n_train,
+        "backbone_ms_per_image": 1000 * t_feat / n_train,
+        "train": {"task_seconds": t_fit, "loop_seconds": info.train["seconds"],
+                  "epoch_seconds": info.train["seconds"] / epochs, "steps": info.train["steps"],
+                  "images_trained": info.n_train, "skipped_batches": info.train["skipped_batches"]},
+    }
+    model.predict(probe, batch_size=batch_size)  # warm-up
+    _, t_batch = _timed(lambda: model.predict(probe, batch_size=batch_size), dev)
+    single = probe[:1]
+    for _ in range(5):
+        model.predict(single)
+    latencies = [_timed(lambda: model.predict(single), dev)[1] for _ in range(latency_runs)]
+    _, t_e2e = _timed(lambda: model.predict(probe_images, batch_size=batch_size), dev)
+    result["inference"] = {"batch_size": batch_size, "images_per_second": len(probe) / t_batch,
+                           "images_per_second_from_decoded_images": len(probe) / t_e2e,
+                           "single_image_latency_ms_median": 1000 * statistics.median(latencies),
+                           "single_image_latency_ms_p90": 1000 * float(np.percentile(latencies, 90)),
+                           "latency_runs": latency_runs}
+    result["memory"] = {"peak_rss_mb": peak_rss_mb(),
+                        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
+    result["per_task"] = _per_task_footprint(model)
+    return result
+
+
+def _per_task_footprint(model: MoleFlow) -> dict[str, Any]:
+    """Parameters and bytes one more task adds, in memory and in the checkpoint file."""
+    with tempfile.TemporaryDirectory() as tmp:
+        one = model.save(Path(tmp) / "one.pt").stat().st_size
+        task = model.flow.add_task()
+        routing = torch.randn(16, model.extractor.embed_dim, dtype=torch.float64)
+        model.router.add_task(task, routing)
+        two = model.save(Path(tmp) / "two.pt").stat().st_size
+        params = sum(p.numel() for p in model.flow.task_parameters(task))
+        proto = model.router.prototypes[task]
+        router_bytes = (proto.mean.numel() + proto.precision.numel()) * 8
+        model.flow.remove_task(task)
+        model.router.remove_task(task)
+    return {"parameters": params, "parameter_bytes": params * 4, "router_bytes": router_bytes,
+            "checkpoint_bytes": two - one}
