@@ -37,7 +37,10 @@ def test_three_task_continual_run_detects_synthetic_defects(trained_run):
     for metric in ("image_auroc", "pixel_ap"):
         assert results["continual"][metric]["bwt"] == pytest.approx(0.0, abs=1e-12)
         assert results["continual"][metric]["fm"] == pytest.approx(0.0, abs=1e-12)
-    assert results["routing_confusion"]["matrix"] == [[20, 0, 0, 0], [0, 20, 0, 0], [0, 0, 20, 0]]
+    matrix = results["routing_confusion"]["matrix"]  # rows: class; columns: task, then "unknown product"
+    for i, row in enumerate(matrix):
+        assert row[i] + row[-1] == 20 and sum(row) == 20
+    assert sum(row[-1] for row in matrix) <= 1  # defective parts of known products are rarely "unknown"
     for name in ("config.yaml", "model.pt", "final.csv", "matrix_image_auroc.csv", "scores/brick.csv",
                  "examples/hubble.npz", "report.html", "report.md"):
         assert (out / name).exists(), name

@@ -93,7 +93,7 @@ class RouterConfig:
     covariance: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
     ridge: float = 1e-5
     unknown_quantile: float = 0.99  # distance quantile of held-out own-task images ...
-    unknown_margin: float = 1.5  # ... times this margin: farther is an "unknown product"
+    unknown_margin: float = 2.0  # ... times this margin: farther is an "unknown product"
 
 
 @dataclass

@@ -150,7 +150,7 @@ class MoleFlow:
         """Learn a new task from its normal training images; earlier tasks are not touched.
 
         A `score.calibration_fraction` share of the images is held out (seeded) to calibrate the decision
-        threshold and the unknown-product distance; the rest trains the expert and builds the prototype.
+        threshold; the rest trains the expert. The router prototype uses all the images.
         """
         x = self.to_tensor(images)
         n = len(x)
@@ -175,7 +175,7 @@ class MoleFlow:
             report = fit_task(self.flow, task, len(train_idx), batch_features, self.config.train,
                               self.device, progress)
             cal_tokens, cal_routing = self.extract(x[cal_idx]) if n_cal else (None, None)
-            self.router.add_task(task, routing, holdout=cal_routing)
+            self.router.add_task(task, routing if cal_routing is None else torch.cat([routing, cal_routing]))
             info = self._calibrate(task, name or f"task{task}", list(classes or [name or f"task{task}"]),
                                    len(train_idx), cal_tokens, train_x, report)
         except BaseException:

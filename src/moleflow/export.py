@@ -148,7 +148,6 @@ class ExportGraph(nn.Module):
                     c = fmap.shape[1]
                     pool = adaptive_pool_matrix(c * 9, self.dim)  # over the (channel, ky, kx) vector
                     self.register_buffer(f"aggregate{i}", pool.reshape(self.dim, c, 3, 3))
-                self.n_layers = len(maps)
             else:
                 maps = self.backbone.forward_intermediates(probe, indices=list(_vit_blocks()), intermediates_only=True)
                 channels = maps[0].shape[1]

@@ -6,8 +6,10 @@ default, or OAS): one-class tasks often have fewer images than dimensions, where
 1e-5 ridge makes the inverse weight out-of-span directions by 1e5 (kept as `covariance="ridge"`).
 
 Unknown products: a task also stores a distance threshold, the `unknown_quantile` quantile of its
-held-out training images' distances times `unknown_margin`. An image farther than that from its
-nearest prototype fits no learned product.
+training images' out-of-sample distances (5-fold: each image's distance to a prototype built without
+it) times `unknown_margin`. An image farther than that from its nearest prototype fits no learned
+product. Cross-fitting gives every training image a calibration distance, so the rule does not rest on
+a handful of held-out images.
 """
 
 from __future__ import annotations
@@ -59,20 +61,34 @@ class PrototypeRouter:
     def task_ids(self) -> list[int]:
         return list(self.prototypes)
 
-    def add_task(self, task: int, features: torch.Tensor, holdout: torch.Tensor | None = None) -> None:
-        """Build task `task`'s prototype from its training features (N, D). `holdout` (M, D): images not
-        used for the prototype, whose distances calibrate the unknown-product threshold."""
-        x = features.detach().double().cpu()
+    def _prototype(self, x: torch.Tensor) -> Prototype:
         if self.cfg.metric == "mahalanobis":
             precision = torch.from_numpy(estimate_precision(x.numpy(), self.cfg.covariance, self.cfg.ridge))
         else:
             precision = torch.eye(x.shape[1], dtype=torch.float64)
-        proto = Prototype(mean=x.mean(0), precision=precision)
+        return Prototype(mean=x.mean(0), precision=precision)
+
+    def out_of_sample_distances(self, x: torch.Tensor, folds: int = 5) -> torch.Tensor:
+        """(N, D) -> (N,): each image's distance to a prototype fitted on the other folds (fixed fold order)."""
+        folds = min(folds, len(x))
+        fold_of = torch.arange(len(x)) % folds
+        out = torch.empty(len(x), dtype=torch.float64)
+        for k in range(folds):
+            held = fold_of == k
+            if (~held).sum() < 2:
+                continue
+            out[held] = self._distance(x[held], self._prototype(x[~held]))
+        return out
+
+    def add_task(self, task: int, features: torch.Tensor) -> None:
+        """Build task `task`'s prototype from all its training features (N, D) and calibrate its
+        unknown-product distance on their out-of-sample distances."""
+        x = features.detach().double().cpu()
+        proto = self._prototype(x)
+        if len(x) >= 4:
+            own = self.out_of_sample_distances(x)
+            proto.unknown_threshold = float(torch.quantile(own, self.cfg.unknown_quantile)) * self.cfg.unknown_margin
         self.prototypes[task] = proto
-        if holdout is not None and len(holdout) > 0:
-            own = self._distance(holdout.detach().double().cpu(), proto)
-            q = float(torch.quantile(own, self.cfg.unknown_quantile))
-            proto.unknown_threshold = q * self.cfg.unknown_margin
 
     def remove_task(self, task: int) -> None:
         del self.prototypes[task]
