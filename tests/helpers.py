@@ -9,7 +9,7 @@ from moleflow import Config
 
 def tiny_config(**overrides) -> Config:
     """The `tiny` preset with `section.key=value` overrides."""
-    return Config.preset("tiny").with_overrides(overrides)
+    return Config.from_preset("tiny").with_overrides(overrides)
 
 
 def random_images(seed: int, n: int, size: int = 112, shift: float = 0.0) -> torch.Tensor:

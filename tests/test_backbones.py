@@ -35,7 +35,6 @@ def test_cnn_feature_shapes_and_routing_feature():
     assert ext.weights_source.startswith("efficientnet-lite0")
     tokens, routing = ext(torch.randn(2, 3, 224, 224))
     assert tokens.shape == (2, 28, 28, 64)
-    assert ext.grid_size(224) == (28, 28)
     torch.testing.assert_close(routing, tokens.mean(dim=(1, 2)))
     assert all(not p.requires_grad for p in ext.parameters())
     ext.train()

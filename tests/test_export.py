@@ -13,10 +13,8 @@ import torch
 
 from moleflow import Config, MoleFlow, MoleflowError, __version__
 from moleflow.cli import export as export_cli
-from moleflow.config import ScoreConfig
-from moleflow.export import (EXPORT_JSON, OUTPUT_NAMES, export_onnx, export_scores, predict_onnx,
+from moleflow.export import (EXPORT_JSON, OUTPUT_NAMES, export_onnx, predict_onnx,
                              read_onnx_metadata)
-from moleflow.scoring import image_scores
 
 SHIFTS = (0.0, 2.0, -2.0)  # one per task: different routing features, so the router tells them apart
 TOL = 1e-4
@@ -28,7 +26,7 @@ def images(seed: int, n: int, shift: float) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def model() -> MoleFlow:
-    m = MoleFlow(Config.preset("tiny"))
+    m = MoleFlow(Config.from_preset("tiny"))
     for i, shift in enumerate(SHIFTS):
         m.fit_task(images(i, 16, shift), name=f"product{i}")
     return m
@@ -98,15 +96,6 @@ def test_metadata_in_model_and_export_json(model, exported):
     assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch
 
 
-@pytest.mark.parametrize("mode, extra", [("top_k", {"top_k": 5}), ("top_k_percent", {"top_k_percent": 0.1}),
-                                         ("percentile", {"percentile": 0.99}), ("percentile", {"percentile": 0.5}),
-                                         ("max", {}), ("mean", {})])
-def test_export_scores_equal_library_scores(mode, extra):
-    nll = torch.randn(4, 14, 14, generator=torch.Generator().manual_seed(3)) * 10
-    cfg = ScoreConfig(mode=mode, **extra)
-    torch.testing.assert_close(export_scores(nll, cfg), image_scores(nll, cfg), rtol=1e-5, atol=1e-5)
-
-
 @pytest.mark.parametrize("mode", ["max", "mean"])
 def test_other_score_modes_through_onnx(model, probe, mode, tmp_path):
     other = copy.copy(model)  # same weights, another image-score aggregation
@@ -118,7 +107,7 @@ def test_other_score_modes_through_onnx(model, probe, mode, tmp_path):
 
 def test_unsupported_score_mode_is_a_clear_error(model, tmp_path):
     other = copy.copy(model)
-    other.config = Config.preset("tiny").with_overrides({"score.mode": "spatial_cluster"})
+    other.config = Config.from_preset("tiny").with_overrides({"score.mode": "spatial_cluster"})
     with pytest.raises(MoleflowError, match="spatial_cluster"):
         export_onnx(other, tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -126,7 +115,7 @@ def test_unsupported_score_mode_is_a_clear_error(model, tmp_path):
 
 def test_untrained_model_is_an_error(tmp_path):
     with pytest.raises(MoleflowError, match="no task"):
-        export_onnx(MoleFlow(Config.preset("tiny")), tmp_path)
+        export_onnx(MoleFlow(Config.from_preset("tiny")), tmp_path)
 
 
 def cli_parser() -> argparse.ArgumentParser:

@@ -99,7 +99,7 @@ def test_lora_scaling_follows_alpha():
 
 def test_main_preset_parameter_counts():
     """Spec §2.10: MAIN at D=768 adds 3,706,368 parameters per task."""
-    cfg = Config.preset("main")
+    cfg = Config.from_preset("main")
     model = MoLEFlow(cfg.model, dim=768)
     model.add_task()
     model.add_task()

@@ -29,6 +29,13 @@ def test_score_modes(mode, kwargs, expected):
     torch.testing.assert_close(scores, torch.tensor(expected))
 
 
+@pytest.mark.parametrize("q", [0.0, 0.5, 0.9, 0.99, 1.0])
+def test_percentile_equals_torch_quantile(q):
+    nll = torch.randn(4, 14, 14, generator=torch.Generator().manual_seed(3)) * 10
+    expected = torch.quantile(nll.flatten(1), q, dim=1, interpolation="linear")
+    torch.testing.assert_close(image_scores(nll, ScoreConfig(mode="percentile", percentile=q)), expected)
+
+
 def test_spatial_cluster_by_hand():
     """3x3 map, one high cluster of two adjacent patches (9, 8) and an isolated 7 at a corner."""
     nll = torch.tensor([[[9.0, 8, 0], [0, 0, 0], [0, 0, 7]]])

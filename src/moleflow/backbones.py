@@ -6,8 +6,10 @@ CNNs (WideResNet-50-2, EfficientNet-Lite0): the stride-8 and stride-16 maps (tim
 2 and 3), each aggregated over 3x3 neighbourhoods (PatchCore style), pooled to D channels with a
 1-D adaptive average over the (channel, ky, kx)-ordered vector, the stride-16 map bilinearly
 upsampled to the stride-8 grid, then the mean of the two layers. At 224 px the grid is 28 x 28.
-Pooling before upsampling equals the spec's upsample-then-pool exactly (both are linear maps acting
-on different axes) and is 4x cheaper.
+Neighbourhood gathering followed by average pooling is a fixed linear map of each 3x3 neighbourhood,
+i.e. one convolution with constant weights (zero padding 1): that is how it is computed here, without
+the 9x larger unfolded tensor. Pooling before upsampling equals the spec's upsample-then-pool exactly
+(both are linear maps acting on different axes) and is 4x cheaper.
 
 ViT-B/16: mean of blocks [1, 3, 5, 11] without the class token, 14 x 14 grid, channels pooled to D
 if D != 768 (parameter-free, instead of the reference's untrained random Linear, §12.18), and the
@@ -64,6 +66,20 @@ def backbone_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
         raise MoleflowError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
     return BACKBONES[name]
+
+
+def adaptive_pool_matrix(length: int, size: int) -> torch.Tensor:
+    """(size, length) matrix M with M @ v == F.adaptive_avg_pool1d(v, size) for a vector v of `length`."""
+    m = torch.zeros(size, length, dtype=torch.float64)
+    for j in range(size):
+        start, end = (j * length) // size, -((-(j + 1) * length) // size)  # floor, ceil
+        m[j, start:end] = 1.0 / (end - start)
+    return m.float()
+
+
+def neighbourhood_pool_weight(channels: int, dim: int) -> torch.Tensor:
+    """Conv weight (D, C, 3, 3) equal to 3x3 unfold ((channel, ky, kx) order) then adaptive pooling to D."""
+    return adaptive_pool_matrix(channels * 9, dim).reshape(dim, channels, 3, 3)
 
 
 def weights_env_var(name: str) -> str:
@@ -149,6 +165,13 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], name: str) -> N
                             f"{result.missing_keys[0]}; is the file for this backbone?")
 
 
+def _drop_unused_stages(model: nn.Module) -> None:
+    """timm's EfficientNet feature model runs every stage, even those after the last requested output."""
+    stage_out = getattr(model, "_stage_out_idx", None)
+    if stage_out and hasattr(model, "blocks"):
+        model.blocks = model.blocks[: max(stage_out)]  # keys: 1 + index of the block giving an output
+
+
 # ------------------------------------------------------------------------------------------ extractor
 class FeatureExtractor(nn.Module):
     """Frozen backbone: images (B,3,S,S) normalised with `mean`/`std` -> tokens (B,H,W,D), routing (B,D)."""
@@ -177,6 +200,18 @@ class FeatureExtractor(nn.Module):
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weights_sha256 = state_dict_sha256(self.model)
+        if self.spec.kind == "cnn":
+            _drop_unused_stages(self.model)
+            # channels-last runs the depthwise and 1x1 convolutions ~1.7x faster on CPU (oneDNN)
+            self.model.to(memory_format=torch.channels_last)
+        if self.spec.kind == "cnn":
+            for i, channels in enumerate(self.model.feature_info.channels()):
+                self.register_buffer(f"aggregate{i}", neighbourhood_pool_weight(channels, self.embed_dim),
+                                     persistent=False)
+        else:
+            width = self.model.embed_dim
+            self.register_buffer("vit_pool", adaptive_pool_matrix(width, self.embed_dim) if width != self.embed_dim
+                                 else None, persistent=False)
 
     def _load_weights(self, cfg: BackboneConfig) -> str:
         path = cfg.weights or os.environ.get(weights_env_var(cfg.name))
@@ -208,38 +243,25 @@ class FeatureExtractor(nn.Module):
         super().train(False)
         return self
 
-    def grid_size(self, image_size: int) -> tuple[int, int]:
-        side = image_size // self.spec.stride
-        return side, side
-
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self._cnn_tokens(images) if self.spec.kind == "cnn" else self._vit_tokens(images)
+        tokens = self.tokens(images)
         return tokens, tokens.mean(dim=(1, 2))
 
-    def _pool_channels(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, H, W) -> (B, D, H, W): adaptive average over the channel vector of each position."""
-        b, length, h, w = x.shape
-        flat = x.permute(0, 2, 3, 1).reshape(b * h * w, 1, length)
-        pooled = F.adaptive_avg_pool1d(flat, self.embed_dim)
-        return pooled.reshape(b, h, w, self.embed_dim).permute(0, 3, 1, 2)
-
-    def _cnn_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        maps = self.model(images)
-        size = maps[0].shape[-2:]
-        layers = []
-        for fmap in maps:
-            b, c, h, w = fmap.shape
-            neigh = F.unfold(fmap, kernel_size=3, padding=1).reshape(b, c * 9, h, w)  # (channel, ky, kx) order
-            pooled = self._pool_channels(neigh)
-            if pooled.shape[-2:] != size:
-                pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
-            layers.append(pooled)
-        return torch.stack(layers).mean(0).permute(0, 2, 3, 1).contiguous()
-
-    def _vit_tokens(self, images: torch.Tensor) -> torch.Tensor:
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (B, H, W, D); plain tensor ops only, so it also traces for ONNX export."""
+        if self.spec.kind == "cnn":
+            maps = self.model(images.contiguous(memory_format=torch.channels_last))
+            size = maps[0].shape[-2:]
+            layers = []
+            for i, fmap in enumerate(maps):
+                pooled = F.conv2d(fmap, getattr(self, f"aggregate{i}"), padding=1)
+                if pooled.shape[-2:] != size:
+                    pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
+                layers.append(pooled)
+            return torch.stack(layers).mean(0).permute(0, 2, 3, 1).contiguous()
         maps = self.model.forward_intermediates(images, indices=list(VIT_BLOCKS), intermediates_only=True)
-        mean = torch.stack(maps).mean(0)  # (B, 768, 14, 14), prefix tokens removed by timm
-        if mean.shape[1] != self.embed_dim:
-            mean = self._pool_channels(mean)
-        return mean.permute(0, 2, 3, 1).contiguous()
+        mean = torch.stack(maps).mean(0).permute(0, 2, 3, 1)  # (B, 14, 14, 768), prefix tokens removed by timm
+        if self.vit_pool is not None:
+            mean = F.linear(mean, self.vit_pool)
+        return mean.contiguous()

@@ -114,7 +114,7 @@ class ScoreConfig:
 
 @dataclass
 class Config:
-    """Everything a run needs. Build with `Config.preset(name)` and refine with `with_overrides`."""
+    """Everything a run needs. Build with `Config.from_preset(name)` and refine with `with_overrides`."""
 
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,7 +129,7 @@ class Config:
 
     # ----------------------------------------------------------------- presets
     @classmethod
-    def preset(cls, name: str) -> "Config":
+    def from_preset(cls, name: str) -> "Config":
         """A named preset: see `PRESETS`."""
         if name not in PRESETS:
             raise MoleflowError(f"unknown preset {name!r}; choose one of {', '.join(sorted(PRESETS))}")

@@ -1,6 +1,6 @@
 """The public model object: learn products one after another, then score any image without its task id.
 
-    model = MoleFlow(Config.preset("cpu"))
+    model = MoleFlow(Config.from_preset("cpu"))
     model.fit_task(train_images_of_product_a, name="a")
     model.fit_task(train_images_of_product_b, name="b")
     pred = model.predict(test_images)      # pred.scores (N,), pred.maps (N,S,S), pred.task_ids (N,)
@@ -26,7 +26,7 @@ from .data.transforms import ImageTransform, load_rgb
 from .errors import MoleflowError
 from .model import MoLEFlow
 from .router import PrototypeRouter
-from .scoring import anomaly_maps, decision_threshold, image_scores
+from .scoring import MapMaker, decision_threshold, image_scores
 from .trainer import TrainReport, fit_task
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,10 @@ class MoleFlow:
         self.tasks: list[TaskInfo] = []
         self.transform = ImageTransform(config.data.image_size, config.data.resize_mode,
                                         self.extractor.mean, self.extractor.std)
+        size = config.data.image_size
+        with torch.no_grad():  # the token grid of this backbone at this image size, e.g. 28 x 28 at 224 px
+            self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
+        self.map_maker = MapMaker(self.grid, size, config.score.map_sigma).to(self.device)
 
     # ------------------------------------------------------------------------------ inputs
     def to_tensor(self, images: Images) -> torch.Tensor:
@@ -128,7 +132,7 @@ class MoleFlow:
         import tempfile
 
         n = len(images)
-        h, w = self.extractor.grid_size(self.config.data.image_size)
+        h, w = self.grid
         nbytes = n * h * w * self.extractor.embed_dim * 4
         if nbytes <= self.config.train.cache_memory_gb * 1e9:
             return self.extract(images, batch_size)
@@ -213,7 +217,7 @@ class MoleFlow:
         for t in tokens.split(batch_size):
             nll = self.flow(t.to(self.device), task).nll
             scores.append(image_scores(nll, self.config.score).cpu())
-            maps = anomaly_maps(nll, self.config.data.image_size, self.config.score.map_sigma)
+            maps = self.map_maker(nll)
             medians.append(maps.flatten(1).median(1).values.cpu())
             maxima.append(maps.flatten(1).max(1).values.cpu())
         return torch.cat(scores), float(torch.cat(medians).median()), float(torch.cat(maxima).max())
@@ -258,8 +262,7 @@ class MoleFlow:
             for chunk in index.split(batch_size):
                 nll[chunk] = self.flow(tokens[chunk].to(self.device), task).nll.float().cpu()
         scores = image_scores(nll, self.config.score)
-        maps = torch.cat([anomaly_maps(part.to(self.device), self.config.data.image_size,
-                                       self.config.score.map_sigma).cpu() for part in nll.split(batch_size)])
+        maps = torch.cat([self.map_maker(part.to(self.device)).cpu() for part in nll.split(batch_size)])
         thresholds = {t.task_id: t.threshold for t in self.tasks}
         limit = torch.tensor([thresholds[t] for t in ids.tolist()], dtype=scores.dtype)
         return Prediction(scores=scores, maps=maps, patch_nll=nll, task_ids=ids, known=known,

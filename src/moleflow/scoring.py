@@ -2,8 +2,9 @@
 
 * image score: an aggregation of the raw (unsmoothed) patch map (B, H, W) -> (B,);
 * pixel map: bilinear upsampling (align_corners=True) to the image size, then a Gaussian blur with
-  sigma 4 that matches `scipy.ndimage.gaussian_filter` (truncate 4, 'reflect' borders) on the
-  tensor's device instead of per-image SciPy calls.
+  sigma 4 that matches `scipy.ndimage.gaussian_filter` (truncate 4, 'reflect' borders), both folded
+  into two small matrix products per map on the tensor's device (`MapMaker`), instead of per-image
+  SciPy calls.
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ def image_scores(nll: torch.Tensor, cfg: ScoreConfig) -> torch.Tensor:
         return flat.topk(min(cfg.top_k, n), dim=1).values.mean(1)
     if cfg.mode == "top_k_percent":
         return flat.topk(max(1, int(n * cfg.top_k_percent)), dim=1).values.mean(1)
-    if cfg.mode == "percentile":
-        return torch.quantile(flat, cfg.percentile, dim=1, interpolation="linear")
+    if cfg.mode == "percentile":  # = torch.quantile(interpolation="linear"), with static indices (ONNX)
+        pos = cfg.percentile * (n - 1)
+        lo = min(int(math.floor(pos)), n - 1)
+        hi, frac = min(lo + 1, n - 1), pos - lo
+        ordered = flat.sort(dim=1).values
+        return ordered[:, lo] + frac * (ordered[:, hi] - ordered[:, lo])
     if cfg.mode == "max":
         return flat.max(1).values
     if cfg.mode == "mean":
@@ -61,32 +66,69 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, device=None, dtype=to
     return (k / k.sum()).to(device=device, dtype=dtype)
 
 
-def _reflect_index(n: int, radius: int, device) -> torch.Tensor:
+def reflect_index(n: int, radius: int) -> torch.Tensor:
     """Indices of a 'reflect' (half-sample symmetric, d c b a | a b c d) padding of length n by radius."""
-    idx = torch.arange(-radius, n + radius, device=device)
-    period = 2 * n
-    idx = torch.remainder(idx, period)
-    return torch.where(idx >= n, period - 1 - idx, idx)
+    idx = torch.remainder(torch.arange(-radius, n + radius), 2 * n)
+    return torch.where(idx >= n, 2 * n - 1 - idx, idx)
+
+
+def blur_matrix(size: int, sigma: float) -> torch.Tensor:
+    """(size, size) float64 matrix K with K @ v == scipy.ndimage.gaussian_filter1d(v, sigma) ('reflect')."""
+    if sigma <= 0:
+        return torch.eye(size, dtype=torch.float64)
+    kernel = gaussian_kernel1d(sigma, dtype=torch.float64)
+    radius = kernel.numel() // 2
+    index = reflect_index(size, radius)  # padded position p reads source index[p]
+    k = torch.zeros(size, size, dtype=torch.float64)
+    for i in range(size):
+        k[i].index_add_(0, index[i:i + 2 * radius + 1], kernel)
+    return k
+
+
+def upsample_matrix(n: int, size: int) -> torch.Tensor:
+    """(size, n) float64 matrix U with U @ v == 1-D linear interpolation (align_corners=True) of v to size."""
+    eye = torch.eye(n, dtype=torch.float64).unsqueeze(1)  # (n, 1, n)
+    return F.interpolate(eye, size=size, mode="linear", align_corners=True).squeeze(1).T.contiguous()
+
+
+class MapMaker(torch.nn.Module):
+    """Patch maps (B, h, w) -> pixel maps (B, S, S): bilinear upsampling (align_corners=True) then the
+    Gaussian blur of scipy.ndimage.gaussian_filter ('reflect', truncate 4), then NaN/inf cleaning.
+
+    Both steps are separable linear maps, so they are folded into one matrix per axis:
+    map = A_h @ nll @ A_w^T with A = blur_matrix @ upsample_matrix (S x h). Two small matmuls per map
+    replace an upsample and two 33-tap convolutions over S x S pixels; the result is the same up to float
+    rounding, runs on the tensor's device, and exports to ONNX as two MatMuls.
+    """
+
+    def __init__(self, grid: tuple[int, int], size: int, sigma: float) -> None:
+        super().__init__()
+        blur = blur_matrix(size, sigma)
+        self.register_buffer("rows", blur @ upsample_matrix(grid[0], size), persistent=False)  # float64
+        self.register_buffer("cols", blur @ upsample_matrix(grid[1], size), persistent=False)
+
+    def forward(self, nll: torch.Tensor) -> torch.Tensor:
+        rows, cols = self.rows.to(nll.dtype), self.cols.to(nll.dtype)
+        return clean_maps(rows @ nll @ cols.T)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of (B, H, W) maps, equal to scipy.ndimage.gaussian_filter(sigma) per map."""
-    if sigma <= 0:
-        return maps
-    b, h, w = maps.shape
-    kernel = gaussian_kernel1d(sigma, device=maps.device, dtype=maps.dtype)
-    radius = kernel.numel() // 2
-    x = maps.index_select(2, _reflect_index(w, radius, maps.device)).reshape(b * h, 1, -1)
-    x = F.conv1d(x, kernel.view(1, 1, -1)).reshape(b, h, w)
-    x = x.transpose(1, 2).index_select(2, _reflect_index(h, radius, maps.device)).reshape(b * w, 1, -1)
-    return F.conv1d(x, kernel.view(1, 1, -1)).reshape(b, w, h).transpose(1, 2).contiguous()
+    """Blur (B, H, W) maps like scipy.ndimage.gaussian_filter(sigma) on each map."""
+    h, w = maps.shape[-2:]
+    rows = blur_matrix(h, sigma).to(maps.device, maps.dtype)
+    cols = blur_matrix(w, sigma).to(maps.device, maps.dtype)
+    return rows @ maps @ cols.T
+
+
+def clean_maps(maps: torch.Tensor) -> torch.Tensor:
+    """NaN -> 0, +inf -> 1, -inf -> 0 (spec §6), written with where() so it also exports to ONNX."""
+    maps = torch.where(torch.isnan(maps), torch.zeros_like(maps), maps)
+    return torch.where(torch.isinf(maps), (maps > 0).to(maps.dtype), maps)
 
 
 def anomaly_maps(nll: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """Pixel anomaly maps (B, size, size) from patch NLL maps (B, H, W): upsample, blur, clean non-finite."""
-    up = F.interpolate(nll.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=True).squeeze(1)
-    smooth = gaussian_blur(up, sigma)
-    return torch.nan_to_num(smooth, nan=0.0, posinf=1.0, neginf=0.0)
+    """Pixel anomaly maps (B, size, size) from patch NLL maps (B, h, w): upsample, blur, clean non-finite."""
+    return MapMaker(tuple(nll.shape[-2:]), size, sigma).to(nll.device)(nll)
 
 
 def decision_threshold(normal_scores: torch.Tensor, false_alarm_rate: float) -> float:

@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 
 from ..config import ABLATIONS
-from ..data.datasets import DATASETS, default_classes, load_class
+from ..data.datasets import DATASETS, default_classes
 from ..errors import MoleflowError
 from ..evaluation import METRICS, parse_scenario, save_json
 from .common import add_config_options, add_runtime_options, apply_runtime, build_config

@@ -52,7 +52,7 @@ def build_config(args: argparse.Namespace) -> Config:
             raise MoleflowError(f"{args.config}: cannot read the config file ({exc})") from None
         cfg = Config.from_dict(data)
     else:
-        cfg = Config.preset(args.preset)
+        cfg = Config.from_preset(args.preset)
     named: dict[str, Any] = {}
     if args.backbone:
         named["backbone.name"] = args.backbone

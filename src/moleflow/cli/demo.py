@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"generating {len(args.products)} products into {data} ...")
     write_mvtec_layout(data, args.products, n_train=args.n_train, n_test_good=args.n_test,
                        n_test_defect=args.n_test, size=224, seed=args.seed)
-    cfg = Config.preset("cpu").with_overrides({"train.epochs": args.epochs, "train.seed": args.seed})
+    cfg = Config.from_preset("cpu").with_overrides({"train.epochs": args.epochs, "train.seed": args.seed})
     train_args = argparse.Namespace(data=data, dataset="folder", scenario="1-1", no_report=False,
                                     no_progress=args.no_progress, batch_size=args.batch_size,
                                     workers=args.workers, device=args.device)

@@ -36,7 +36,7 @@ def parameter_report(cfg: Config, dim: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = Config.preset(args.preset).with_overrides(args.overrides)
+    cfg = Config.from_preset(args.preset).with_overrides(args.overrides)
     from ..backbones import backbone_spec
 
     dim = args.embed_dim or cfg.backbone.embed_dim or backbone_spec(cfg.backbone.name).default_dim

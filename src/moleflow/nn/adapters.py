@@ -45,7 +45,7 @@ class WhiteningAdapter(nn.Module):
         self.beta_raw = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, x.shape[-1:], eps=1e-5)
+        x = F.layer_norm(x, (self.gamma_raw.shape[0],), eps=1e-5)  # a static shape (ONNX export)
         gamma = 0.5 + 1.5 * torch.sigmoid(self.gamma_raw)
         return gamma * x + 2.0 * torch.tanh(self.beta_raw)
 

