@@ -181,7 +181,7 @@ class MoleFlow:
             cal_tokens, cal_routing = self.extract(x[cal_idx]) if n_cal else (None, None)
             self.router.add_task(task, routing if cal_routing is None else torch.cat([routing, cal_routing]))
             info = self._calibrate(task, name or f"task{task}", list(classes or [name or f"task{task}"]),
-                                   len(train_idx), cal_tokens, train_x, report)
+                                   len(train_idx), cal_tokens, tokens, train_x, report)
         except BaseException:
             self.flow.remove_task(task)  # leave the model as it was
             if task in self.router.prototypes:
@@ -192,12 +192,13 @@ class MoleFlow:
         return info
 
     def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, cal_tokens: torch.Tensor | None,
-                   train_x: torch.Tensor, report: TrainReport) -> TaskInfo:
-        """Decision threshold from held-out normal training images (or, without any, the training images)."""
+                   train_tokens, train_x: torch.Tensor, report: TrainReport) -> TaskInfo:
+        """Decision threshold from held-out normal training images (or, without any, the training images,
+        from the feature cache when there is one)."""
         if cal_tokens is not None and len(cal_tokens):
             tokens, source = cal_tokens, "held-out normal training images"
         else:
-            tokens = self.extract(train_x)[0]
+            tokens = torch.as_tensor(train_tokens) if train_tokens is not None else self.extract(train_x)[0]
             source = "training images (too few to hold out; optimistic)"
         scores, pixel_median, pixel_max = self._score_tokens(tokens, task)
         rate = self.config.score.false_alarm_rate

@@ -22,28 +22,25 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def load_rgb(path: str | Path) -> Image.Image:
-    """Open an image file as 3-channel RGB (grey images are replicated). Raises `MoleflowError` if unreadable."""
+def _open(path: str | Path, mode: str, what: str) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert("RGB")
+            return img.convert(mode)
     except FileNotFoundError:
-        raise MoleflowError(f"{path}: image file not found") from None
+        raise MoleflowError(f"{path}: {what} file not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise MoleflowError(f"{path}: cannot read this image ({exc}); replace or remove the file") from None
+        raise MoleflowError(f"{path}: cannot read this {what} ({exc}); replace or remove the file") from None
+
+
+def load_rgb(path: str | Path) -> Image.Image:
+    """Open an image file as 3-channel RGB (grey images are replicated). Raises `MoleflowError` if unreadable."""
+    return _open(path, "RGB", "image")
 
 
 def load_mask(path: str | Path) -> Image.Image:
     """Open a mask as a single-channel image; any non-zero pixel is anomalous."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("L")
-    except FileNotFoundError:
-        raise MoleflowError(f"{path}: mask file not found") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise MoleflowError(f"{path}: cannot read this mask ({exc}); replace or remove the file") from None
+    return _open(path, "L", "mask")
 
 
 def _geometry(img: Image.Image, size: int, mode: str, resample: int) -> Image.Image:
