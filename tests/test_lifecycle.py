@@ -81,6 +81,8 @@ def test_add_then_remove_a_task(run_dir, tmp_path, capsys):
     assert [t.name for t in model.tasks] == ["brick", "grass", "hubble"]
     assert model.tasks[2].source["root"] == str(root)
     assert torch.equal(model.predict(probe, task_ids=[0] * 4).scores, before)
+    assert main(["evaluate", str(work), "--no-report", "--no-progress"]) == 0  # each class from its task's source
+    assert list(json.loads((work / "results.json").read_text())["final"]) == ["brick", "grass", "hubble"]
     assert main(["add-task", str(work), "--data", str(root), "--classes", "brick"]) == 2  # already learned
     assert main(["remove-task", str(work), "grass"]) == 0
     model = MoleFlow.load(work / "model.pt")

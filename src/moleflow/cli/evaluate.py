@@ -41,14 +41,22 @@ def run(args: argparse.Namespace) -> int:
     model = MoleFlow.load(args.run_dir / "model.pt", device=args.device, backbone_weights=args.backbone_weights)
     dataset = (previous or {}).get("dataset", {})
     root = args.data or (Path(dataset["root"]) if dataset.get("root") else None)
-    if root is None:
-        raise MoleflowError(f"{args.run_dir}: the run does not say where its data is; pass --data ROOT")
     name = dataset.get("name", "folder")
+
+    def load_split(class_name: str):
+        """Each class from where its task learned it (add-task may use another root), unless --data is given."""
+        source = next((t.source for t in model.tasks if class_name in t.classes), {})
+        if args.data or not source.get("root"):
+            if root is None:
+                raise MoleflowError(f"{args.run_dir}: the run does not say where {class_name} is; pass --data ROOT")
+            return load_class(root, class_name, name)
+        return load_class(source["root"], class_name, source.get("name") or "folder")
+
     meta = run_meta(model.config, {"backbone": {"name": model.extractor.name,
                                                 "weights_sha256": model.extractor.weights_sha256,
                                                 "weights_source": model.extractor.weights_source},
-                                   "dataset": {**dataset, "root": str(root), "name": name}})
-    results = reevaluate_run(model, lambda c: load_class(root, c, name), args.run_dir, meta, previous,
+                                   "dataset": {**dataset, "root": str(root) if root else None, "name": name}})
+    results = reevaluate_run(model, load_split, args.run_dir, meta, previous,
                              batch_size=args.batch_size, num_workers=args.workers)
     if not args.no_report:
         from ..report import write_report
