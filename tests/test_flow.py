@@ -38,32 +38,32 @@ def test_flow_is_exactly_invertible(scale_context, dia_blocks):
         torch.testing.assert_close(model.flow_inverse(z, task), x, atol=1e-12, rtol=0)
 
 
+def _logdet_and_jacobian(cfg: ModelConfig, dim: int, grid: tuple[int, int], seed: int):
+    """(summed flow log-det, slogdet of the autograd Jacobian of the whole map) for a random model."""
+    model = MoLEFlow(cfg, dim=dim, seed=seed).double()
+    model.add_task()
+    _randomise(model, seed=seed + 1)
+    x = torch.randn(1, *grid, dim, dtype=torch.float64)
+    _, logdet = model.flow_forward(x, 0)
+    jac = jacobian(lambda v: model.flow_forward(v.view_as(x), 0)[0].reshape(-1), x.reshape(-1))
+    return logdet.sum(), torch.linalg.slogdet(jac)
+
+
 @pytest.mark.parametrize("scale_context", [True, False])
 def test_logdet_equals_autograd_jacobian(scale_context):
     """The summed per-patch log-det equals log|det J| of the whole map (context conv mixes patches)."""
     cfg = ModelConfig(num_coupling_blocks=2, lora_rank=2, use_scale_context=scale_context, dia_blocks=2,
                       scale_context_kernel=3)
-    model = MoLEFlow(cfg, dim=8, seed=2).double()
-    model.add_task()
-    _randomise(model, seed=3)
-    x = torch.randn(1, 3, 3, 8, dtype=torch.float64)
-    z, logdet = model.flow_forward(x, 0)
-    jac = jacobian(lambda v: model.flow_forward(v.view_as(x), 0)[0].reshape(-1), x.reshape(-1))
-    sign, logabs = torch.linalg.slogdet(jac)
+    logdet, (sign, logabs) = _logdet_and_jacobian(cfg, 8, (3, 3), seed=2)
     assert sign > 0
-    torch.testing.assert_close(logdet.sum(), logabs, atol=1e-9, rtol=0)
+    torch.testing.assert_close(logdet, logabs, atol=1e-9, rtol=0)
 
 
 def test_per_patch_logdet_of_a_single_patch():
     """With a 1x1 grid each patch is its own Jacobian block."""
     cfg = ModelConfig(num_coupling_blocks=2, lora_rank=2, dia_blocks=1)
-    model = MoLEFlow(cfg, dim=12, seed=0).double()
-    model.add_task()
-    _randomise(model, seed=5)
-    x = torch.randn(1, 1, 1, 12, dtype=torch.float64)
-    _, logdet = model.flow_forward(x, 0)
-    jac = jacobian(lambda v: model.flow_forward(v.view_as(x), 0)[0].reshape(-1), x.reshape(-1))
-    torch.testing.assert_close(logdet.reshape(()), torch.linalg.slogdet(jac)[1], atol=1e-10, rtol=0)
+    logdet, (_, logabs) = _logdet_and_jacobian(cfg, 12, (1, 1), seed=4)
+    torch.testing.assert_close(logdet, logabs, atol=1e-10, rtol=0)
 
 
 def test_nll_is_gaussian_negative_log_likelihood():

@@ -302,7 +302,9 @@ def aupro(maps: np.ndarray, masks: np.ndarray, fpr_limit: float = 0.3,
 # Continual-learning summaries
 
 
-def _continual_setup(R: np.ndarray, first_step: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def _continual_setup(R: np.ndarray, first_step: np.ndarray | None
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """(R as float64, first_step per column, columns learned before the last step), or None when T < 2."""
     r = np.asarray(R, dtype=np.float64)
     if r.ndim != 2:
         raise ValueError(f"R must be a 2-D (steps, items) matrix, got shape {r.shape}")
@@ -318,7 +320,10 @@ def _continual_setup(R: np.ndarray, first_step: np.ndarray | None) -> tuple[np.n
             raise ValueError(f"first_step must be {n_items} integers (one per column of R), got {first_step!r}")
         if n_items and (fs.min() < 0 or fs.max() >= n_steps):
             raise ValueError(f"first_step values must be in [0, {n_steps - 1}], got {first_step!r}")
-    return r, fs.astype(np.int64)
+    if n_steps < 2:
+        return None
+    fs = fs.astype(np.int64)
+    return r, fs, np.flatnonzero(fs < n_steps - 1)
 
 
 def backward_transfer(R: np.ndarray, first_step: np.ndarray | None = None) -> float:
@@ -330,11 +335,11 @@ def backward_transfer(R: np.ndarray, first_step: np.ndarray | None = None) -> fl
     Negative = forgetting. Items whose two values are not both finite are left out.
     NaN when T < 2 or no item qualifies.
     """
-    r, fs = _continual_setup(R, first_step)
-    n_steps = r.shape[0]
-    if n_steps < 2:
+    setup = _continual_setup(R, first_step)
+    if setup is None:
         return float("nan")
-    cols = np.flatnonzero(fs < n_steps - 1)
+    r, fs, cols = setup
+    n_steps = r.shape[0]
     diffs = r[n_steps - 1, cols] - r[fs[cols], cols]
     diffs = diffs[np.isfinite(diffs)]
     return float(np.mean(diffs)) if diffs.size else float("nan")
@@ -349,11 +354,11 @@ def forgetting_measure(R: np.ndarray, first_step: np.ndarray | None = None) -> f
     range are ignored; items with no finite value there are left out.
     NaN when T < 2 or no item qualifies.
     """
-    r, fs = _continual_setup(R, first_step)
-    n_steps = r.shape[0]
-    if n_steps < 2:
+    setup = _continual_setup(R, first_step)
+    if setup is None:
         return float("nan")
-    cols = np.flatnonzero(fs < n_steps - 1)
+    r, fs, cols = setup
+    n_steps = r.shape[0]
     steps = np.arange(n_steps - 1)[:, None]
     window = np.where(steps >= fs[cols][None, :], r[: n_steps - 1, cols], -np.inf)
     window = np.where(np.isnan(window), -np.inf, window)
