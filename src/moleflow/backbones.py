@@ -46,16 +46,15 @@ class BackboneSpec:
     timm_name: str
     kind: str  # "cnn" | "vit"
     default_dim: int
-    stride: int  # of the output grid
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     needs_internet: bool = True
 
 
 BACKBONES: dict[str, BackboneSpec] = {
-    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", "cnn", 768, 8),
-    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", 128, 8, needs_internet=False),
-    "vit_base_patch16_224": BackboneSpec("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit", 768, 16,
+    "wide_resnet50_2": BackboneSpec("wide_resnet50_2", "cnn", 768),
+    "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", 128, needs_internet=False),
+    "vit_base_patch16_224": BackboneSpec("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit", 768,
                                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
 VIT_BLOCKS = (1, 3, 5, 11)

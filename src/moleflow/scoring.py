@@ -112,14 +112,6 @@ class MapMaker(torch.nn.Module):
         return clean_maps(rows @ nll @ cols.T)
 
 
-def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur (B, H, W) maps like scipy.ndimage.gaussian_filter(sigma) on each map."""
-    h, w = maps.shape[-2:]
-    rows = blur_matrix(h, sigma).to(maps.device, maps.dtype)
-    cols = blur_matrix(w, sigma).to(maps.device, maps.dtype)
-    return rows @ maps @ cols.T
-
-
 def clean_maps(maps: torch.Tensor) -> torch.Tensor:
     """NaN -> 0, +inf -> 1, -inf -> 0 (spec §6), written with where() so it also exports to ONNX."""
     maps = torch.where(torch.isnan(maps), torch.zeros_like(maps), maps)

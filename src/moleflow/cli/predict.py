@@ -10,6 +10,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from matplotlib.colors import Normalize
 from PIL import Image
 
 from ..checkpoint import atomic_write_bytes
@@ -17,7 +18,7 @@ from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.transforms import load_rgb
 from ..detector import MoleFlow
 from ..errors import MoleflowError
-from ..overlay import overlay
+from ..report.figures import overlay_tile
 from .common import add_runtime_options, apply_runtime, format_table
 
 log = logging.getLogger(__name__)
@@ -106,10 +107,10 @@ def run(args: argparse.Namespace) -> int:
                 cal = info.calibration
                 vmin = cal.get("normal_pixel_median", float(pred.maps[i].min()))
                 vmax = max(cal.get("normal_pixel_max", float(pred.maps[i].max())), vmin + 1e-6)
-                picture = overlay(model.transform.to_array(pil[i]), pred.maps[i].numpy(), vmin, vmax)
+                image = model.transform.to_array(pil[i])
+                picture = overlay_tile(image, pred.maps[i].numpy(), None, Normalize(vmin, vmax), len(image))
                 name = f"{len(rows):05d}_{path.stem}_{decision.replace(' ', '_')}.png"
-                Image.fromarray(np.concatenate([model.transform.to_array(pil[i]), picture], axis=1)).save(
-                    args.out / name)
+                Image.fromarray(np.concatenate([image, picture], axis=1)).save(args.out / name)
                 row["overlay"] = name
             rows.append(row)
     write_summary(args.out, rows, failed)
