@@ -27,11 +27,14 @@ KINDS = ["detected", "detected", "missed", "false_alarm", "normal", "normal"]
 SIZE = 48
 
 
-def _class_metrics(rng: np.random.Generator, has_pixels: bool) -> dict:
+def _class_metrics(rng: np.random.Generator, has_pixels: bool, defects: bool = True) -> dict:
     res = {m: round(float(rng.uniform(0.6, 1.0)), 4) for m in METRICS}
     if not has_pixels:
         res.update({m: None for m in PIXEL})
     res.update(n_test=40, n_anomalous=20)
+    if defects:  # no random draws: the other numbers do not depend on it
+        res["per_defect_image_auroc"] = {"crack": res["image_ap"], "scratch": None if not has_pixels else 0.5}
+        res["per_defect_count"] = {"crack": 12, "scratch": 8}
     return res
 
 
@@ -67,8 +70,10 @@ def _csv_file(cls: str, k: int, label: int) -> str:
     return f"{cls}/test/{'bad' if label else 'good'}/{k:03d}.png"
 
 
-def make_run(root: Path, tasks: list[list[str]], examples: bool = True, oracle: bool = True, seed: int = 0) -> Path:
-    """A run directory following the `moleflow train` contract (random numbers)."""
+def make_run(root: Path, tasks: list[list[str]], examples: bool = True, oracle: bool = True, seed: int = 0,
+             defects: bool = True) -> Path:
+    """A run directory following the `moleflow train` contract (random numbers); `defects` False: a run
+    from before per-defect-type metrics."""
     rng = np.random.default_rng(seed)
     classes = [c for t in tasks for c in t]
     root.mkdir(parents=True, exist_ok=True)
@@ -78,7 +83,7 @@ def make_run(root: Path, tasks: list[list[str]], examples: bool = True, oracle: 
         steps.append({"step": j, "task_name": "+".join(task), "classes": task, "train_seconds": 10.0 + j,
                       "skipped_batches": 0, "threshold": 1.0 + 0.1 * j,
                       "calibration": {"source": "held-out normal training images", "n": 8, "false_alarm_rate": 0.01},
-                      "results": {c: _class_metrics(rng, c != "fabric_x") for c in learned}})
+                      "results": {c: _class_metrics(rng, c != "fabric_x", defects) for c in learned}})
     final = steps[-1]["results"]
     final_mean = R._mean_metrics(final, METRICS)
     multi = len(tasks) > 1
@@ -100,7 +105,7 @@ def make_run(root: Path, tasks: list[list[str]], examples: bool = True, oracle: 
         "timing": {"train_seconds": [s["train_seconds"] for s in steps], "eval_seconds": 12.0, "total_seconds": 100.0},
     }
     if oracle:
-        results["oracle"] = {c: _class_metrics(rng, c != "fabric_x") for c in classes}
+        results["oracle"] = {c: _class_metrics(rng, c != "fabric_x", defects) for c in classes}
         results["oracle_mean"] = R._mean_metrics(results["oracle"], METRICS)
     (root / "results.json").write_text(json.dumps(results, indent=1))
     (root / "scores").mkdir(exist_ok=True)
@@ -197,6 +202,33 @@ def test_gap_table(full_report):
     assert rows["I-AUROC"][1:] == [f"{100 * results['final_mean']['image_auroc']:.1f}",
                                    f"{100 * results['oracle_mean']['image_auroc']:.1f}", f"{100 * gap:+.1f} pp"]
     assert "Routing" not in rows
+
+
+def test_per_defect_type_table(full_report):
+    run, md, html = full_report
+    results = json.loads((run / "results.json").read_text())
+    assert "## Image AUROC per defect type" in md
+    assert md.index("## Final results") < md.index("## Image AUROC per defect type") < md.index("## Decisions")
+    assert R.table_markdown(["Product", "Defect type", "Anomalous images", "I-AUROC"], [], "llrr").splitlines() == \
+        md.split("## Image AUROC per defect type", 1)[1].strip().splitlines()[:2]  # header and alignment
+    rows = _table_rows(md.split("## Image AUROC per defect type", 1)[1], "Product")
+    assert [r[:3] for r in rows] == [[c, t, n] for c in CLASSES for t, n in (("crack", "12"), ("scratch", "8"))]
+    by_key = {(r[0], r[1]): r[3] for r in rows}
+    for c in CLASSES:
+        assert by_key[(c, "crack")] == f"{100 * results['final'][c]['per_defect_image_auroc']['crack']:.1f}"
+    assert by_key[("bottle", "scratch")] == "50.0" and by_key[("fabric_x", "scratch")] == "n/a"
+    assert "<h2 id=\"defect_types\">Image AUROC per defect type</h2>" in html
+    table = html.split('id="defect_types"', 1)[1].split("</table>", 1)[0]
+    assert '<th class="r">Anomalous images</th><th class="r">I-AUROC</th>' in table
+    assert '<td>bottle</td><td>scratch</td><td class="r">8</td><td class="r">50.0</td>' in table
+    assert table.count("<tr>") == 1 + 2 * len(CLASSES)
+
+
+def test_per_defect_type_table_absent_for_old_runs(tmp_path):
+    run = make_run(tmp_path / "old", [["bottle"], ["screw"]], examples=False, defects=False)
+    md_path, html_path = write_report(run)
+    assert "per defect type" not in md_path.read_text() and "defect_types" not in html_path.read_text()
+    assert not re.search(r"\bnan\b", md_path.read_text(), re.IGNORECASE)
 
 
 def test_decisions_from_csv(full_report):

@@ -6,6 +6,8 @@ CNNs (WideResNet-50-2, EfficientNet-Lite0): the stride-8 and stride-16 maps (tim
 2 and 3), each aggregated over 3x3 neighbourhoods (PatchCore style), pooled to D channels with a
 1-D adaptive average over the (channel, ky, kx)-ordered vector, the stride-16 map bilinearly
 upsampled to the stride-8 grid, then the mean of the two layers. At 224 px the grid is 28 x 28.
+`feature_merge="concat"` instead keeps every channel (its 3x3 mean) and puts the layers side by side,
+as PatchCore does: D = the sum of the two layers' channels.
 Neighbourhood gathering followed by average pooling is a fixed linear map of each 3x3 neighbourhood,
 i.e. one convolution with constant weights (zero padding 1): that is how it is computed here, without
 the 9x larger unfolded tensor. Pooling before upsampling equals the spec's upsample-then-pool exactly
@@ -203,10 +205,21 @@ class FeatureExtractor(nn.Module):
             _drop_unused_stages(self.model)
             # channels-last runs the depthwise and 1x1 convolutions ~1.7x faster on CPU (oneDNN)
             self.model.to(memory_format=torch.channels_last)
+        self.merge = cfg.feature_merge
         if self.spec.kind == "cnn":
-            for i, channels in enumerate(self.model.feature_info.channels()):
-                self.register_buffer(f"aggregate{i}", neighbourhood_pool_weight(channels, self.embed_dim),
-                                     persistent=False)
+            channels = self.model.feature_info.channels()
+            if self.merge == "concat":
+                if cfg.embed_dim is not None and cfg.embed_dim != sum(channels):
+                    raise MoleflowError(f"backbone.feature_merge=concat keeps the {' + '.join(map(str, channels))} "
+                                        f"channels of {cfg.name}: D = {sum(channels)}; set backbone.embed_dim to "
+                                        f"{sum(channels)} or leave it empty (it is {cfg.embed_dim})")
+                self.embed_dim = sum(channels)
+            for i, c in enumerate(channels):
+                # concat: pooling C*9 -> C in (channel, ky, kx) order is each channel's 3x3 mean (PatchCore)
+                dim = c if self.merge == "concat" else self.embed_dim
+                self.register_buffer(f"aggregate{i}", neighbourhood_pool_weight(c, dim), persistent=False)
+        elif self.merge != "mean":
+            raise MoleflowError(f"backbone.feature_merge={self.merge} is for CNN backbones; {cfg.name} is a ViT")
         else:
             width = self.model.embed_dim
             self.register_buffer("vit_pool", adaptive_pool_matrix(width, self.embed_dim) if width != self.embed_dim
@@ -258,7 +271,8 @@ class FeatureExtractor(nn.Module):
                 if pooled.shape[-2:] != size:
                     pooled = F.interpolate(pooled, size=size, mode="bilinear", align_corners=False)
                 layers.append(pooled)
-            return torch.stack(layers).mean(0).permute(0, 2, 3, 1).contiguous()
+            merged = torch.cat(layers, 1) if self.merge == "concat" else torch.stack(layers).mean(0)
+            return merged.permute(0, 2, 3, 1).contiguous()
         maps = self.model.forward_intermediates(images, indices=list(VIT_BLOCKS), intermediates_only=True)
         mean = torch.stack(maps).mean(0).permute(0, 2, 3, 1)  # (B, 14, 14, 768), prefix tokens removed by timm
         if self.vit_pool is not None:

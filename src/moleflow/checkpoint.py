@@ -61,6 +61,7 @@ def save_checkpoint(model: "MoleFlow", path: str | Path) -> Path:
         "base_task": model.flow.base_task,
         "flow": {k: v.detach().cpu() for k, v in model.flow.state_dict().items()},
         "router": model.router.state_dict(),
+        "memory": None if model.memory is None else {k: v.detach().cpu() for k, v in model.memory.state_dict().items()},
         "tasks": model.task_info_dicts(),
     }
     return atomic_write_bytes(path, lambda fh: torch.save(payload, fh))
@@ -103,6 +104,11 @@ def load_detector(path: str | Path, device: str | torch.device = "cpu",
     model.flow.load_state_dict(payload["flow"], strict=True)
     model.flow.to(model.device).eval()
     model.router.load_state_dict(payload["router"])
+    if model.memory is not None:
+        if not payload.get("memory"):
+            raise MoleflowError(f"{path}: score.source is {config.score.source} but the checkpoint has no patch memory")
+        model.memory.load_banks(payload["memory"])
+        model.memory.to(model.device)
     names = {f.name for f in fields(TaskInfo)}
     model.tasks = [TaskInfo(**{k: v for k, v in t.items() if k in names}) for t in payload["tasks"]]
     return model

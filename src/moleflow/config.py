@@ -15,6 +15,8 @@ from .errors import MoleflowError
 TaskAdapter = Literal["whitening", "soft_ln", "none"]
 ScoreMode = Literal["top_k", "top_k_percent", "percentile", "max", "mean", "spatial_cluster"]
 ResizeMode = Literal["squash", "letterbox", "resize_crop"]
+FeatureMerge = Literal["mean", "concat"]
+ScoreSource = Literal["flow", "flow+memory"]
 
 
 @dataclass
@@ -25,6 +27,10 @@ class BackboneConfig:
     weights: str | None = None
     random_weights: bool = False  # tests only: never implied, must be asked for
     embed_dim: int | None = None  # D; None = the backbone's default (768 for WRN50 / ViT-B)
+    # how the two CNN layers become one token: "mean" (spec §2.2: each layer's 3x3 neighbourhoods pooled to
+    # D, then the mean of the layers) or "concat" (PatchCore: each channel's 3x3 mean, the layers' channels
+    # side by side, D = the channel count, e.g. 40 + 112 = 152 for lite0; embed_dim must be None or equal)
+    feature_merge: FeatureMerge = "mean"
 
 
 @dataclass
@@ -66,6 +72,9 @@ class TrainConfig:
     """Optimisation of one task (spec §3-4)."""
 
     epochs: int = 60
+    # a floor on optimiser steps per task: a small task trains for more epochs (ceil(min_steps / steps per
+    # epoch)) so it gets as many updates as a large one; the schedule spans the longer run. 0 = epochs only.
+    min_steps: int = 0
     batch_size: int = 16
     lr: float = 3e-4
     optimizer: Literal["adamp", "adamw"] = "adamp"
@@ -108,6 +117,12 @@ class ScoreConfig:
     cluster_percentile: float = 0.9
     cluster_top_k_ratio: float = 0.02
     map_sigma: float = 4.0
+    # "flow" (spec §6): the patch score is the flow's NLL. "flow+memory": per task, a seeded random
+    # `memory_fraction` of its training patch tokens is kept; the patch score is the sum of the flow NLL and
+    # the nearest-neighbour distance to that memory, each standardised by its mean and std over held-out
+    # normal training patches of the task (never test images). Not part of the faithful method.
+    source: ScoreSource = "flow"
+    memory_fraction: float = 0.1
     false_alarm_rate: float = 0.01  # decision threshold: this quantile of held-out normal training scores
     calibration_fraction: float = 0.1  # share of training images held out for calibration (0 = none)
 
@@ -195,6 +210,10 @@ class Config:
         check(m.task_adapter in ("whitening", "soft_ln", "none"), "model.task_adapter: whitening|soft_ln|none")
         check(0 < m.dia_hidden_ratio, "model.dia_hidden_ratio must be > 0")
         check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
+        check(t.min_steps >= 0, "train.min_steps must be >= 0")
+        check(s.source in ("flow", "flow+memory"), "score.source: flow|flow+memory")
+        check(0.0 < s.memory_fraction <= 1.0, "score.memory_fraction must be in (0, 1]")
+        check(self.backbone.feature_merge in ("mean", "concat"), "backbone.feature_merge: mean|concat")
         check(t.lr > 0, "train.lr must be > 0")
         check(0.0 <= t.tail_weight, "train.tail_weight must be >= 0")
         check(0.0 < t.tail_ratio <= 1.0, "train.tail_ratio must be in (0, 1]")

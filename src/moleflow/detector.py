@@ -24,6 +24,7 @@ from .backbones import FeatureExtractor
 from .config import Config
 from .data.transforms import ImageTransform, load_rgb
 from .errors import MoleflowError
+from .memory import PatchMemory, patch_scores
 from .model import MoLEFlow
 from .router import PrototypeRouter
 from .scoring import MapMaker, decision_threshold, image_scores
@@ -56,7 +57,7 @@ class Prediction:
 
     scores: torch.Tensor  # (N,) image scores
     maps: torch.Tensor  # (N, S, S) pixel anomaly maps
-    patch_nll: torch.Tensor  # (N, H, W) raw patch scores
+    patch_nll: torch.Tensor  # (N, H, W) raw patch scores (the flow NLL, or NLL + memory when score.source says so)
     task_ids: torch.Tensor  # (N,) long
     known: torch.Tensor  # (N,) bool: False = fits no learned product ("unknown product")
     anomalous: torch.Tensor  # (N,) bool: score above the routed task's calibrated threshold
@@ -87,6 +88,8 @@ class MoleFlow:
         self.flow = MoLEFlow(config.model, self.extractor.embed_dim, seed=config.train.seed).to(self.device)
         self.flow.eval()
         self.router = PrototypeRouter(config.router)
+        self.memory = (PatchMemory(config.score.memory_fraction, config.train.seed).to(self.device)
+                       if config.score.source == "flow+memory" else None)
         self.tasks: list[TaskInfo] = []
         self.transform = ImageTransform(config.data.image_size, config.data.resize_mode,
                                         self.extractor.mean, self.extractor.std)
@@ -178,6 +181,8 @@ class MoleFlow:
 
             report = fit_task(self.flow, task, len(train_idx), batch_features, self.config.train,
                               self.device, progress)
+            if self.memory is not None:
+                self.memory.add_task(task, tokens if tokens is not None else self.extract_cached(train_x)[0])
             cal_tokens, cal_routing = self.extract(x[cal_idx]) if n_cal else (None, None)
             self.router.add_task(task, routing if cal_routing is None else torch.cat([routing, cal_routing]))
             info = self._calibrate(task, name or f"task{task}", list(classes or [name or f"task{task}"]),
@@ -186,6 +191,8 @@ class MoleFlow:
             self.flow.remove_task(task)  # leave the model as it was
             if task in self.router.prototypes:
                 self.router.remove_task(task)
+            if self.memory is not None:
+                self.memory.remove_task(task)
             raise
         info.source = dict(source or {})
         self.tasks.append(info)
@@ -200,6 +207,8 @@ class MoleFlow:
         else:
             tokens = torch.as_tensor(train_tokens) if train_tokens is not None else self.extract(train_x)[0]
             source = "training images (too few to hold out; optimistic)"
+        if self.memory is not None:
+            self._set_memory_norm(task, tokens)
         scores, pixel_median, pixel_max = self._score_tokens(tokens, task)
         rate = self.config.score.false_alarm_rate
         calibration = {"source": source, "n": int(len(scores)), "false_alarm_rate": rate,
@@ -211,12 +220,26 @@ class MoleFlow:
                         threshold=decision_threshold(scores, rate), calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
+    def _set_memory_norm(self, task: int, tokens: torch.Tensor, batch_size: int = 64) -> None:
+        """Standardise the flow NLL and the memory distance of `task` on normal tokens (N, H, W, D)."""
+        nll, dist = [], []
+        for t in tokens.split(batch_size):
+            t = t.to(self.device)
+            nll.append(self.flow(t, task).nll.cpu())
+            dist.append(self.memory.distances(t, task).cpu())
+        self.memory.set_norm(task, torch.cat(nll), torch.cat(dist))
+
+    def patch_scores(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
+        """Patch anomaly scores (B, H, W) of tokens (B, H, W, D) of images of task `task`."""
+        return patch_scores(self.flow, self.memory, tokens, task)
+
+    @torch.no_grad()
     def _score_tokens(self, tokens: torch.Tensor, task: int, batch_size: int = 64
                       ) -> tuple[torch.Tensor, float, float]:
         """Image scores (N,) of normal tokens, and the median and max of their pixel maps (display range)."""
         scores, medians, maxima = [], [], []
         for t in tokens.split(batch_size):
-            nll = self.flow(t.to(self.device), task).nll
+            nll = self.patch_scores(t.to(self.device), task)
             scores.append(image_scores(nll, self.config.score).cpu())
             maps = self.map_maker(nll)
             medians.append(maps.flatten(1).median(1).values.cpu())
@@ -261,7 +284,7 @@ class MoleFlow:
         for task in ids.unique().tolist():
             index = (ids == task).nonzero().squeeze(1)
             for chunk in index.split(batch_size):
-                nll[chunk] = self.flow(tokens[chunk].to(self.device), task).nll.float().cpu()
+                nll[chunk] = self.patch_scores(tokens[chunk].to(self.device), task).float().cpu()
         scores = image_scores(nll, self.config.score)
         maps = torch.cat([self.map_maker(part.to(self.device)).cpu() for part in nll.split(batch_size)])
         thresholds = {t.task_id: t.threshold for t in self.tasks}
@@ -281,6 +304,8 @@ class MoleFlow:
         info = self.task_by_name(name)
         self.flow.remove_task(info.task_id)
         self.router.remove_task(info.task_id)
+        if self.memory is not None:
+            self.memory.remove_task(info.task_id)
         self.tasks.remove(info)
         return info
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from .data.datasets import ClassSplit, ImageDataset
 from .detector import MoleFlow
 from .errors import MoleflowError
-from .metrics import backward_transfer, forgetting_measure, image_metrics, pixel_metrics
+from .metrics import auroc, backward_transfer, forgetting_measure, image_metrics, pixel_metrics
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,34 @@ def _select_examples(labels: np.ndarray, scores: np.ndarray, per_kind: int) -> l
     return out
 
 
+def per_defect_counts(labels: np.ndarray, defect_types: Sequence[str]) -> dict[str, int]:
+    """{defect type: number of anomalous images}, sorted by type; labels (N,) 0/1, defect_types (N,)."""
+    labels = np.asarray(labels)
+    types = np.asarray([str(t) for t in defect_types])
+    if types.shape != labels.shape:
+        raise ValueError(f"defect_types have shape {types.shape} but the labels have shape {labels.shape}")
+    return {str(t): int(np.sum(types[labels == 1] == t)) for t in sorted(set(types[labels == 1].tolist()))}
+
+
+def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defect_types: Sequence[str]) -> dict[str, float | None]:
+    """Image AUROC of each defect type's anomalous images against all normal images, sorted by type.
+
+    labels (N,) 0/1, scores (N,), defect_types (N,) (the type of each image; that of normal images is
+    ignored). A type is a defect type of at least one anomalous image. None where there is no normal image.
+    """
+    labels, scores = np.asarray(labels), np.asarray(scores)
+    types = np.asarray([str(t) for t in defect_types])
+    counts = per_defect_counts(labels, defect_types)
+    if scores.shape != labels.shape:
+        raise ValueError(f"scores have shape {scores.shape} but the labels have shape {labels.shape}")
+    normal = labels == 0
+    out: dict[str, float | None] = {}
+    for t in counts:
+        keep = normal | ((labels == 1) & (types == t))
+        out[t] = _clean(auroc(scores[keep], labels[keep] == 1))
+    return out
+
+
 @torch.no_grad()
 def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: bool = False, batch_size: int = 32,
                    examples_per_kind: int = 0, num_workers: int = 0, among: list[int] | None = None
@@ -114,7 +142,7 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     s, r = np.concatenate(scores).astype(np.float64), np.concatenate(routed)
     labels = np.array([x.label for x in split.test])
     m, k = np.concatenate(maps), np.concatenate(masks)
-    metrics: dict[str, float | None] = {key: _clean(v) for key, v in image_metrics(s, labels).items()}
+    metrics: dict[str, Any] = {key: _clean(v) for key, v in image_metrics(s, labels).items()}
     if split.has_masks:
         metrics.update({key: _clean(v) for key, v in pixel_metrics(m, k).items()})
     else:
@@ -122,8 +150,11 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     metrics["routing_accuracy"] = float(np.mean(r == true_task))
     metrics["n_test"] = int(len(labels))
     metrics["n_anomalous"] = int(labels.sum())
+    defect_types = [x.defect_type for x in split.test]
+    metrics["per_defect_image_auroc"] = per_defect_auroc(labels, s, defect_types)  # {type: float | None}
+    metrics["per_defect_count"] = per_defect_counts(labels, defect_types)  # {type: n anomalous}
     result = ClassEvaluation(split.class_name, true_task, [str(x.image) for x in split.test],
-                             [x.defect_type for x in split.test], labels, s, r, np.concatenate(known),
+                             defect_types, labels, s, r, np.concatenate(known),
                              np.concatenate(anomalous), metrics)
     if examples_per_kind:
         chosen = _select_examples(labels, s, examples_per_kind)

@@ -52,6 +52,7 @@ from torch import nn
 from .checkpoint import atomic_write_bytes
 from .config import ScoreConfig
 from .errors import MoleflowError
+from .memory import patch_scores
 from .scoring import image_scores
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class ExportGraph(nn.Module):
         check_score_mode(cfg.score)  # unsupported modes fail here, before any tracing
         self.extractor = model.extractor
         self.flow = model.flow
+        self.memory = model.memory
         self.image_size = cfg.data.image_size
         self.score_cfg = cfg.score
         self.task_ids = [t.task_id for t in model.tasks]
@@ -100,7 +102,8 @@ class ExportGraph(nn.Module):
         distances = (projected * diff).sum(-1).clamp_min(0).sqrt()  # (N, T)
         best, index = distances.min(1)
         # every expert on every image, then the routed one's patch NLL
-        nll_all = torch.stack([self.flow(tokens, t).nll.float() for t in self.task_ids], dim=1)  # (N, T, H, W)
+        nll_all = torch.stack([patch_scores(self.flow, self.memory, tokens, t).float() for t in self.task_ids],
+                              dim=1)  # (N, T, H, W)
         h, w = tokens.shape[1:3]
         pick = index.view(-1, 1, 1, 1).expand(-1, 1, h, w)
         nll = nll_all.gather(1, pick).squeeze(1)  # (N, H, W)

@@ -41,17 +41,29 @@ class TrainReport:
         return asdict(self)
 
 
-def learning_rate(epoch: int, base_task: bool, cfg: TrainConfig) -> float:
-    """Learning rate of `epoch` (0-based). Cosine from lr to min_lr_ratio * lr over `epochs`; tasks
-    after the first start with a linear warm-up of `warmup_epochs` (lr/W, 2lr/W, ...) and then run the
-    cosine from epoch W on (spec §4)."""
+def steps_per_epoch(n: int, cfg: TrainConfig) -> int:
+    """Optimiser steps in one epoch over n training images (the last partial batch counts unless drop_last)."""
+    full, rest = divmod(n, cfg.batch_size)
+    return full + (1 if rest and not (cfg.drop_last and full) else 0)
+
+
+def task_epochs(n: int, cfg: TrainConfig) -> int:
+    """Epochs a task of n images trains for: `epochs`, or more when that gives fewer than `min_steps` steps."""
+    return max(cfg.epochs, math.ceil(cfg.min_steps / max(1, steps_per_epoch(n, cfg))))
+
+
+def learning_rate(epoch: int, base_task: bool, cfg: TrainConfig, epochs: int | None = None) -> float:
+    """Learning rate of `epoch` (0-based) of a run of `epochs` (default `cfg.epochs`). Cosine from lr to
+    min_lr_ratio * lr over the run; tasks after the first start with a linear warm-up of `warmup_epochs`
+    (lr/W, 2lr/W, ...) and then run the cosine from epoch W on (spec §4)."""
+    epochs = cfg.epochs if epochs is None else epochs
     lr_min = cfg.lr * cfg.min_lr_ratio
     step = epoch
     if not base_task and cfg.warmup_epochs > 0:
         if epoch < cfg.warmup_epochs:
             return cfg.lr * (epoch + 1) / cfg.warmup_epochs
         step = epoch - cfg.warmup_epochs
-    return lr_min + (cfg.lr - lr_min) * (1 + math.cos(math.pi * step / cfg.epochs)) / 2
+    return lr_min + (cfg.lr - lr_min) * (1 + math.cos(math.pi * step / epochs)) / 2
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -88,12 +100,13 @@ def fit_task(model: MoLEFlow, task: int, n_samples: int, batch_features: BatchFe
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + task)
     base = task == model.base_task
     model.train()
-    report = TrainReport(task=task, epochs=cfg.epochs, steps=0, skipped_batches=0, seconds=0.0,
+    epochs = task_epochs(n_samples, cfg)
+    report = TrainReport(task=task, epochs=epochs, steps=0, skipped_batches=0, seconds=0.0,
                          optimizer=type(optimizer).__name__, trainable_parameters=sum(p.numel() for p in params))
     start = time.perf_counter()
-    bar = tqdm(range(cfg.epochs), desc=f"task {task}", unit="epoch", disable=not progress, leave=False)
+    bar = tqdm(range(epochs), desc=f"task {task}", unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
-        lr = learning_rate(epoch, base, cfg)
+        lr = learning_rate(epoch, base, cfg, epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
         total, count = 0.0, 0

@@ -59,6 +59,20 @@ def print_final_table(results: dict) -> None:
     gap = results["final_mean"]["image_auroc"], results["oracle_mean"]["image_auroc"]
     if None not in gap:
         print(f"oracle (true task given) mean I-AUROC {pct(gap[1])}; routed - oracle = {100 * (gap[0] - gap[1]):+.2f}")
+    lines = defect_type_lines(results["final"])
+    if lines:
+        print("I-AUROC (%) per defect type, (n) = anomalous images:")
+        print("\n".join(lines))
+
+
+def defect_type_lines(final: dict[str, dict]) -> list[str]:
+    """"  class: type 71.2 (115), ..." for each class with more than one defect type (one type = its I-AUROC)."""
+    lines = []
+    for c, v in final.items():
+        per_type, counts = v.get("per_defect_image_auroc") or {}, v.get("per_defect_count") or {}
+        if len(per_type) > 1:
+            lines.append(f"  {c}: " + ", ".join(f"{t} {pct(a)} ({counts.get(t, '?')})" for t, a in per_type.items()))
+    return lines
 
 
 def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], tasks: list[list[str]]) -> dict:

@@ -472,6 +472,26 @@ def _mean_metrics(per_class: dict[str, dict[str, Any]], metrics: Sequence[str]) 
     return out
 
 
+def _defect_type_section(run: RunData) -> list[Block]:
+    """Final image AUROC of each defect type (its anomalous images vs all normal images of the product)."""
+    final = run.results.get("final") or {}
+    rows = []
+    for cls in run.classes:
+        res = final.get(cls) or {}
+        per_type = res.get("per_defect_image_auroc")
+        if not isinstance(per_type, dict):
+            continue
+        counts = res.get("per_defect_count") or {}
+        for t in sorted(per_type):
+            rows.append([md_escape(cls), md_escape(t), str(counts.get(t, "n/a")), fmt_pct(per_type[t])])
+    if not rows:
+        return []
+    return [Heading(2, "Image AUROC per defect type", "defect_types"),
+            Table(["Product", "Defect type", "Anomalous images", "I-AUROC"], rows, align="llrr"),
+            Para("Each defect type's anomalous test images ranked against all normal test images of the "
+                 "product (task-agnostic, after the last task); n/a = no normal test image.", small=True)]
+
+
 def _decision_section(run: RunData) -> list[Block]:
     """False alarms / detections at the calibrated thresholds, from the per-image CSVs."""
     if not run.scores:
@@ -707,9 +727,9 @@ def default_title(run: RunData) -> str:
 def build_report(run: RunData, title: str | None = None) -> list[Block]:
     """All report blocks, in order."""
     title = title or default_title(run)
-    sections = [_header(run, title), _protocol(), _summary(run), _final_section(run), _decision_section(run),
-                _continual_section(run), _routing_section(run), _curves_section(run), _examples_section(run),
-                _timing_section(run), _config_section(run), _notes_section(run)]
+    sections = [_header(run, title), _protocol(), _summary(run), _final_section(run), _defect_type_section(run),
+                _decision_section(run), _continual_section(run), _routing_section(run), _curves_section(run),
+                _examples_section(run), _timing_section(run), _config_section(run), _notes_section(run)]
     return [b for s in sections for b in s]
 
 

@@ -1,0 +1,131 @@
+"""Diagnosis (a) and (c) of docs/accuracy.md: how far do the features alone go, and what does geometry cost?
+
+    python benchmarks/diagnose_features.py [--data ../shared/datasets] [--json benchmarks/results/diagnose_features.json]
+
+For each set, a PatchCore-style nearest-neighbour score (no flow, no training) on three feature paths of
+the same frozen EfficientNet-Lite0 at 224 px:
+  * ``mean128``: moleflow's faithful tokens (3x3 neighbourhoods pooled to D = 128, mean of the two layers);
+  * ``concat152``: the backbone's raw channels side by side (3x3 average, layer 3 upsampled, 40 + 112);
+  * ``concat152_aspect``: the same with the image's aspect ratio kept (short side 224), for elongated parts.
+Memory bank: a seeded random 10 % of the training patches (train capped at 300 images, as the PatchCore
+reference run). Image score: the largest patch distance; pixel map: bilinear + Gaussian sigma 4 at 224 px.
+Nothing here is tuned: it bounds what a density model on each feature path can reach.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from moleflow.backbones import FeatureExtractor
+from moleflow.config import BackboneConfig
+from moleflow.data.datasets import load_class
+from moleflow.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_mask, load_rgb
+from moleflow.metrics import image_metrics, pixel_metrics
+from moleflow.scoring import anomaly_maps
+
+SETS = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
+
+
+def to_tensor(img: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+    x = torch.from_numpy(np.asarray(img.resize(size, Image.BICUBIC), dtype=np.float32) / 255.0).permute(2, 0, 1)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def geometry(img: Image.Image, aspect: bool) -> tuple[int, int]:
+    if not aspect:
+        return 224, 224
+    w, h = img.size
+    s = 224 / min(w, h)
+    return max(224, round(w * s / 8) * 8), max(224, round(h * s / 8) * 8)
+
+
+@torch.no_grad()
+def concat_tokens(ext: FeatureExtractor, x: torch.Tensor) -> torch.Tensor:
+    maps = ext.model(x.contiguous(memory_format=torch.channels_last))
+    size = maps[0].shape[-2:]
+    out = [F.interpolate(F.avg_pool2d(m, 3, 1, 1), size=size, mode="bilinear", align_corners=False) for m in maps]
+    return torch.cat(out, 1).permute(0, 2, 3, 1).contiguous()
+
+
+@torch.no_grad()
+def features(ext: FeatureExtractor, paths, path_kind: str) -> list[torch.Tensor]:
+    out = []
+    for p in paths:
+        img = load_rgb(p)
+        x = to_tensor(img, geometry(img, path_kind.endswith("aspect")))[None]
+        out.append(ext.tokens(x)[0] if path_kind == "mean128" else concat_tokens(ext, x)[0])
+    return out
+
+
+def nn_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """(Q, D), (M, D) -> (Q,) Euclidean distance to the nearest bank row."""
+    bank_sq = bank.pow(2).sum(1)
+    out = []
+    for q in queries.split(chunk):
+        d = q.pow(2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
+        out.append(d.min(1).values.clamp_min(0).sqrt())
+    return torch.cat(out)
+
+
+def run_set(ext: FeatureExtractor, root: Path, name: str, kind: str, cap: int = 300) -> dict:
+    split = load_class(root, name, "folder")
+    train = split.train[:cap]
+    t0 = time.perf_counter()
+    bank = torch.cat([f.reshape(-1, f.shape[-1]) for f in features(ext, [s.image for s in train], kind)])
+    gen = torch.Generator().manual_seed(0)
+    bank = bank[torch.randperm(len(bank), generator=gen)[: max(1, len(bank) // 10)]]
+    feats = features(ext, [s.image for s in split.test], kind)
+    scores, maps, masks = [], [], []
+    for f, s in zip(feats, split.test):
+        d = nn_distance(f.reshape(-1, f.shape[-1]), bank).reshape(f.shape[:2])
+        scores.append(float(d.max()))
+        m = anomaly_maps(d[None], 224, 4.0)[0]  # any (h, w) grid -> 224 x 224 (the masks' squash geometry)
+        maps.append(m.numpy())
+        if split.has_masks:
+            mk = load_mask(s.mask).resize((224, 224), Image.NEAREST) if s.mask else None
+            masks.append((np.asarray(mk) > 0).astype(np.uint8) if mk is not None else np.zeros((224, 224), np.uint8))
+    labels = np.array([s.label for s in split.test])
+    scores_np = np.array(scores)
+    out = {k: float(v) for k, v in image_metrics(scores_np, labels).items()}
+    if split.has_masks:
+        out.update({k: float(v) for k, v in pixel_metrics(np.stack(maps), np.stack(masks)).items()})
+    types = sorted({s.defect_type for s in split.test if s.label == 1})
+    out["per_defect_image_auroc"] = {
+        t: float(image_metrics(scores_np[[(s.label == 0 or s.defect_type == t) for s in split.test]],
+                               labels[[(s.label == 0 or s.defect_type == t) for s in split.test]])["image_auroc"])
+        for t in types}
+    out["seconds"] = time.perf_counter() - t0
+    return out
+
+
+def main() -> None:
+    here = Path(__file__).resolve().parent
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", default=str(here.parent.parent / "shared" / "datasets"))
+    ap.add_argument("--json", default=str(here / "results" / "diagnose_features.json"))
+    ap.add_argument("--kinds", nargs="+", default=["mean128", "concat152", "concat152_aspect"])
+    ap.add_argument("--sets", nargs="+", default=list(SETS))
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    ext = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", embed_dim=128))
+    results: dict = {}
+    for name in args.sets:
+        for kind in args.kinds:
+            r = run_set(ext, Path(args.data), name, kind)
+            results.setdefault(name, {})[kind] = r
+            print(name, kind, {k: round(100 * v, 1) for k, v in r.items() if isinstance(v, float) and k != "seconds"},
+                  f"{r['seconds']:.0f}s", flush=True)
+    Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Per-task memory of training patch tokens, scored by nearest-neighbour distance (PatchCore style).
+
+Optional (`score.source = "flow+memory"`), not part of the faithful method. Each task keeps a seeded
+random share of its own training patch tokens, so nothing of another task is stored or replayed and
+adding a task leaves every earlier memory untouched (zero forgetting stays structural).
+
+    memory.add_task(task, tokens)              tokens (N, H, W, D) or an (N, H, W, D) memmap
+    memory.distances(tokens, task)             (B, H, W, D) -> (B, H, W) distance to the nearest kept token
+
+Written here rather than taken from anomalib or faiss: the search is one chunked matrix product in torch
+(exact, runs on the model's device, no extra dependency), and the memory must live in our checkpoint.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def sample_patches(tokens, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded random `fraction` of the N*H*W patch tokens of `tokens` (N, H, W, D) -> (M, D) float32."""
+    n, h, w, d = tokens.shape
+    total = n * h * w
+    keep = max(1, int(round(total * fraction)))
+    gen = torch.Generator().manual_seed(seed)
+    index = torch.randperm(total, generator=gen)[:keep].sort().values
+    if isinstance(tokens, np.memmap):  # read only the rows we keep, image by image
+        flat = tokens.reshape(total, d)
+        return torch.from_numpy(np.ascontiguousarray(flat[index.numpy()])).float()
+    return torch.as_tensor(tokens).reshape(total, d)[index].float().clone()
+
+
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+    """(Q, D), (M, D) -> (Q,) Euclidean distance of each query to its nearest bank row (exact)."""
+    bank_sq = bank.pow(2).sum(1)
+    if torch.onnx.is_in_onnx_export():  # no split: the exported graph takes any batch size
+        d2 = torch.addmm(bank_sq, queries, bank.T, beta=1, alpha=-2).min(1).values + queries.pow(2).sum(1)
+        return d2.clamp_min(0).sqrt()
+    out = []
+    for q in queries.split(chunk):
+        d2 = torch.addmm(bank_sq, q, bank.T, beta=1, alpha=-2).min(1).values + q.pow(2).sum(1)
+        out.append(d2.clamp_min(0).sqrt())
+    return torch.cat(out) if out else queries.new_zeros(0)
+
+
+class PatchMemory(nn.Module):
+    """Memory banks keyed by task id: `bank_<t>` (M_t, D) and `norm_<t>` (4,) = mean and std of the flow NLL
+    and of the memory distance over held-out normal patches of the task (set by `set_norm`)."""
+
+    def __init__(self, fraction: float, seed: int = 0) -> None:
+        super().__init__()
+        self.fraction, self.seed = fraction, seed
+
+    def has(self, task: int) -> bool:
+        return hasattr(self, f"bank_{task}")
+
+    def add_task(self, task: int, tokens) -> None:
+        """Keep a seeded `fraction` of task `task`'s training tokens (N, H, W, D)."""
+        bank = sample_patches(tokens, self.fraction, self.seed * 1_000_003 + task)
+        self.register_buffer(f"bank_{task}", bank)
+
+    def set_bank(self, task: int, bank: torch.Tensor) -> None:
+        self.register_buffer(f"bank_{task}", bank)
+
+    def set_norm(self, task: int, nll: torch.Tensor, distance: torch.Tensor) -> None:
+        """Standardisation of task `task` from normal patch maps: nll and distance (N, H, W)."""
+        n, d = nll.double().flatten(), distance.double().flatten()
+        stats = torch.stack([n.mean(), n.std().clamp_min(1e-6), d.mean(), d.std().clamp_min(1e-6)])
+        self.register_buffer(f"norm_{task}", stats.float())
+
+    def remove_task(self, task: int) -> None:
+        for name in (f"bank_{task}", f"norm_{task}"):
+            if hasattr(self, name):
+                delattr(self, name)
+
+    def distances(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
+        """tokens (B, H, W, D) -> (B, H, W) distance of each patch to task `task`'s nearest kept patch."""
+        bank = getattr(self, f"bank_{task}").to(tokens.dtype)
+        b, h, w, d = tokens.shape
+        return nearest_distance(tokens.reshape(-1, d), bank).reshape(b, h, w)
+
+    def combine(self, nll: torch.Tensor, tokens: torch.Tensor, task: int) -> torch.Tensor:
+        """Patch score (B, H, W): standardised flow NLL + standardised memory distance of task `task`."""
+        norm = getattr(self, f"norm_{task}").to(nll.dtype)
+        distance = self.distances(tokens, task).to(nll.dtype)
+        return (nll - norm[0]) / norm[1] + (distance - norm[2]) / norm[3]
+
+    def load_banks(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore the buffers of a saved `state_dict()`."""
+        for name, value in state.items():
+            self.register_buffer(name, value.clone())
+
+
+def patch_scores(flow: nn.Module, memory: PatchMemory | None, tokens: torch.Tensor, task: int) -> torch.Tensor:
+    """The patch anomaly score (B, H, W) of tokens (B, H, W, D) under task `task`: the flow's NLL (spec §6),
+    or with a memory the standardised sum of NLL and memory distance. Detector and ONNX export share it."""
+    nll = flow(tokens, task).nll
+    return nll if memory is None else memory.combine(nll, tokens, task)
