@@ -39,6 +39,9 @@ class DataConfig:
 
     image_size: int = 224
     resize_mode: ResizeMode = "squash"
+    # "aspect": cut an image whose long side is r >= 1.5 times its short side into round(r) near-square
+    # tiles along it; maps are stitched back on the whole image (data/tiling.py). "none": one view per image.
+    tiling: Literal["none", "aspect"] = "none"
 
 
 @dataclass
@@ -228,6 +231,8 @@ class Config:
         check(r.covariance in ("ledoit_wolf", "oas", "ridge"), "router.covariance: ledoit_wolf|oas|ridge")
         check(d.image_size >= 32 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8, >= 32")
         check(d.resize_mode in ("squash", "letterbox", "resize_crop"), "data.resize_mode: squash|letterbox|resize_crop")
+        check(d.tiling in ("none", "aspect"), "data.tiling: none|aspect")
+        check(d.tiling == "none" or d.resize_mode == "squash", "data.tiling=aspect needs data.resize_mode=squash")
         if self.backbone.embed_dim is not None:
             check(self.backbone.embed_dim % 4 == 0 and self.backbone.embed_dim >= 8,
                   "backbone.embed_dim must be a multiple of 4 (positional encoding), >= 8")

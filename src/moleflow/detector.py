@@ -22,6 +22,7 @@ from PIL import Image
 
 from .backbones import FeatureExtractor
 from .config import Config
+from .data.tiling import TileLayout, split_tiles, stitch_maps, tile_layout
 from .data.transforms import ImageTransform, load_rgb
 from .errors import MoleflowError
 from .memory import PatchMemory, patch_scores
@@ -46,6 +47,7 @@ class TaskInfo:
     n_train: int
     n_calibration: int
     threshold: float  # image score above which an image of this task is anomalous
+    n_tiles: int = 0  # preprocessed tiles of all its images (= images without tiling)
     calibration: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # where its images came from (root, dataset), if known
@@ -57,11 +59,30 @@ class Prediction:
 
     scores: torch.Tensor  # (N,) image scores
     maps: torch.Tensor  # (N, S, S) pixel anomaly maps
-    patch_nll: torch.Tensor  # (N, H, W) raw patch scores (the flow NLL, or NLL + memory when score.source says so)
+    # raw patch scores (the flow NLL, or NLL + memory when score.source says so): (N, H, W), or with tiling
+    # one stitched map per image
+    patch_nll: torch.Tensor | list[torch.Tensor]
     task_ids: torch.Tensor  # (N,) long
     known: torch.Tensor  # (N,) bool: False = fits no learned product ("unknown product")
     anomalous: torch.Tensor  # (N,) bool: score above the routed task's calibrated threshold
     router_distance: torch.Tensor  # (N,) distance to the chosen prototype (nan with oracle ids)
+
+
+@dataclass
+class Prepared:
+    """Preprocessed images: `pixels` (M, 3, S, S) holds the tiles of N images (M = N without tiling);
+    `owner` (M,) the image of each tile; `layouts` (N,) how each image was cut (in tile order)."""
+
+    pixels: torch.Tensor
+    owner: torch.Tensor
+    layouts: list[TileLayout]
+
+    def select(self, images: torch.Tensor) -> "Prepared":
+        """The tiles of the images `images` (sorted indices), with `owner` renumbered 0..len-1."""
+        keep = torch.isin(self.owner, images)
+        renumber = torch.full((len(self.layouts),), -1, dtype=torch.long)
+        renumber[images] = torch.arange(len(images))
+        return Prepared(self.pixels[keep], renumber[self.owner[keep]], [self.layouts[i] for i in images.tolist()])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -97,25 +118,37 @@ class MoleFlow:
         with torch.no_grad():  # the token grid of this backbone at this image size, e.g. 28 x 28 at 224 px
             self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
         self.map_maker = MapMaker(self.grid, size, config.score.map_sigma).to(self.device)
+        self._stitched_makers: dict[tuple[int, int], MapMaker] = {}  # map makers of stitched (tiled) grids
 
     # ------------------------------------------------------------------------------ inputs
-    def to_tensor(self, images: Images) -> torch.Tensor:
-        """Preprocess images into a normalised float tensor (N, 3, S, S)."""
+    def prepare(self, images: Images) -> Prepared:
+        """Preprocess images (cut into tiles when `data.tiling` says so) into normalised tiles (M, 3, S, S).
+
+        A float tensor (N, 3, S, S) is taken as already preprocessed, one tile per image."""
         if isinstance(images, torch.Tensor):
             size = self.config.data.image_size
             if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
                 raise MoleflowError(f"an image tensor must be (N, 3, {size}, {size}), got {tuple(images.shape)}")
-            return images.float()
-        out = []
-        for item in images:
+            n = len(images)
+            return Prepared(images.float(), torch.arange(n), [TileLayout()] * n)
+        out, owner, layouts = [], [], []
+        for i, item in enumerate(images):
             if isinstance(item, (str, Path)):
                 item = load_rgb(item)
             elif isinstance(item, np.ndarray):
                 item = Image.fromarray(item)
-            out.append(self.transform(item))
+            layout = tile_layout(*item.size, self.config.data.tiling)
+            for tile in split_tiles(item, layout):
+                out.append(self.transform(tile))
+                owner.append(i)
+            layouts.append(layout)
         if not out:
             raise MoleflowError("no images were given")
-        return torch.stack(out)
+        return Prepared(torch.stack(out), torch.tensor(owner, dtype=torch.long), layouts)
+
+    def to_tensor(self, images: Images) -> torch.Tensor:
+        """Preprocessed tiles (M, 3, S, S) of the images (one per image without tiling)."""
+        return self.prepare(images).pixels
 
     @torch.no_grad()
     def extract(self, images: Images, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -159,15 +192,16 @@ class MoleFlow:
         A `score.calibration_fraction` share of the images is held out (seeded) to calibrate the decision
         threshold; the rest trains the expert. The router prototype uses all the images.
         """
-        x = self.to_tensor(images)
-        n = len(x)
+        prep = self.prepare(images)
+        x, n = prep.pixels, len(prep.layouts)
         task = self.flow.add_task()
         try:
             gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
             perm = torch.randperm(n, generator=gen)
             n_cal = int(n * self.config.score.calibration_fraction) if n >= 10 else 0
             cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
-            train_x = x[train_idx]
+            train_prep, cal_prep = prep.select(train_idx), prep.select(cal_idx)
+            train_x = train_prep.pixels
             if self.config.train.feature_cache:
                 tokens, routing = self.extract_cached(train_x)
 
@@ -179,14 +213,15 @@ class MoleFlow:
                 def batch_features(idx: torch.Tensor) -> torch.Tensor:
                     return self.extractor(train_x[idx].to(self.device))[0]
 
-            report = fit_task(self.flow, task, len(train_idx), batch_features, self.config.train,
+            report = fit_task(self.flow, task, len(train_x), batch_features, self.config.train,
                               self.device, progress)
             if self.memory is not None:
                 self.memory.add_task(task, tokens if tokens is not None else self.extract_cached(train_x)[0])
-            cal_tokens, cal_routing = self.extract(x[cal_idx]) if n_cal else (None, None)
+            cal_tokens, cal_routing = self.extract(cal_prep.pixels) if n_cal else (None, None)
             self.router.add_task(task, routing if cal_routing is None else torch.cat([routing, cal_routing]))
             info = self._calibrate(task, name or f"task{task}", list(classes or [name or f"task{task}"]),
-                                   len(train_idx), cal_tokens, tokens, train_x, report)
+                                   len(train_idx), cal_tokens, cal_prep, tokens, train_prep, report)
+            info.n_tiles = int(len(x))
         except BaseException:
             self.flow.remove_task(task)  # leave the model as it was
             if task in self.router.prototypes:
@@ -199,24 +234,24 @@ class MoleFlow:
         return info
 
     def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, cal_tokens: torch.Tensor | None,
-                   train_tokens, train_x: torch.Tensor, report: TrainReport) -> TaskInfo:
+                   cal_prep: Prepared, train_tokens, train_prep: Prepared, report: TrainReport) -> TaskInfo:
         """Decision threshold from held-out normal training images (or, without any, the training images,
         from the feature cache when there is one)."""
         if cal_tokens is not None and len(cal_tokens):
-            tokens, source = cal_tokens, "held-out normal training images"
+            tokens, prep, source = cal_tokens, cal_prep, "held-out normal training images"
         else:
-            tokens = torch.as_tensor(train_tokens) if train_tokens is not None else self.extract(train_x)[0]
-            source = "training images (too few to hold out; optimistic)"
+            tokens = torch.as_tensor(train_tokens) if train_tokens is not None else self.extract(train_prep.pixels)[0]
+            prep, source = train_prep, "training images (too few to hold out; optimistic)"
         if self.memory is not None:
             self._set_memory_norm(task, tokens)
-        scores, pixel_median, pixel_max = self._score_tokens(tokens, task)
+        scores, pixel_median, pixel_max = self._score_tokens(tokens, task, prep)
         rate = self.config.score.false_alarm_rate
         calibration = {"source": source, "n": int(len(scores)), "false_alarm_rate": rate,
                        "score_mean": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
                        "unknown_distance": self.router.prototypes[task].unknown_threshold,
                        "normal_pixel_median": pixel_median, "normal_pixel_max": pixel_max}
         return TaskInfo(task_id=task, name=name, classes=classes, n_train=n_train,
-                        n_calibration=int(len(cal_tokens)) if cal_tokens is not None else 0,
+                        n_calibration=int(len(cal_prep.layouts)) if cal_tokens is not None else 0,
                         threshold=decision_threshold(scores, rate), calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
@@ -234,17 +269,34 @@ class MoleFlow:
         return patch_scores(self.flow, self.memory, tokens, task)
 
     @torch.no_grad()
-    def _score_tokens(self, tokens: torch.Tensor, task: int, batch_size: int = 64
+    def _score_tokens(self, tokens: torch.Tensor, task: int, prep: Prepared, batch_size: int = 64
                       ) -> tuple[torch.Tensor, float, float]:
-        """Image scores (N,) of normal tokens, and the median and max of their pixel maps (display range)."""
-        scores, medians, maxima = [], [], []
-        for t in tokens.split(batch_size):
-            nll = self.patch_scores(t.to(self.device), task)
-            scores.append(image_scores(nll, self.config.score).cpu())
-            maps = self.map_maker(nll)
-            medians.append(maps.flatten(1).median(1).values.cpu())
-            maxima.append(maps.flatten(1).max(1).values.cpu())
-        return torch.cat(scores), float(torch.cat(medians).median()), float(torch.cat(maxima).max())
+        """Image scores (N,) of normal tiles' tokens (M, H, W, D), and the median and max of their pixel maps."""
+        nll = torch.cat([self.patch_scores(t.to(self.device), task).float().cpu() for t in tokens.split(batch_size)])
+        scores, maps, _ = self.image_outputs(nll, prep)
+        flat = maps.flatten(1)
+        return scores, float(flat.median(1).values.median()), float(flat.max())
+
+    def image_outputs(self, nll: torch.Tensor, prep: Prepared, batch_size: int = 64
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | list[torch.Tensor]]:
+        """Tiles' patch scores (M, h, w) -> image scores (N,), pixel maps (N, S, S) and patch maps: (N, h, w)
+        without tiling, else one stitched (k*h, w) or (h, k*w) map per image."""
+        if all(layout.count == 1 for layout in prep.layouts):
+            order = prep.owner.argsort()
+            nll = nll[order]
+            maps = torch.cat([self.map_maker(part.to(self.device)).cpu() for part in nll.split(batch_size)])
+            return image_scores(nll, self.config.score), maps, nll
+        patch_maps, scores, maps = [], [], []
+        for i, layout in enumerate(prep.layouts):
+            stitched = stitch_maps(nll[(prep.owner == i).nonzero().squeeze(1)], layout)
+            grid = tuple(stitched.shape)
+            if grid not in self._stitched_makers:
+                self._stitched_makers[grid] = MapMaker(grid, self.config.data.image_size,
+                                                       self.config.score.map_sigma).to(self.device)
+            patch_maps.append(stitched)
+            scores.append(image_scores(stitched[None], self.config.score)[0])
+            maps.append(self._stitched_makers[grid](stitched[None].to(self.device)).cpu()[0])
+        return torch.stack(scores), torch.stack(maps), patch_maps
 
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
@@ -264,13 +316,14 @@ class MoleFlow:
                               dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
     def _predict(self, images: Images, task_ids, batch_size: int, among) -> Prediction:
-        tokens, routing = self.extract(images, batch_size)
+        prep = self.prepare(images)
+        tokens, routing = self.extract(prep.pixels, batch_size)
         tokens, routing = tokens.float(), routing.float()
-        n = len(tokens)
+        n = len(prep.layouts)
         if task_ids is None and not self.config.router.enabled:
             raise MoleflowError("router.enabled is false (oracle mode): pass task_ids")
         if task_ids is None:
-            ids, distance, known = self.router.route(routing, None if among is None else list(among))
+            ids, distance, known = self.route_images(routing, prep.owner, n, among)
         else:
             ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
             if len(ids) != n:
@@ -279,18 +332,31 @@ class MoleFlow:
             if unknown:
                 raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.flow.task_ids}")
             distance, known = torch.full((n,), float("nan"), dtype=torch.float64), torch.ones(n, dtype=torch.bool)
+        tile_ids = ids[prep.owner]
         h, w = tokens.shape[1:3]
-        nll = torch.empty(n, h, w)
-        for task in ids.unique().tolist():
-            index = (ids == task).nonzero().squeeze(1)
+        nll = torch.empty(len(tokens), h, w)
+        for task in tile_ids.unique().tolist():
+            index = (tile_ids == task).nonzero().squeeze(1)
             for chunk in index.split(batch_size):
                 nll[chunk] = self.patch_scores(tokens[chunk].to(self.device), task).float().cpu()
-        scores = image_scores(nll, self.config.score)
-        maps = torch.cat([self.map_maker(part.to(self.device)).cpu() for part in nll.split(batch_size)])
+        scores, maps, patch_maps = self.image_outputs(nll, prep, batch_size)
         thresholds = {t.task_id: t.threshold for t in self.tasks}
         limit = torch.tensor([thresholds[t] for t in ids.tolist()], dtype=scores.dtype)
-        return Prediction(scores=scores, maps=maps, patch_nll=nll, task_ids=ids, known=known,
+        return Prediction(scores=scores, maps=maps, patch_nll=patch_maps, task_ids=ids, known=known,
                           anomalous=scores > limit, router_distance=distance)
+
+    def route_images(self, routing: torch.Tensor, owner: torch.Tensor, n: int, among: Sequence[int] | None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Routing features of tiles (M, D) -> per image (N,): task id, distance, known. An image goes to
+        the task with the smallest mean distance over its tiles (its only tile without tiling)."""
+        tasks = self.router.task_ids if among is None else list(among)
+        per_tile = self.router.distances(routing, tasks)  # (M, T) float64
+        total = torch.zeros(n, len(tasks), dtype=per_tile.dtype).index_add_(0, owner, per_tile)
+        mean = total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(per_tile.dtype)
+        best, idx = mean.min(1)
+        ids = torch.tensor(tasks, dtype=torch.long)[idx]
+        limits = torch.tensor([self.router.prototypes[t].unknown_threshold for t in tasks], dtype=torch.float64)[idx]
+        return ids, best, best <= limits
 
     # ------------------------------------------------------------------------------ lifecycle
     def task_by_name(self, name: str) -> TaskInfo:

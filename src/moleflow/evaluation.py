@@ -132,7 +132,9 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     scores, routed, known, anomalous, maps, masks = [], [], [], [], [], []
     for batch in loader:
         ids = [true_task] * len(batch["image"]) if oracle else None
-        pred = model.predict(batch["image"], task_ids=ids, batch_size=batch_size, among=among)
+        # with tiling the model cuts each image file itself; otherwise the loader's square tensors are used
+        images = batch["image"] if model.config.data.tiling == "none" else [split.test[int(i)].image for i in batch["index"]]
+        pred = model.predict(images, task_ids=ids, batch_size=batch_size, among=among)
         scores.append(pred.scores.numpy())
         routed.append(pred.task_ids.numpy())
         known.append(pred.known.numpy())
@@ -266,8 +268,6 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
     Writes the checkpoint (after every task), results.json, the matrices and per-class score files into
     `run_dir` and returns the results dictionary.
     """
-    from .data.datasets import load_images
-
     run_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     splits: dict[str, ClassSplit] = {}
@@ -279,7 +279,7 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
             splits[c] = load_split(c)
         name = "+".join(classes)
         log.info("step %d/%d: learning %s", step + 1, len(tasks), name)
-        images = load_images([s for c in classes for s in splits[c].train], model.transform)
+        images = [s.image for c in classes for s in splits[c].train]
         source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
         info = model.fit_task(images, name=name, classes=classes, progress=progress, source=source)
         del images

@@ -174,6 +174,9 @@ def _check_exportable(model: "MoleFlow") -> None:
     check_score_mode(model.config.score)
     if not model.tasks:
         raise MoleflowError("the model has learned no task yet; nothing to export")
+    if model.config.data.tiling != "none":
+        raise MoleflowError("data.tiling is on: the ONNX graph scores one square view per image and cannot cut "
+                            "tiles; export a run trained with data.tiling=none")
     if not model.config.router.enabled:
         raise MoleflowError("router.enabled is false (oracle mode): the ONNX export routes every image itself, "
                             "so it needs the router")

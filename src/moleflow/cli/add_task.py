@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     probe = load_images(first, model.transform)
     state, scores = snapshot(model, probe)
     for group in groups:
-        images = load_images([s for c in group for s in splits[c].train], model.transform)
+        images = [s.image for c in group for s in splits[c].train]
         info = model.fit_task(images, name="+".join(group), classes=group, progress=not args.no_progress,
                               source={"root": str(args.data), "name": args.dataset})
         print(f"learned task {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "

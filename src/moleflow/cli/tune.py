@@ -1,0 +1,82 @@
+"""`moleflow tune`: choose a configuration on synthetic anomalies in held-out training normals."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..config import Config
+from ..data.datasets import DATASETS, default_classes, load_class
+from ..detector import MoleFlow
+from ..errors import MoleflowError
+from ..evaluation import parse_scenario, run_continual, save_json
+from ..tuning import CANDIDATES, Candidate, parse_candidate, tune
+from .common import add_config_options, add_runtime_options, apply_runtime, build_config, format_table, run_meta, \
+    write_config
+
+EXAMPLES = """examples:
+  # compare the default candidates on the four shared sets (never reads their test images)
+  moleflow tune --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --out runs/tune
+  # then train the chosen configuration
+  moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes \\
+      --config runs/tune/chosen.yaml --out runs/tuned
+  # your own candidates (name:overrides), built on --preset
+  moleflow tune --data DATA --out runs/t --candidate e12:train.epochs=12 --candidate e24:train.epochs=24
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("tune", help="choose settings on synthetic anomalies in held-out training images",
+                       description="Hold out part of each product's normal training images, paste synthetic "
+                                   "anomalies (with exact masks) into copies of them, learn the products one after "
+                                   "another with every candidate configuration, and choose the candidate with the "
+                                   "best synthetic image + pixel AUROC. Test images are never read.",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="dataset root")
+    p.add_argument("--dataset", default="folder", choices=DATASETS, help="layout (default folder)")
+    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
+    p.add_argument("--scenario", default="1-1", help="a-b tasks as in train (default 1-1)")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--candidate", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+                   help="a candidate as overrides of --preset (repeatable); default: the built-in candidates "
+                        f"{', '.join(CANDIDATES)} on the cpu preset")
+    p.add_argument("--holdout", type=float, default=0.2, help="share of training images held out (default 0.2)")
+    p.add_argument("--max-train", type=int, default=300,
+                   help="use at most this many training images per product (default 300; 0 = all)")
+    add_config_options(p)
+    add_runtime_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    apply_runtime(args)
+    if not 0.0 < args.holdout < 0.9:
+        raise MoleflowError(f"--holdout {args.holdout}: must be in (0, 0.9)")
+    base = build_config(args)
+    if args.candidate:
+        candidates = [parse_candidate(c, base) for c in args.candidate]
+    else:
+        candidates = [Candidate(name, Config.from_preset("cpu").with_overrides(o)) for name, o in CANDIDATES.items()]
+    classes = args.classes or default_classes(args.dataset, args.data)
+    tasks = parse_scenario(args.scenario, classes)
+
+    def run_candidate(cand: Candidate, load_split, run_dir: Path) -> dict:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_config(run_dir / "config.yaml", cand.config)
+        model = MoleFlow(cand.config, device=args.device)
+        meta = run_meta(cand.config, {"candidate": cand.name, "dataset": {"root": str(args.data), "validation":
+                                                                          "synthetic anomalies in held-out normals"}})
+        return run_continual(model, load_split, tasks, run_dir, meta, progress=not args.no_progress,
+                             batch_size=args.batch_size, num_workers=args.workers, examples_per_kind=0)
+
+    result = tune(candidates, lambda c: load_class(args.data, c, args.dataset), tasks, args.out, run_candidate,
+                  holdout=args.holdout, max_train=args.max_train or None, seed=base.train.seed)
+    save_json(args.out / "tune.json", result)
+    chosen = next(c for c in candidates if c.name == result["chosen"])
+    write_config(args.out / "chosen.yaml", chosen.config)
+    rows = [[r["name"], f"{100 * r['validation_score']:.2f}",
+             f"{100 * (r['validation_mean']['image_auroc'] or 0):.1f}",
+             f"{100 * (r['validation_mean']['pixel_auroc'] or 0):.1f}", f"{r['seconds']:.0f}"] for r in result["candidates"]]
+    print(format_table(rows, ["candidate", "score", "syn I-AUROC", "syn P-AUROC", "seconds"]))
+    print(f"chosen: {result['chosen']}  ->  {args.out / 'chosen.yaml'}")
+    return 0
