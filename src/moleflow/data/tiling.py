@@ -1,6 +1,6 @@
 """Tiling of elongated images (`data.tiling = "aspect"`), and stitching their patch maps back.
 
-An image whose long side is r times its short side is cut along the long side into k = round(r)
+An image whose long side is r times its short side is cut along the long side into k = round(r) (halves up)
 equal tiles (at most `MAX_TILES`; k = 1 below r = 1.5), each close to square; every tile then goes
 through the usual square preprocessing. A 500 x 1250 kolektor part becomes 3 tiles of about 500 x 417
 instead of one 224 x 224 squash that shrinks its length 2.5 times more than its width.
@@ -38,7 +38,7 @@ def tile_layout(width: int, height: int, tiling: str) -> TileLayout:
         return TileLayout()
     long, short = max(width, height), max(1, min(width, height))
     ratio = long / short
-    count = 1 if ratio < 1.5 else min(MAX_TILES, int(round(ratio)))
+    count = 1 if ratio < 1.5 else min(MAX_TILES, int(ratio + 0.5))  # 2.5 -> 3
     return TileLayout(count, height > width)
 
 

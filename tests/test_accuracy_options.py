@@ -1,0 +1,174 @@
+"""The accuracy options outside the faithful presets: step floor, concatenated features, patch memory, tiling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import random_images, tiny_config
+from PIL import Image
+
+from moleflow import Config
+from moleflow.backbones import FeatureExtractor
+from moleflow.config import BackboneConfig, TrainConfig
+from moleflow.data.tiling import TileLayout, split_tiles, stitch_maps, tile_layout
+from moleflow.detector import MoleFlow
+from moleflow.errors import MoleflowError
+from moleflow.memory import PatchMemory, nearest_distance
+from moleflow.model import MoLEFlow
+from moleflow.trainer import fit_task, steps_per_epoch, task_epochs
+
+
+# ------------------------------------------------------------------------------------------ step floor
+def test_steps_per_epoch_and_task_epochs():
+    cfg = TrainConfig(epochs=12, batch_size=16, min_steps=200)
+    assert steps_per_epoch(80, cfg) == 5 and steps_per_epoch(81, cfg) == 6
+    assert task_epochs(80, cfg) == 40  # 40 x 5 = 200 steps
+    assert task_epochs(270, cfg) == 12  # 12 x 17 = 204 >= 200: the preset's epochs stand
+    assert task_epochs(80, TrainConfig(epochs=12, batch_size=16)) == 12  # min_steps 0: epochs only
+    dropped = TrainConfig(epochs=1, batch_size=16, drop_last=True, min_steps=10)
+    assert steps_per_epoch(20, dropped) == 1 and task_epochs(20, dropped) == 10
+
+
+def test_fit_task_meets_the_step_floor_and_stretches_the_schedule():
+    cfg = tiny_config(**{"train.epochs": 2, "train.min_steps": 9, "train.batch_size": 8})
+    model = MoLEFlow(cfg.model, 32)
+    task = model.add_task()
+    tokens = torch.randn(20, 4, 4, 32, generator=torch.Generator().manual_seed(0))
+    report = fit_task(model, task, 20, lambda idx: tokens[idx], cfg.train)
+    assert report.epochs == 3 and report.steps == 9  # 3 steps per epoch: 2 epochs would give only 6
+    assert len(report.epoch_losses) == 3
+
+
+def test_main_and_repo_keep_sixty_epochs_without_a_floor():
+    for name in ("main", "repo"):
+        cfg = Config.from_preset(name)
+        assert cfg.train.epochs == 60 and cfg.train.min_steps == 0
+        assert cfg.backbone.feature_merge == "mean" and cfg.score.source == "flow" and cfg.data.tiling == "none"
+
+
+# ------------------------------------------------------------------------------------------ concatenated features
+def test_concat_features_keep_every_channel_side_by_side():
+    ext = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", random_weights=True, feature_merge="concat"))
+    assert ext.embed_dim == 40 + 112
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    tokens = ext.tokens(x)
+    assert tokens.shape == (2, 28, 28, 152)
+    maps = ext.model(x.contiguous(memory_format=torch.channels_last))
+    # PatchCore's aggregation: each channel's 3x3 mean (zero padding), layer 3 upsampled, channels concatenated
+    ref = torch.cat([F.interpolate(F.avg_pool2d(m, 3, 1, 1), size=(28, 28), mode="bilinear", align_corners=False)
+                     for m in maps], 1).permute(0, 2, 3, 1)
+    torch.testing.assert_close(tokens, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_concat_refuses_a_different_embed_dim():
+    with pytest.raises(MoleflowError, match="D = 152"):
+        FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", random_weights=True, feature_merge="concat",
+                                        embed_dim=128))
+
+
+def test_parameter_counts_at_the_concatenated_dimension():
+    """D = 152 (h = 76), rank 16, 6 + 2 blocks: LoRA 13 r h per block, task biases 6 h, adapter 2 D,
+    DIA 2 x 3 x (h^2 + h) per block (the spec's §2.10 formulas, which give 3,706,368 at D = 768, r = 64)."""
+    cfg = Config.from_preset("cpu")
+    model = MoLEFlow(cfg.model, dim=152)
+    model.add_task()
+    per = model.parameter_counts()["per_task"][0]
+    h, r = 76, 16
+    assert per["lora"] == 6 * 13 * r * h == 94_848
+    assert per["task_bias"] == 6 * 6 * h == 2_736
+    assert per["adapter"] == 2 * 152
+    assert per["dia"] == 2 * 2 * 3 * (h * h + h) == 70_224
+    assert per["total"] == 94_848 + 2_736 + 304 + 70_224
+
+
+# ------------------------------------------------------------------------------------------ patch memory
+def test_nearest_distance_is_exact():
+    gen = torch.Generator().manual_seed(0)
+    q, bank = torch.randn(50, 8, generator=gen), torch.randn(300, 8, generator=gen)
+    torch.testing.assert_close(nearest_distance(q, bank, chunk=7), torch.cdist(q, bank).min(1).values,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_memory_keeps_a_seeded_share_and_scores_its_own_patches_zero(tmp_path):
+    tokens = torch.randn(10, 4, 4, 8, generator=torch.Generator().manual_seed(1))
+    mapped = np.memmap(tmp_path / "cache.f32", dtype=np.float32, mode="w+", shape=(10, 4, 4, 8))
+    mapped[:] = tokens.numpy()
+    a, b = PatchMemory(0.25, seed=3), PatchMemory(0.25, seed=3)
+    a.add_task(0, tokens)
+    b.add_task(0, mapped)  # the memory-mapped feature cache gives the same bank
+    assert a.bank_0.shape == (40, 8) and torch.equal(a.bank_0, b.bank_0)
+    d = a.distances(tokens, 0)
+    assert d.shape == (10, 4, 4) and int((d < 1e-2).sum()) >= 40  # every kept patch is its own neighbour
+    a.remove_task(0)
+    assert not a.has(0)
+
+
+def test_flow_plus_memory_detects_and_survives_save_and_load(tmp_path):
+    cfg = tiny_config(**{"score.source": "flow+memory", "train.epochs": 1})
+    model = MoleFlow(cfg)
+    model.fit_task(random_images(0, 12), name="a")
+    model.fit_task(random_images(1, 12, shift=2.0), name="b")
+    probe = torch.cat([random_images(2, 3), random_images(3, 3, shift=2.0)])
+    before = model.predict(probe)
+    assert before.task_ids.tolist() == [0, 0, 0, 1, 1, 1]
+    norm = model.memory.norm_0
+    assert norm.shape == (4,) and bool((norm[[1, 3]] > 0).all())
+    model.save(tmp_path / "m.pt")
+    after = MoleFlow.load(tmp_path / "m.pt").predict(probe)
+    assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
+
+
+# ------------------------------------------------------------------------------------------ tiling
+def test_tile_layout_rule():
+    assert tile_layout(500, 1250, "aspect") == TileLayout(3, True)  # 2.5 rounds up
+    assert tile_layout(500, 1260, "aspect") == TileLayout(3, True)  # 2.52 -> 3 tiles down the height
+    assert tile_layout(640, 480, "aspect") == TileLayout(1, False)  # 1.33 < 1.5: one view
+    assert tile_layout(900, 300, "aspect") == TileLayout(3, False)
+    assert tile_layout(500, 1260, "none") == TileLayout(1, False)
+    assert tile_layout(10, 1000, "aspect").count == 8  # capped
+
+
+def test_tiles_cover_the_image_exactly_and_maps_stitch_back_in_order():
+    arr = np.random.default_rng(0).integers(0, 255, (301, 100, 3), dtype=np.uint8)
+    layout = tile_layout(100, 301, "aspect")
+    tiles = split_tiles(Image.fromarray(arr), layout)
+    assert [t.size for t in tiles] == [(100, 100), (100, 100), (100, 101)]
+    assert np.array_equal(np.concatenate([np.asarray(t) for t in tiles], axis=0), arr)
+    maps = torch.stack([torch.full((4, 4), float(i)) for i in range(3)])
+    stitched = stitch_maps(maps, layout)
+    assert stitched.shape == (12, 4) and stitched[:, 0].tolist() == [0.0] * 4 + [1.0] * 4 + [2.0] * 4
+    wide = stitch_maps(maps, TileLayout(3, False))
+    assert wide.shape == (4, 12) and wide[0, ::4].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_tiled_detector_puts_a_defect_back_where_it_is():
+    """A bright square in the bottom third of tall images shows in the bottom third of the whole-image map."""
+    rng = np.random.default_rng(0)
+    cfg = tiny_config(**{"data.tiling": "aspect", "train.epochs": 3, "score.source": "flow+memory"})
+    model = MoleFlow(cfg)
+
+    def part() -> np.ndarray:
+        return (120 + rng.normal(0, 8, (336, 112, 3))).clip(0, 255).astype(np.uint8)
+
+    info = model.fit_task([part() for _ in range(12)], name="tall")
+    assert info.n_train == 11 and info.n_tiles == 36 and info.n_calibration == 1
+    bad = part()
+    bad[250:280, 40:70] = 255
+    pred = model.predict([part(), bad])
+    assert pred.maps.shape == (2, 112, 112) and pred.patch_nll[1].shape == (3 * 14, 14)
+    heat = pred.maps[1]
+    assert int(heat.argmax()) // 112 >= 112 * 2 // 3 - 4  # the peak row is in the bottom third
+    assert pred.scores[1] > pred.scores[0]
+
+
+def test_tiling_needs_squash_and_refuses_onnx_export(tmp_path):
+    with pytest.raises(MoleflowError, match="squash"):
+        tiny_config(**{"data.tiling": "aspect", "data.resize_mode": "letterbox"})
+    from moleflow.export import export_onnx
+
+    model = MoleFlow(tiny_config(**{"data.tiling": "aspect", "train.epochs": 1}))
+    model.fit_task(random_images(0, 10), name="a")
+    with pytest.raises(MoleflowError, match="tiling"):
+        export_onnx(model, tmp_path / "onnx")
