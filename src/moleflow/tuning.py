@@ -42,6 +42,10 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "cpu12+steps": {**_FAITHFUL, "train.min_steps": 200},
     "concat+steps": {**_FAITHFUL, **_CONCAT, "train.min_steps": 200},
     "concat+steps+memory": {**_FAITHFUL, **_CONCAT, "train.min_steps": 200, "score.source": "flow+memory"},
+    # tiles multiply the images of elongated products (kolektor: 3 per part), so the run is set by the step
+    # floor (about 200 steps per task) rather than by 12 epochs, to keep a task within its time budget
+    "concat+memory+tiles": {**_FAITHFUL, **_CONCAT, "train.epochs": 4, "train.min_steps": 200,
+                            "score.source": "flow+memory", "data.tiling": "aspect"},
 }
 MAX_SIDE = 640  # validation images are drawn at most this large (long side) before the usual preprocessing
 
