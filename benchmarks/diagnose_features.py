@@ -114,8 +114,9 @@ def main() -> None:
     ap.add_argument("--json", default=str(here / "results" / "diagnose_features.json"))
     ap.add_argument("--kinds", nargs="+", default=["mean128", "concat152", "concat152_aspect"])
     ap.add_argument("--sets", nargs="+", default=list(SETS))
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     ext = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", embed_dim=128))
     results: dict = {}
     for name in args.sets:

@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
         run_dir = args.out if len(seeds) == 1 else args.out / f"seed_{seed}"
         log.info("run %s: %d tasks, preset %s, backbone %s", run_dir, len(tasks), cfg.preset, cfg.backbone.name)
         results = train_one(args, seeded, run_dir, classes, tasks)
-        print(f"\nseed {seed}: final results after {len(tasks)} tasks (%, router on)")
+        size = seeded.data.image_size
+        print(f"\nseed {seed}: final results after {len(tasks)} tasks (%, router on; pixel metrics on whole "
+              f"images at {size}x{size}{', tiled' if seeded.data.tiling != 'none' else ''})")
         print_final_table(results)
         runs.append(results)
     if len(seeds) > 1:

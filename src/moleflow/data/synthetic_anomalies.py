@@ -18,8 +18,10 @@ from .synthetic import AREA_RANGE, DEFECT_KINDS, apply_defect
 ANOMALY_KINDS = DEFECT_KINDS + ("cutpaste",)
 
 
-def cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Paste a turned rectangle of `donor` into `image` (both uint8 (H, W, 3)); mask = changed pixels (H, W)."""
+def cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator,
+              severity: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Paste a turned rectangle of `donor` into `image` (both uint8 (H, W, 3)), blended with weight
+    `severity` (1: opaque); mask = the changed pixels (H, W)."""
     h, w = image.shape[:2]
     area = rng.uniform(*AREA_RANGE) * h * w
     aspect = rng.uniform(0.3, 3.0)
@@ -34,7 +36,9 @@ def cut_paste(image: np.ndarray, donor: np.ndarray, rng: np.random.Generator) ->
     patch = np.rot90(donor[sy:sy + src_h, sx:sx + src_w], turns)
     y, x = int(rng.integers(0, h - ph + 1)), int(rng.integers(0, w - pw + 1))
     out = image.copy()
-    out[y:y + ph, x:x + pw] = patch
+    region = out[y:y + ph, x:x + pw].astype(np.float32)
+    blend = region + min(1.0, severity) * (patch.astype(np.float32) - region)
+    out[y:y + ph, x:x + pw] = np.clip(np.rint(blend), 0, 255).astype(np.uint8)
     mask = np.any(out != image, axis=-1)
     return out, mask
 
@@ -47,7 +51,8 @@ def paste_anomaly(image: np.ndarray, donor: np.ndarray, kind: str, rng: np.rando
     if kind not in ANOMALY_KINDS:
         raise MoleflowError(f"unknown anomaly kind {kind!r}; choose from {', '.join(ANOMALY_KINDS)}")
     for _ in range(20):
-        out, mask = cut_paste(image, donor, rng) if kind == "cutpaste" else apply_defect(image, kind, rng, severity)
+        out, mask = (cut_paste(image, donor, rng, severity) if kind == "cutpaste"
+                     else apply_defect(image, kind, rng, severity))
         if mask.any():
             return out, mask
     return apply_defect(image, "hole", rng, max(severity, 1.0))

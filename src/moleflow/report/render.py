@@ -377,7 +377,13 @@ def _header(run: RunData, title: str) -> list[Block]:
         f"**Command:** {md_code(r.get('command') or 'n/a')}",
         f"**Backbone:** {backbone}",
         f"**Preset:** {md_escape(cfg.get('preset') or 'n/a')}; image size "
-        f"{md_escape(data_cfg.get('image_size', 'n/a'))} px ({md_escape(data_cfg.get('resize_mode', 'n/a'))})",
+        f"{md_escape(data_cfg.get('image_size', 'n/a'))} px ({md_escape(data_cfg.get('resize_mode', 'n/a'))}"
+        + (", elongated images cut into near-square tiles" if data_cfg.get("tiling") == "aspect" else "") + ")",
+        f"**Evaluation resolution:** pixel metrics on {md_escape(data_cfg.get('image_size', 'n/a'))} x "
+        f"{md_escape(data_cfg.get('image_size', 'n/a'))} maps and masks, each the whole image resized "
+        f"({md_escape(data_cfg.get('resize_mode', 'n/a'))})",
+        f"**Features and scores:** {md_escape((cfg.get('backbone') or {}).get('feature_merge', 'mean'))} of the "
+        f"backbone layers; patch score from {md_escape((cfg.get('score') or {}).get('source', 'flow'))}",
         f"**Data:** {md_escape(ds.get('name') or 'n/a')} at {md_code(ds.get('root') or 'n/a')}, "
         f"{len(run.classes)} products, scenario {md_code(ds.get('scenario') or 'n/a')}",
         f"**Task order:** {_task_order(run)}",
