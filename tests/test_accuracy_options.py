@@ -172,3 +172,16 @@ def test_tiling_needs_squash_and_refuses_onnx_export(tmp_path):
     model.fit_task(random_images(0, 10), name="a")
     with pytest.raises(MoleflowError, match="tiling"):
         export_onnx(model, tmp_path / "onnx")
+
+
+def test_default_cpu_preset_is_the_tuned_candidate():
+    """The default is what `moleflow tune` chose (runs/tune/tune.json, docs/accuracy.md §5), field for field."""
+    from moleflow.tuning import CANDIDATES
+
+    cpu = Config.from_preset("cpu")
+    chosen = Config.from_preset("cpu-faithful").with_overrides(CANDIDATES["concat+memory+tiles"])
+    chosen.preset = cpu.preset
+    assert cpu.to_dict() == chosen.to_dict()
+    faithful = Config.from_preset("cpu-faithful")
+    assert faithful.score.source == "flow" and faithful.backbone.feature_merge == "mean"
+    assert faithful.backbone.embed_dim == 128 and faithful.train.epochs == 12 and faithful.train.min_steps == 0

@@ -9,7 +9,7 @@ import pytest
 from moleflow.cli import main
 from moleflow.data.synthetic import write_mvtec_layout
 
-SMALL = ["--preset", "cpu", "--set", "backbone.embed_dim=64", "--set", "model.num_coupling_blocks=2",
+SMALL = ["--preset", "cpu-faithful", "--set", "backbone.embed_dim=64", "--set", "model.num_coupling_blocks=2",
          "--set", "model.lora_rank=8", "--set", "train.batch_size=8", "--set", "train.epochs=30", "--no-progress"]
 
 

@@ -31,9 +31,9 @@ def add_parser(sub) -> None:
     p.add_argument("--products", nargs="+", default=DEFAULT_PRODUCTS, help="generated products, in learning order")
     p.add_argument("--n-train", type=int, default=60, help="normal training images per product (default 60)")
     p.add_argument("--n-test", type=int, default=15, help="good and defective test images each (default 15)")
-    p.add_argument("--epochs", type=int, default=30,
-                   help="epochs per task (default 30: the products have few images, so the cpu preset's 12 "
-                        "epochs would give too few optimisation steps)")
+    p.add_argument("--epochs", type=int,
+                   help="epochs per task (default: the cpu preset's, whose floor of 200 optimiser steps per task "
+                        "already gives these small products enough updates)")
     p.add_argument("--seed", type=int, default=0)
     add_runtime_options(p)
     p.set_defaults(run=run)
@@ -48,12 +48,15 @@ def run(args: argparse.Namespace) -> int:
     print(f"generating {len(args.products)} products into {data} ...")
     write_mvtec_layout(data, args.products, n_train=args.n_train, n_test_good=args.n_test,
                        n_test_defect=args.n_test, size=224, seed=args.seed)
-    cfg = Config.from_preset("cpu").with_overrides({"train.epochs": args.epochs, "train.seed": args.seed})
+    cfg = Config.from_preset("cpu").with_overrides({"train.seed": args.seed})
+    if args.epochs:
+        cfg = cfg.with_overrides({"train.epochs": args.epochs})
     train_args = argparse.Namespace(data=data, dataset="folder", scenario="1-1", no_report=False,
                                     no_progress=args.no_progress, batch_size=args.batch_size,
                                     workers=args.workers, device=args.device)
     tasks = [[p] for p in args.products]
-    print(f"learning {', '.join(args.products)} one after another (preset cpu, {args.epochs} epochs per task) ...")
+    print(f"learning {', '.join(args.products)} one after another (preset cpu, at least {cfg.train.epochs} epochs "
+          f"and {cfg.train.min_steps} optimiser steps per task) ...")
     results = train_one(train_args, cfg, args.out, list(args.products), tasks)
     print(f"\nfinal results after {len(tasks)} tasks (%, the router picks each image's product):")
     print_final_table(results)
