@@ -185,3 +185,14 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     faithful = Config.from_preset("cpu-faithful")
     assert faithful.score.source == "flow" and faithful.backbone.feature_merge == "mean"
     assert faithful.backbone.embed_dim == 128 and faithful.train.epochs == 12 and faithful.train.min_steps == 0
+
+
+def test_memory_is_capped_at_max_tokens():
+    from moleflow.memory import sample_patches
+
+    tokens = torch.randn(10, 4, 4, 8, generator=torch.Generator().manual_seed(2))
+    assert sample_patches(tokens, 0.5, seed=0).shape == (80, 8)
+    capped = sample_patches(tokens, 0.5, seed=0, max_tokens=25)
+    assert capped.shape == (25, 8)
+    rows = {tuple(r.tolist()) for r in tokens.reshape(-1, 8)}
+    assert all(tuple(r.tolist()) in rows for r in capped)  # a subset of the real tokens

@@ -96,7 +96,8 @@ def _fake_model(size: int = 16) -> SimpleNamespace:
                                known=torch.ones(n, dtype=torch.bool), anomalous=torch.zeros(n, dtype=torch.bool),
                                maps=torch.zeros(n, size, size))
 
-    return SimpleNamespace(transform=ImageTransform(size), predict=predict)
+    config = SimpleNamespace(data=SimpleNamespace(tiling="none"))
+    return SimpleNamespace(transform=ImageTransform(size), predict=predict, config=config)
 
 
 def _split(root: Path) -> ClassSplit:

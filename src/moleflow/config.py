@@ -126,6 +126,9 @@ class ScoreConfig:
     # normal training patches of the task (never test images). Not part of the faithful method.
     source: ScoreSource = "flow"
     memory_fraction: float = 0.1
+    # at most this many tokens per task (seeded random subset): inference cost stays bounded for large or
+    # tiled products (a 666-image product cut into ~2 tiles would otherwise keep ~100 k tokens)
+    memory_max_tokens: int = 20000
     false_alarm_rate: float = 0.01  # decision threshold: this quantile of held-out normal training scores
     calibration_fraction: float = 0.1  # share of training images held out for calibration (0 = none)
 
@@ -216,6 +219,7 @@ class Config:
         check(t.min_steps >= 0, "train.min_steps must be >= 0")
         check(s.source in ("flow", "flow+memory"), "score.source: flow|flow+memory")
         check(0.0 < s.memory_fraction <= 1.0, "score.memory_fraction must be in (0, 1]")
+        check(s.memory_max_tokens >= 1, "score.memory_max_tokens must be >= 1")
         check(self.backbone.feature_merge in ("mean", "concat"), "backbone.feature_merge: mean|concat")
         check(t.lr > 0, "train.lr must be > 0")
         check(0.0 <= t.tail_weight, "train.tail_weight must be >= 0")

@@ -109,7 +109,8 @@ class MoleFlow:
         self.flow = MoLEFlow(config.model, self.extractor.embed_dim, seed=config.train.seed).to(self.device)
         self.flow.eval()
         self.router = PrototypeRouter(config.router)
-        self.memory = (PatchMemory(config.score.memory_fraction, config.train.seed).to(self.device)
+        self.memory = (PatchMemory(config.score.memory_fraction, config.train.seed,
+                                   config.score.memory_max_tokens).to(self.device)
                        if config.score.source == "flow+memory" else None)
         self.tasks: list[TaskInfo] = []
         self.transform = ImageTransform(config.data.image_size, config.data.resize_mode,

@@ -18,11 +18,14 @@ import torch
 from torch import nn
 
 
-def sample_patches(tokens, fraction: float, seed: int) -> torch.Tensor:
-    """A seeded random `fraction` of the N*H*W patch tokens of `tokens` (N, H, W, D) -> (M, D) float32."""
+def sample_patches(tokens, fraction: float, seed: int, max_tokens: int | None = None) -> torch.Tensor:
+    """A seeded random `fraction` (at most `max_tokens`) of the N*H*W patch tokens of `tokens` (N, H, W, D)
+    -> (M, D) float32."""
     n, h, w, d = tokens.shape
     total = n * h * w
     keep = max(1, int(round(total * fraction)))
+    if max_tokens is not None:
+        keep = min(keep, max_tokens)
     gen = torch.Generator().manual_seed(seed)
     index = torch.randperm(total, generator=gen)[:keep].sort().values
     if isinstance(tokens, np.memmap):  # read only the rows we keep, image by image
@@ -48,16 +51,16 @@ class PatchMemory(nn.Module):
     """Memory banks keyed by task id: `bank_<t>` (M_t, D) and `norm_<t>` (4,) = mean and std of the flow NLL
     and of the memory distance over held-out normal patches of the task (set by `set_norm`)."""
 
-    def __init__(self, fraction: float, seed: int = 0) -> None:
+    def __init__(self, fraction: float, seed: int = 0, max_tokens: int | None = None) -> None:
         super().__init__()
-        self.fraction, self.seed = fraction, seed
+        self.fraction, self.seed, self.max_tokens = fraction, seed, max_tokens
 
     def has(self, task: int) -> bool:
         return hasattr(self, f"bank_{task}")
 
     def add_task(self, task: int, tokens) -> None:
         """Keep a seeded `fraction` of task `task`'s training tokens (N, H, W, D)."""
-        bank = sample_patches(tokens, self.fraction, self.seed * 1_000_003 + task)
+        bank = sample_patches(tokens, self.fraction, self.seed * 1_000_003 + task, self.max_tokens)
         self.register_buffer(f"bank_{task}", bank)
 
     def set_bank(self, task: int, bank: torch.Tensor) -> None:
