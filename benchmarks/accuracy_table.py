@@ -32,13 +32,13 @@ def test_summary(results: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--tune", type=Path, action="append", required=True, help="tune output folder(s)")
+    ap.add_argument("--tune", type=Path, action="append", required=True, help="tune output folder(s) or tune.json file(s)")
     ap.add_argument("--real", action="append", default=[], metavar="NAME=RESULTS_JSON")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     rows = {}
     for folder in args.tune:
-        for r in json.loads((folder / "tune.json").read_text())["candidates"]:
+        for r in json.loads((folder if folder.is_file() else folder / "tune.json").read_text())["candidates"]:
             rows[r["name"]] = {"validation_score": r["validation_score"],
                                "validation_image_auroc": r["validation_mean"]["image_auroc"],
                                "validation_pixel_auroc": r["validation_mean"]["pixel_auroc"],
