@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from moleflow.backbones import FeatureExtractor
 from moleflow.config import BackboneConfig
 from moleflow.data.datasets import load_class
 from moleflow.data.transforms import IMAGENET_MEAN, IMAGENET_STD, load_mask, load_rgb
+from moleflow.memory import nearest_distance
 from moleflow.metrics import image_metrics, pixel_metrics
 from moleflow.scoring import anomaly_maps
 
@@ -49,34 +49,16 @@ def geometry(img: Image.Image, aspect: bool) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def concat_tokens(ext: FeatureExtractor, x: torch.Tensor) -> torch.Tensor:
-    maps = ext.model(x.contiguous(memory_format=torch.channels_last))
-    size = maps[0].shape[-2:]
-    out = [F.interpolate(F.avg_pool2d(m, 3, 1, 1), size=size, mode="bilinear", align_corners=False) for m in maps]
-    return torch.cat(out, 1).permute(0, 2, 3, 1).contiguous()
-
-
-@torch.no_grad()
-def features(ext: FeatureExtractor, paths, path_kind: str) -> list[torch.Tensor]:
+def features(extractors: dict[str, FeatureExtractor], paths, path_kind: str) -> list[torch.Tensor]:
+    ext = extractors["mean" if path_kind == "mean128" else "concat"]
     out = []
     for p in paths:
         img = load_rgb(p)
-        x = to_tensor(img, geometry(img, path_kind.endswith("aspect")))[None]
-        out.append(ext.tokens(x)[0] if path_kind == "mean128" else concat_tokens(ext, x)[0])
+        out.append(ext.tokens(to_tensor(img, geometry(img, path_kind.endswith("aspect")))[None])[0])
     return out
 
 
-def nn_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
-    """(Q, D), (M, D) -> (Q,) Euclidean distance to the nearest bank row."""
-    bank_sq = bank.pow(2).sum(1)
-    out = []
-    for q in queries.split(chunk):
-        d = q.pow(2).sum(1, keepdim=True) - 2 * q @ bank.T + bank_sq
-        out.append(d.min(1).values.clamp_min(0).sqrt())
-    return torch.cat(out)
-
-
-def run_set(ext: FeatureExtractor, root: Path, name: str, kind: str, cap: int = 300) -> dict:
+def run_set(ext: dict[str, FeatureExtractor], root: Path, name: str, kind: str, cap: int = 300) -> dict:
     split = load_class(root, name, "folder")
     train = split.train[:cap]
     t0 = time.perf_counter()
@@ -86,7 +68,7 @@ def run_set(ext: FeatureExtractor, root: Path, name: str, kind: str, cap: int = 
     feats = features(ext, [s.image for s in split.test], kind)
     scores, maps, masks = [], [], []
     for f, s in zip(feats, split.test):
-        d = nn_distance(f.reshape(-1, f.shape[-1]), bank).reshape(f.shape[:2])
+        d = nearest_distance(f.reshape(-1, f.shape[-1]), bank).reshape(f.shape[:2])
         scores.append(float(d.max()))
         m = anomaly_maps(d[None], 224, 4.0)[0]  # any (h, w) grid -> 224 x 224 (the masks' squash geometry)
         maps.append(m.numpy())
@@ -117,7 +99,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ext = FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", embed_dim=128))
+    ext = {merge: FeatureExtractor(BackboneConfig(name="tf_efficientnet_lite0", feature_merge=merge,
+                                                 embed_dim=128 if merge == "mean" else None))
+           for merge in ("mean", "concat")}
     out = Path(args.json)
     results: dict = json.loads(out.read_text()) if out.is_file() else {}  # adds to earlier results
     for name in args.sets:

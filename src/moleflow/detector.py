@@ -324,7 +324,7 @@ class MoleFlow:
         if task_ids is None and not self.config.router.enabled:
             raise MoleflowError("router.enabled is false (oracle mode): pass task_ids")
         if task_ids is None:
-            ids, distance, known = self.route_images(routing, prep.owner, n, among)
+            ids, distance, known = self.router.route(routing, None if among is None else list(among), prep.owner)
         else:
             ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
             if len(ids) != n:
@@ -345,19 +345,6 @@ class MoleFlow:
         limit = torch.tensor([thresholds[t] for t in ids.tolist()], dtype=scores.dtype)
         return Prediction(scores=scores, maps=maps, patch_nll=patch_maps, task_ids=ids, known=known,
                           anomalous=scores > limit, router_distance=distance)
-
-    def route_images(self, routing: torch.Tensor, owner: torch.Tensor, n: int, among: Sequence[int] | None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Routing features of tiles (M, D) -> per image (N,): task id, distance, known. An image goes to
-        the task with the smallest mean distance over its tiles (its only tile without tiling)."""
-        tasks = self.router.task_ids if among is None else list(among)
-        per_tile = self.router.distances(routing, tasks)  # (M, T) float64
-        total = torch.zeros(n, len(tasks), dtype=per_tile.dtype).index_add_(0, owner, per_tile)
-        mean = total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(per_tile.dtype)
-        best, idx = mean.min(1)
-        ids = torch.tensor(tasks, dtype=torch.long)[idx]
-        limits = torch.tensor([self.router.prototypes[t].unknown_threshold for t in tasks], dtype=torch.float64)[idx]
-        return ids, best, best <= limits
 
     # ------------------------------------------------------------------------------ lifecycle
     def task_by_name(self, name: str) -> TaskInfo:

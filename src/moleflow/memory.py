@@ -37,14 +37,13 @@ def sample_patches(tokens, fraction: float, seed: int, max_tokens: int | None = 
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """(Q, D), (M, D) -> (Q,) Euclidean distance of each query to its nearest bank row (exact)."""
     bank_sq = bank.pow(2).sum(1)
-    if torch.onnx.is_in_onnx_export():  # no split: the exported graph takes any batch size
-        d2 = torch.addmm(bank_sq, queries, bank.T, beta=1, alpha=-2).min(1).values + queries.pow(2).sum(1)
-        return d2.clamp_min(0).sqrt()
-    out = []
-    for q in queries.split(chunk):
-        d2 = torch.addmm(bank_sq, q, bank.T, beta=1, alpha=-2).min(1).values + q.pow(2).sum(1)
-        out.append(d2.clamp_min(0).sqrt())
-    return torch.cat(out) if out else queries.new_zeros(0)
+
+    def nearest(q: torch.Tensor) -> torch.Tensor:  # ||q||^2 - 2 q.b + ||b||^2, minimised over the bank
+        return (torch.addmm(bank_sq, q, bank.T, beta=1, alpha=-2).min(1).values + q.pow(2).sum(1)).clamp_min(0).sqrt()
+
+    if torch.onnx.is_in_onnx_export() or len(queries) <= chunk:  # no split: the exported graph takes any batch
+        return nearest(queries)
+    return torch.cat([nearest(q) for q in queries.split(chunk)])
 
 
 class PatchMemory(nn.Module):
@@ -61,9 +60,6 @@ class PatchMemory(nn.Module):
     def add_task(self, task: int, tokens) -> None:
         """Keep a seeded `fraction` of task `task`'s training tokens (N, H, W, D)."""
         bank = sample_patches(tokens, self.fraction, self.seed * 1_000_003 + task, self.max_tokens)
-        self.register_buffer(f"bank_{task}", bank)
-
-    def set_bank(self, task: int, bank: torch.Tensor) -> None:
         self.register_buffer(f"bank_{task}", bank)
 
     def set_norm(self, task: int, nll: torch.Tensor, distance: torch.Tensor) -> None:

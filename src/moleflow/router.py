@@ -106,13 +106,20 @@ class PrototypeRouter:
         x = features.detach().double().cpu()
         return torch.stack([self._distance(x, self.prototypes[t]) for t in tasks], dim=1)
 
-    def route(self, features: torch.Tensor, tasks: list[int] | None = None
+    def route(self, features: torch.Tensor, tasks: list[int] | None = None, owner: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(N, D) -> (task ids (N,), distance to that task (N,), known (N,) bool: within its threshold).
+        """(M, D) -> per image (N,): task ids, distance to that task, known (bool: within its threshold).
 
-        `tasks` restricts the choice (e.g. to the tasks learned up to some step); default all."""
+        `tasks` restricts the choice (e.g. to the tasks learned up to some step); default all. `owner` (M,)
+        groups rows into N images (the tiles of one image): an image goes to the task with the smallest mean
+        distance over its rows. Default: every row is its own image."""
         tasks = self.task_ids if tasks is None else list(tasks)
-        best, idx = self.distances(features, tasks).min(1)
+        distances = self.distances(features, tasks)  # (M, T) float64
+        if owner is not None:
+            n = int(owner.max()) + 1 if len(owner) else 0
+            total = torch.zeros(n, len(tasks), dtype=distances.dtype).index_add_(0, owner, distances)
+            distances = total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(distances.dtype)
+        best, idx = distances.min(1)
         ids = torch.tensor(tasks, dtype=torch.long)[idx]
         limits = torch.tensor([self.prototypes[t].unknown_threshold for t in tasks], dtype=torch.float64)[idx]
         return ids, best, best <= limits
