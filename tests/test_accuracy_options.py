@@ -16,7 +16,7 @@ from moleflow.data.tiling import TileLayout, split_tiles, stitch_maps, tile_layo
 from moleflow.detector import MoleFlow
 from moleflow.errors import MoleflowError
 from moleflow.memory import PatchMemory, nearest_distance
-from moleflow.model import MoLEFlow
+from moleflow.model import ExpertFlow
 from moleflow.trainer import fit_task, steps_per_epoch, task_epochs
 
 
@@ -33,7 +33,7 @@ def test_steps_per_epoch_and_task_epochs():
 
 def test_fit_task_meets_the_step_floor_and_stretches_the_schedule():
     cfg = tiny_config(**{"train.epochs": 2, "train.min_steps": 9, "train.batch_size": 8})
-    model = MoLEFlow(cfg.model, 32)
+    model = ExpertFlow(cfg.model, 32)
     task = model.add_task()
     tokens = torch.randn(20, 4, 4, 32, generator=torch.Generator().manual_seed(0))
     report = fit_task(model, task, 20, lambda idx: tokens[idx], cfg.train)
@@ -72,7 +72,7 @@ def test_parameter_counts_at_the_concatenated_dimension():
     """D = 152 (h = 76), rank 16, 6 + 2 blocks: LoRA 13 r h per block, task biases 6 h, adapter 2 D,
     DIA 2 x 3 x (h^2 + h) per block (the spec's §2.10 formulas, which give 3,706,368 at D = 768, r = 64)."""
     cfg = Config.from_preset("cpu")
-    model = MoLEFlow(cfg.model, dim=152)
+    model = ExpertFlow(cfg.model, dim=152)
     model.add_task()
     per = model.parameter_counts()["per_task"][0]
     h, r = 76, 16

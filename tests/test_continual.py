@@ -96,11 +96,11 @@ def test_learning_rate_schedule():
 
 
 def test_non_finite_batches_are_skipped_and_counted():
-    from moleflow.model import MoLEFlow
+    from moleflow.model import ExpertFlow
     from moleflow.trainer import fit_task
 
     cfg = tiny_config(**{"train.epochs": 1, "train.batch_size": 4})
-    flow = MoLEFlow(cfg.model, dim=32)
+    flow = ExpertFlow(cfg.model, dim=32)
     flow.add_task()
     tokens = torch.randn(8, 4, 4, 32)
     tokens[0] = float("nan")  # poisons the batch that contains image 0

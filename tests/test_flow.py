@@ -10,7 +10,7 @@ from torch.autograd.functional import jacobian
 
 from moleflow import Config
 from moleflow.config import ModelConfig
-from moleflow.model import MoLEFlow
+from moleflow.model import ExpertFlow
 from moleflow.nn.adapters import sinusoidal_position_encoding
 from moleflow.nn.lora import LoRALinear
 
@@ -27,7 +27,7 @@ def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
 @pytest.mark.parametrize("dia_blocks", [0, 2])
 def test_flow_is_exactly_invertible(scale_context, dia_blocks):
     cfg = ModelConfig(num_coupling_blocks=3, lora_rank=2, use_scale_context=scale_context, dia_blocks=dia_blocks)
-    model = MoLEFlow(cfg, dim=8, seed=1).double()
+    model = ExpertFlow(cfg, dim=8, seed=1).double()
     model.add_task()
     model.add_task()
     _randomise(model)
@@ -40,7 +40,7 @@ def test_flow_is_exactly_invertible(scale_context, dia_blocks):
 
 def _logdet_and_jacobian(cfg: ModelConfig, dim: int, grid: tuple[int, int], seed: int):
     """(summed flow log-det, slogdet of the autograd Jacobian of the whole map) for a random model."""
-    model = MoLEFlow(cfg, dim=dim, seed=seed).double()
+    model = ExpertFlow(cfg, dim=dim, seed=seed).double()
     model.add_task()
     _randomise(model, seed=seed + 1)
     x = torch.randn(1, *grid, dim, dtype=torch.float64)
@@ -67,7 +67,7 @@ def test_per_patch_logdet_of_a_single_patch():
 
 
 def test_nll_is_gaussian_negative_log_likelihood():
-    model = MoLEFlow(ModelConfig(num_coupling_blocks=1, lora_rank=2, dia_blocks=1), dim=8).double()
+    model = ExpertFlow(ModelConfig(num_coupling_blocks=1, lora_rank=2, dia_blocks=1), dim=8).double()
     model.add_task()
     x = torch.randn(2, 2, 2, 8, dtype=torch.float64)
     out = model(x, 0)
@@ -100,7 +100,7 @@ def test_lora_scaling_follows_alpha():
 def test_main_preset_parameter_counts():
     """Spec §2.10: MAIN at D=768 adds 3,706,368 parameters per task."""
     cfg = Config.from_preset("main")
-    model = MoLEFlow(cfg.model, dim=768)
+    model = ExpertFlow(cfg.model, dim=768)
     model.add_task()
     model.add_task()
     counts = model.parameter_counts()
@@ -127,13 +127,13 @@ def test_positional_encoding_layout():
 
 
 def test_whitening_adapter_init():
-    model = MoLEFlow(ModelConfig(num_coupling_blocks=1, dia_blocks=0), dim=8)
+    model = ExpertFlow(ModelConfig(num_coupling_blocks=1, dia_blocks=0), dim=8)
     model.add_task()
     model.add_task()
     gamma = lambda t: 0.5 + 1.5 * torch.sigmoid(model.adapters[str(t)].gamma_raw)  # noqa: E731
     torch.testing.assert_close(gamma(0), torch.full((8,), 0.5 + 1.5 * torch.sigmoid(torch.tensor(-0.7)).item()))
     torch.testing.assert_close(gamma(1), torch.ones(8))
-    repo = MoLEFlow(ModelConfig(num_coupling_blocks=1, dia_blocks=0, whitening_identity_init=False), dim=8)
+    repo = ExpertFlow(ModelConfig(num_coupling_blocks=1, dia_blocks=0, whitening_identity_init=False), dim=8)
     repo.add_task()
     repo.add_task()
     torch.testing.assert_close(0.5 + 1.5 * torch.sigmoid(repo.adapters["1"].gamma_raw), torch.full((8,), 1.25))
@@ -141,7 +141,7 @@ def test_whitening_adapter_init():
 
 def test_layout_is_passed_not_global():
     """Two different grids in turn give the same per-patch results as each alone (no shared layout state)."""
-    model = MoLEFlow(ModelConfig(num_coupling_blocks=2, lora_rank=2, dia_blocks=1), dim=8)
+    model = ExpertFlow(ModelConfig(num_coupling_blocks=2, lora_rank=2, dia_blocks=1), dim=8)
     model.add_task()
     _randomise(model)
     a, b = torch.randn(1, 4, 6, 8), torch.randn(2, 5, 3, 8)

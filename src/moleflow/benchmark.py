@@ -14,7 +14,6 @@ from __future__ import annotations
 import platform
 import resource
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -120,17 +119,13 @@ def speed_benchmark(cfg: Config, device: str = "cpu", n_train: int = 300, size: 
 
 
 def _per_task_footprint(model: MoleFlow) -> dict[str, Any]:
-    """Parameters and bytes one more task adds, in memory and in the checkpoint file."""
-    with tempfile.TemporaryDirectory() as tmp:
-        one = model.save(Path(tmp) / "one.pt").stat().st_size
-        task = model.flow.add_task()
-        routing = torch.randn(16, model.extractor.embed_dim, dtype=torch.float64)
-        model.router.add_task(task, routing)
-        two = model.save(Path(tmp) / "two.pt").stat().st_size
-        params = sum(p.numel() for p in model.flow.task_parameters(task))
-        proto = model.router.prototypes[task]
-        router_bytes = (proto.mean.numel() + proto.precision.numel()) * 8
-        model.flow.remove_task(task)
-        model.router.remove_task(task)
+    """Parameters and bytes of the last learned task: in memory, and its expert file in the checkpoint."""
+    from safetensors.torch import save as st_save
+
+    task = model.flow.task_ids[-1]
+    params = sum(p.numel() for p in model.flow.task_parameters(task))
+    mean, precision = model.router.prototype(task)
+    router_bytes = (mean.numel() + precision.numel()) * mean.element_size()
+    state = model.inspector.state_by_owner()[task]
     return {"parameters": params, "parameter_bytes": params * 4, "router_bytes": router_bytes,
-            "checkpoint_bytes": two - one}
+            "checkpoint_bytes": len(st_save({k: v.contiguous() for k, v in state.items()}))}

@@ -4,9 +4,11 @@
     model.fit_task(train_images_of_product_a, name="a")
     model.fit_task(train_images_of_product_b, name="b")
     pred = model.predict(test_images)      # pred.scores (N,), pred.maps (N,S,S), pred.task_ids (N,)
-    model.save("run/model.pt"); model = MoleFlow.load("run/model.pt")
+    model.save("run/model"); model = MoleFlow.load("run/model")
 
-Images are file paths, PIL images, uint8 arrays (H,W,3) or an already normalised float tensor (N,3,S,S).
+Images are file paths, PIL images, uint8/uint16 arrays or an already normalised float tensor (N,3,S,S).
+`MoleFlow` trains and calibrates; every score it gives comes from its `inspector` (inspector.py), the one
+routed-inference module that evaluation, export and serving also use.
 """
 
 from __future__ import annotations
@@ -14,27 +16,22 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
-from .backbones import FeatureExtractor
 from .config import Config
-from .data.tiling import TileLayout, split_tiles, stitch_maps, tile_layout
-from .data.transforms import ImageTransform, load_rgb
+from .data.batch import Images, Prepared, prepare_images
+from .data.transforms import ImageTransform
 from .errors import MoleflowError
-from .memory import PatchMemory, patch_scores
-from .model import MoLEFlow
-from .router import PrototypeRouter
-from .scoring import MapMaker, decision_threshold, image_scores
+from .inspector import Inspection, Inspector
+from .scoring import decision_threshold
 from .trainer import TrainReport, fit_task
 
 log = logging.getLogger(__name__)
 
-ImageInput = Union[str, Path, Image.Image, np.ndarray]
-Images = Union[Sequence[ImageInput], torch.Tensor]
+Prediction = Inspection  # what `MoleFlow.predict` returns
 
 
 @dataclass
@@ -46,43 +43,11 @@ class TaskInfo:
     classes: list[str]
     n_train: int
     n_calibration: int
-    threshold: float  # image score above which an image of this task is anomalous
+    threshold: float  # image score above which an image of this task is anomalous (= the inspector's buffer)
     n_tiles: int = 0  # preprocessed tiles of all its images (= images without tiling)
     calibration: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # where its images came from (root, dataset), if known
-
-
-@dataclass
-class Prediction:
-    """Scores of N images. Task ids are the router's choice (or the oracle's when given)."""
-
-    scores: torch.Tensor  # (N,) image scores
-    maps: torch.Tensor  # (N, S, S) pixel anomaly maps
-    # raw patch scores (the flow NLL, or NLL + memory when score.source says so): (N, H, W), or with tiling
-    # one stitched map per image
-    patch_nll: torch.Tensor | list[torch.Tensor]
-    task_ids: torch.Tensor  # (N,) long
-    known: torch.Tensor  # (N,) bool: False = fits no learned product ("unknown product")
-    anomalous: torch.Tensor  # (N,) bool: score above the routed task's calibrated threshold
-    router_distance: torch.Tensor  # (N,) distance to the chosen prototype (nan with oracle ids)
-
-
-@dataclass
-class Prepared:
-    """Preprocessed images: `pixels` (M, 3, S, S) holds the tiles of N images (M = N without tiling);
-    `owner` (M,) the image of each tile; `layouts` (N,) how each image was cut (in tile order)."""
-
-    pixels: torch.Tensor
-    owner: torch.Tensor
-    layouts: list[TileLayout]
-
-    def select(self, images: torch.Tensor) -> "Prepared":
-        """The tiles of the images `images` (sorted indices), with `owner` renumbered 0..len-1."""
-        keep = torch.isin(self.owner, images)
-        renumber = torch.full((len(self.layouts),), -1, dtype=torch.long)
-        renumber[images] = torch.arange(len(images))
-        return Prepared(self.pixels[keep], renumber[self.owner[keep]], [self.layouts[i] for i in images.tolist()])
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -105,47 +70,36 @@ class MoleFlow:
         if precision == "fp16" and self.device.type != "cuda":
             raise MoleflowError("fp16 needs a CUDA GPU; use fp32 or bf16 on the CPU")
         self.precision = precision  # inference only; training always runs in fp32
-        self.extractor = FeatureExtractor(config.backbone).to(self.device)
-        self.flow = MoLEFlow(config.model, self.extractor.embed_dim, seed=config.train.seed).to(self.device)
-        self.flow.eval()
-        self.router = PrototypeRouter(config.router)
-        self.memory = (PatchMemory(config.score.memory_fraction, config.train.seed,
-                                   config.score.memory_max_tokens).to(self.device)
-                       if config.score.source == "flow+memory" else None)
+        self.inspector = Inspector(config, self.device)
         self.tasks: list[TaskInfo] = []
         self.transform = ImageTransform(config.data.image_size, config.data.resize_mode,
                                         self.extractor.mean, self.extractor.std)
-        size = config.data.image_size
-        with torch.no_grad():  # the token grid of this backbone at this image size, e.g. 28 x 28 at 224 px
-            self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
-        self.map_maker = MapMaker(self.grid, size, config.score.map_sigma).to(self.device)
-        self._stitched_makers: dict[tuple[int, int], MapMaker] = {}  # map makers of stitched (tiled) grids
+
+    # the inspector's parts, for training and introspection
+    @property
+    def extractor(self):
+        return self.inspector.extractor
+
+    @property
+    def flow(self):
+        return self.inspector.flow
+
+    @property
+    def router(self):
+        return self.inspector.router
+
+    @property
+    def memory(self):
+        return self.inspector.memory
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.inspector.grid
 
     # ------------------------------------------------------------------------------ inputs
     def prepare(self, images: Images) -> Prepared:
-        """Preprocess images (cut into tiles when `data.tiling` says so) into normalised tiles (M, 3, S, S).
-
-        A float tensor (N, 3, S, S) is taken as already preprocessed, one tile per image."""
-        if isinstance(images, torch.Tensor):
-            size = self.config.data.image_size
-            if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
-                raise MoleflowError(f"an image tensor must be (N, 3, {size}, {size}), got {tuple(images.shape)}")
-            n = len(images)
-            return Prepared(images.float(), torch.arange(n), [TileLayout()] * n)
-        out, owner, layouts = [], [], []
-        for i, item in enumerate(images):
-            if isinstance(item, (str, Path)):
-                item = load_rgb(item)
-            elif isinstance(item, np.ndarray):
-                item = Image.fromarray(item)
-            layout = tile_layout(*item.size, self.config.data.tiling)
-            for tile in split_tiles(item, layout):
-                out.append(self.transform(tile))
-                owner.append(i)
-            layouts.append(layout)
-        if not out:
-            raise MoleflowError("no images were given")
-        return Prepared(torch.stack(out), torch.tensor(owner, dtype=torch.long), layouts)
+        """Preprocess images (cut into tiles when `data.tiling` says so) into normalised tiles (M, 3, S, S)."""
+        return prepare_images(images, self.transform, self.config.data.tiling)
 
     def to_tensor(self, images: Images) -> torch.Tensor:
         """Preprocessed tiles (M, 3, S, S) of the images (one per image without tiling)."""
@@ -194,8 +148,11 @@ class MoleFlow:
         threshold; the rest trains the expert. The router prototype uses all the images.
         """
         prep = self.prepare(images)
-        x, n = prep.pixels, len(prep.layouts)
-        task = self.flow.add_task()
+        x, n = prep.pixels, prep.n_images
+        name = name or f"task{len(self.tasks)}"
+        if any(t.name == name for t in self.tasks):
+            raise MoleflowError(f"a task named {name!r} is already learned; remove it first or choose another name")
+        task = self.inspector.add_expert()
         try:
             gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
             perm = torch.randperm(n, generator=gen)
@@ -220,15 +177,12 @@ class MoleFlow:
                 self.memory.add_task(task, tokens if tokens is not None else self.extract_cached(train_x)[0])
             cal_tokens, cal_routing = self.extract(cal_prep.pixels) if n_cal else (None, None)
             self.router.add_task(task, routing if cal_routing is None else torch.cat([routing, cal_routing]))
-            info = self._calibrate(task, name or f"task{task}", list(classes or [name or f"task{task}"]),
-                                   len(train_idx), cal_tokens, cal_prep, tokens, train_prep, report)
+            self.inspector.to(self.device)
+            info = self._calibrate(task, name, list(classes or [name]), len(train_idx), cal_tokens, cal_prep,
+                                   tokens, train_prep, report)
             info.n_tiles = int(len(x))
         except BaseException:
-            self.flow.remove_task(task)  # leave the model as it was
-            if task in self.router.prototypes:
-                self.router.remove_task(task)
-            if self.memory is not None:
-                self.memory.remove_task(task)
+            self.inspector.remove_task(task)  # leave the model as it was
             raise
         info.source = dict(source or {})
         self.tasks.append(info)
@@ -242,18 +196,23 @@ class MoleFlow:
             tokens, prep, source = cal_tokens, cal_prep, "held-out normal training images"
         else:
             tokens = torch.as_tensor(train_tokens) if train_tokens is not None else self.extract(train_prep.pixels)[0]
-            prep, source = train_prep, "training images (too few to hold out; optimistic)"
+            prep, source = train_prep, "training images (none held out; optimistic)"
         if self.memory is not None:
             self._set_memory_norm(task, tokens)
         scores, pixel_median, pixel_max = self._score_tokens(tokens, task, prep)
         rate = self.config.score.false_alarm_rate
+        threshold = decision_threshold(scores, rate)
+        self.inspector.set_threshold(task, threshold)
         calibration = {"source": source, "n": int(len(scores)), "false_alarm_rate": rate,
+                       **calibration_support(int(len(scores)), rate),
                        "score_mean": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                       "unknown_distance": self.router.prototypes[task].unknown_threshold,
+                       "unknown_distance": self.router.unknown_threshold(task),
                        "normal_pixel_median": pixel_median, "normal_pixel_max": pixel_max}
+        if calibration["warning"]:
+            log.warning("task %s: %s", name, calibration["warning"])
         return TaskInfo(task_id=task, name=name, classes=classes, n_train=n_train,
-                        n_calibration=int(len(cal_prep.layouts)) if cal_tokens is not None else 0,
-                        threshold=decision_threshold(scores, rate), calibration=calibration, train=report.to_dict())
+                        n_calibration=int(cal_prep.n_images) if cal_tokens is not None else 0,
+                        threshold=threshold, calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
     def _set_memory_norm(self, task: int, tokens: torch.Tensor, batch_size: int = 64) -> None:
@@ -264,87 +223,46 @@ class MoleFlow:
             nll.append(self.flow(t, task).nll.cpu())
             dist.append(self.memory.distances(t, task).cpu())
         self.memory.set_norm(task, torch.cat(nll), torch.cat(dist))
-
-    def patch_scores(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
-        """Patch anomaly scores (B, H, W) of tokens (B, H, W, D) of images of task `task`."""
-        return patch_scores(self.flow, self.memory, tokens, task)
+        self.memory.to(self.device)
 
     @torch.no_grad()
     def _score_tokens(self, tokens: torch.Tensor, task: int, prep: Prepared, batch_size: int = 64
                       ) -> tuple[torch.Tensor, float, float]:
         """Image scores (N,) of normal tiles' tokens (M, H, W, D), and the median and max of their pixel maps."""
-        nll = torch.cat([self.patch_scores(t.to(self.device), task).float().cpu() for t in tokens.split(batch_size)])
-        scores, maps, _ = self.image_outputs(nll, prep)
+        patch = torch.cat([self.inspector.patch_scores(t.to(self.device), task).float()
+                           for t in tokens.split(batch_size)])
+        scores, maps, _ = self.inspector.outputs(patch, prep)
         flat = maps.flatten(1)
-        return scores, float(flat.median(1).values.median()), float(flat.max())
-
-    def image_outputs(self, nll: torch.Tensor, prep: Prepared, batch_size: int = 64
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | list[torch.Tensor]]:
-        """Tiles' patch scores (M, h, w) -> image scores (N,), pixel maps (N, S, S) and patch maps: (N, h, w)
-        without tiling, else one stitched (k*h, w) or (h, k*w) map per image."""
-        if all(layout.count == 1 for layout in prep.layouts):
-            order = prep.owner.argsort()
-            nll = nll[order]
-            maps = torch.cat([self.map_maker(part.to(self.device)).cpu() for part in nll.split(batch_size)])
-            return image_scores(nll, self.config.score), maps, nll
-        patch_maps, scores, maps = [], [], []
-        for i, layout in enumerate(prep.layouts):
-            stitched = stitch_maps(nll[(prep.owner == i).nonzero().squeeze(1)], layout)
-            grid = tuple(stitched.shape)
-            if grid not in self._stitched_makers:
-                self._stitched_makers[grid] = MapMaker(grid, self.config.data.image_size,
-                                                       self.config.score.map_sigma).to(self.device)
-            patch_maps.append(stitched)
-            scores.append(image_scores(stitched[None], self.config.score)[0])
-            maps.append(self._stitched_makers[grid](stitched[None].to(self.device)).cpu()[0])
-        return torch.stack(scores), torch.stack(maps), patch_maps
+        return scores.cpu(), float(flat.median(1).values.median()), float(flat.max())
 
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def predict(self, images: Images, task_ids: Sequence[int] | torch.Tensor | None = None,
                 batch_size: int = 32, among: Sequence[int] | None = None) -> Prediction:
         """Score images. Without `task_ids` the router picks each image's task (task-agnostic), among the
-        tasks `among` if given (e.g. those learned up to a step of the sequence), else among all."""
+        tasks `among` if given (e.g. those learned up to a step of the sequence), else among all.
+        Images are loaded and scored `batch_size` at a time."""
         if not self.tasks:
             raise MoleflowError("the model has learned no task yet; call fit_task first")
+        if task_ids is None and not self.config.router.enabled:
+            raise MoleflowError("router.enabled is false (oracle mode): pass task_ids")
+        ids = None if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+        if ids is not None and len(ids) != len(images):
+            raise MoleflowError(f"{len(ids)} task ids for {len(images)} images")
+        parts = []
         with self._autocast():
-            return self._predict(images, task_ids, batch_size, among)
+            for start in range(0, len(images), batch_size):
+                chunk = images[start:start + batch_size]
+                parts.append(self.inspector.inspect(self.prepare(chunk),
+                                                    None if ids is None else ids[start:start + batch_size],
+                                                    None if among is None else list(among), batch_size))
+        return concat_inspections(parts)
 
     def _autocast(self):
         if self.precision == "fp32":
             return torch.autocast(device_type=self.device.type, enabled=False)
         return torch.autocast(device_type=self.device.type,
                               dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
-
-    def _predict(self, images: Images, task_ids, batch_size: int, among) -> Prediction:
-        prep = self.prepare(images)
-        tokens, routing = self.extract(prep.pixels, batch_size)
-        tokens, routing = tokens.float(), routing.float()
-        n = len(prep.layouts)
-        if task_ids is None and not self.config.router.enabled:
-            raise MoleflowError("router.enabled is false (oracle mode): pass task_ids")
-        if task_ids is None:
-            ids, distance, known = self.router.route(routing, None if among is None else list(among), prep.owner)
-        else:
-            ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-            if len(ids) != n:
-                raise MoleflowError(f"{len(ids)} task ids for {n} images")
-            unknown = set(ids.tolist()) - set(self.flow.task_ids)
-            if unknown:
-                raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.flow.task_ids}")
-            distance, known = torch.full((n,), float("nan"), dtype=torch.float64), torch.ones(n, dtype=torch.bool)
-        tile_ids = ids[prep.owner]
-        h, w = tokens.shape[1:3]
-        nll = torch.empty(len(tokens), h, w)
-        for task in tile_ids.unique().tolist():
-            index = (tile_ids == task).nonzero().squeeze(1)
-            for chunk in index.split(batch_size):
-                nll[chunk] = self.patch_scores(tokens[chunk].to(self.device), task).float().cpu()
-        scores, maps, patch_maps = self.image_outputs(nll, prep, batch_size)
-        thresholds = {t.task_id: t.threshold for t in self.tasks}
-        limit = torch.tensor([thresholds[t] for t in ids.tolist()], dtype=scores.dtype)
-        return Prediction(scores=scores, maps=maps, patch_nll=patch_maps, task_ids=ids, known=known,
-                          anomalous=scores > limit, router_distance=distance)
 
     # ------------------------------------------------------------------------------ lifecycle
     def task_by_name(self, name: str) -> TaskInfo:
@@ -354,26 +272,61 @@ class MoleFlow:
         raise MoleflowError(f"no task named {name!r}; tasks: {', '.join(t.name for t in self.tasks) or 'none'}")
 
     def remove_task(self, name: str) -> TaskInfo:
-        """Delete one task's expert and prototype; the other tasks are unaffected."""
+        """Delete one task's expert, prototype, memory and threshold; the other tasks are unaffected.
+        The last task cannot be removed: a run without tasks has nothing to score with."""
         info = self.task_by_name(name)
-        self.flow.remove_task(info.task_id)
-        self.router.remove_task(info.task_id)
-        if self.memory is not None:
-            self.memory.remove_task(info.task_id)
+        if len(self.tasks) == 1:
+            raise MoleflowError(f"{name} is the only learned task; a run needs at least one (train a new run "
+                                "instead, or add another product first)")
+        self.inspector.remove_task(info.task_id)
         self.tasks.remove(info)
         return info
 
     def save(self, path: str | Path) -> Path:
-        from .checkpoint import save_checkpoint
+        """Write the model folder `path` (manifest + one safetensors file per expert), atomically."""
+        from .store.checkpoint import save_model
 
-        return save_checkpoint(self, path)
+        return save_model(self, path)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
              backbone_weights: str | None = None) -> "MoleFlow":
-        from .checkpoint import load_detector
+        """Load a model folder (or a run folder holding one), verifying every file's SHA-256."""
+        from .store.checkpoint import load_model
 
-        return load_detector(path, device, backbone_weights)
+        return load_model(path, device, backbone_weights)
 
     def task_info_dicts(self) -> list[dict[str, Any]]:
         return [asdict(t) for t in self.tasks]
+
+
+def calibration_support(n: int, rate: float) -> dict[str, Any]:
+    """What `n` normal calibration images can say about a requested false-alarm `rate`.
+
+    With n exchangeable normal scores the smallest false-alarm rate a threshold can resolve is 1 / (n + 1)
+    (the threshold at the largest score); a requested rate below that is not supported by the data."""
+    resolvable = 1.0 / (n + 1) if n > 0 else 1.0
+    warning = ""
+    if n == 0:
+        warning = "no calibration images: the decision threshold is undefined"
+    elif rate < resolvable:
+        warning = (f"the threshold rests on {n} calibration images, which resolve false-alarm rates down to "
+                   f"{resolvable:.1%} only, not the requested {rate:.1%}: expect more false alarms; give the "
+                   f"product at least {int(np.ceil(1 / rate)) - 1} calibration images (more good images, or a "
+                   "larger score.calibration_fraction)")
+    return {"resolvable_rate": resolvable, "warning": warning}
+
+
+def concat_inspections(parts: list[Inspection]) -> Inspection:
+    """One `Inspection` of the images of several, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    patch = [p.patch_scores for p in parts]
+    return Inspection(
+        scores=torch.cat([p.scores for p in parts]), maps=torch.cat([p.maps for p in parts]),
+        patch_scores=torch.cat(patch) if all(isinstance(p, torch.Tensor) for p in patch)
+        else [m for p in patch for m in p],
+        task_ids=torch.cat([p.task_ids for p in parts]), known=torch.cat([p.known for p in parts]),
+        anomalous=torch.cat([p.anomalous for p in parts]),
+        router_distance=torch.cat([p.router_distance for p in parts]),
+        thresholds=torch.cat([p.thresholds for p in parts]))

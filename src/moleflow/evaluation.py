@@ -7,7 +7,7 @@ the only thresholds (decision, unknown product) come from held-out normal traini
 
 Run directory::
 
-    config.yaml  model.pt  results.json  final.csv  matrix_<metric>.csv
+    config.yaml  model/ (manifest + shards)  results.json  final.csv  matrix_<metric>.csv
     scores/<class>.csv     one row per test image (score, routed task, decision)
     examples/<class>.npz   a few images with maps for the report (best and worst cases)
 """
@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader
 from .data.datasets import ClassSplit, ImageDataset
 from .detector import MoleFlow
 from .errors import MoleflowError
+from .store.atomic import atomic_write_json
 from .metrics import auroc, backward_transfer, forgetting_measure, image_metrics, pixel_metrics
 
 log = logging.getLogger(__name__)
@@ -126,7 +127,9 @@ def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defect_types: Seque
 def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: bool = False, batch_size: int = 32,
                    examples_per_kind: int = 0, num_workers: int = 0, among: list[int] | None = None
                    ) -> ClassEvaluation:
-    """Score a class's test split (routed among `among`, or with the true task when `oracle`); its metrics."""
+    """Score a class's test split (routed among `among`, or with the true task when `oracle` or when the
+    router is off, the `no_router` ablation); its metrics."""
+    oracle = oracle or not model.config.router.enabled
     dataset = ImageDataset(split.test, model.transform)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     scores, routed, known, anomalous, maps, masks = [], [], [], [], [], []
@@ -161,9 +164,9 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     if examples_per_kind:
         chosen = _select_examples(labels, s, examples_per_kind)
         idx = [i for i, _ in chosen]
-        from PIL import Image
+        from .data.transforms import load_rgb
 
-        images = np.stack([model.transform.to_array(Image.open(split.test[i].image)) for i in idx])
+        images = np.stack([model.transform.to_array(load_rgb(split.test[i].image)) for i in idx])
         result.examples = {"images": images, "maps": m[idx], "masks": k[idx], "scores": s[idx],
                            "labels": labels[idx], "kinds": np.array([kind for _, kind in chosen]),
                            "files": np.array([result.files[i] for i in idx])}
@@ -239,9 +242,7 @@ def routing_confusion(evals: dict[str, ClassEvaluation], task_ids: list[int], ta
 
 
 def save_json(path: Path, data: dict) -> None:
-    from .checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, lambda fh: fh.write(json.dumps(data, indent=1).encode()))
+    atomic_write_json(path, data)
 
 
 def evaluate_classes(model: MoleFlow, splits: dict[str, ClassSplit], class_task: dict[str, int],
@@ -274,21 +275,33 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
     class_task: dict[str, int] = {}
     steps: list[dict[str, Any]] = []
     eval_seconds = 0.0
+    done = len(model.tasks)  # tasks a resumed run has already learned: their steps are re-scored, not re-learned
+    if [t.classes for t in model.tasks] != [list(c) for c in tasks[:done]]:
+        raise MoleflowError(f"{run_dir}: the saved run learned {[t.name for t in model.tasks]}, which is not the start "
+                            f"of the requested sequence {['+'.join(c) for c in tasks]}; use --overwrite or another --out")
+    if done and not model.config.model.freeze_base:
+        raise MoleflowError("--resume needs model.freeze_base=true (the earlier steps are re-scored from the saved "
+                            "model, which is exact only when the shared flow is frozen)")
     for step, classes in enumerate(tasks):
         for c in classes:
             splits[c] = load_split(c)
-        name = "+".join(classes)
-        log.info("step %d/%d: learning %s", step + 1, len(tasks), name)
-        images = [s.image for c in classes for s in splits[c].train]
-        source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
-        info = model.fit_task(images, name=name, classes=classes, progress=progress, source=source)
-        del images
-        class_task.update({c: info.task_id for c in classes})
-        model.save(run_dir / "model.pt")
-        t0 = time.perf_counter()
         last = step == len(tasks) - 1
-        evals = evaluate_classes(model, splits, class_task, batch_size=batch_size, num_workers=num_workers,
-                                 examples_per_kind=examples_per_kind if last else 0)
+        if step < done:
+            info = model.tasks[step]
+            log.info("step %d/%d: %s already learned (resumed run); re-scoring", step + 1, len(tasks), info.name)
+        else:
+            name = "+".join(classes)
+            log.info("step %d/%d: learning %s", step + 1, len(tasks), name)
+            images = [s.image for c in classes for s in splits[c].train]
+            source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
+            info = model.fit_task(images, name=name, classes=classes, progress=progress, source=source)
+            del images
+            model.save(run_dir)
+        class_task.update({c: info.task_id for c in classes})
+        t0 = time.perf_counter()
+        among = [t.task_id for t in model.tasks[: step + 1]]
+        evals = evaluate_classes(model, splits, class_task, among=among, batch_size=batch_size,
+                                 num_workers=num_workers, examples_per_kind=examples_per_kind if last else 0)
         eval_seconds += time.perf_counter() - t0
         steps.append(step_record(step, info, evals))
         log.info("after step %d: %s", step + 1, summary_line(mean_metrics(steps[-1]["results"])))

@@ -4,8 +4,9 @@
     out = predict_onnx(path, images)                  # images: float32 (N, 3, S, S), normalised
     out["scores"] (N,), out["maps"] (N, S, S), out["task_index"] (N,) int64, out["router_distance"] (N,)
 
-Design: ONE graph holding the backbone and the patch-feature pipeline, the Mahalanobis router (each
-task's prototype mean and precision are float64 constants) and every task's expert. Each image goes
+Design: ONE graph, traced from the library's routed-inference module (`inspector.Inspector.forward`, the
+same pieces `MoleFlow.predict` runs): the backbone and the patch-feature pipeline, the Mahalanobis router
+(each task's prototype mean and precision are float64 constants) and every task's expert. Each image goes
 through all T experts and the routed expert's patch NLL is picked with a gather, so the graph has no
 data-dependent control flow and dynamic batch size is trivial. That costs T times the flow compute
 (the backbone, usually the bulk of the time, runs once), in exchange for a single file that any
@@ -22,9 +23,9 @@ Outputs, per image:
     known           bool    (N,)        False: farther than that task's unknown-product distance
     anomalous       bool    (N,)        score above the chosen task's calibrated threshold
 
-The export is traced with PyTorch's TorchScript-based exporter (`dynamo=False`), through a dedicated
-wrapper module that uses only tensor ops and constant buffers; the library's modules are untouched.
-The library's modules are written with export-friendly ops (constant-weight convolutions for the
+The export is traced with PyTorch's TorchScript-based exporter (`dynamo=False`: the dynamo exporter
+needs onnxscript and does not yet handle the per-task buffer lookups); the inspector's modules are
+untouched. The library's modules are written with export-friendly ops (constant-weight convolutions for the
 neighbourhood pooling, constant matrices for the upsampling and blur of the maps, constant indices for
 the percentile score), so the graph
 is the library's own code, not a re-implementation. `spatial_cluster`
@@ -47,13 +48,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from torch import nn
 
-from .checkpoint import atomic_write_bytes
 from .config import ScoreConfig
 from .errors import MoleflowError
-from .memory import patch_scores
-from .scoring import image_scores
+from .store.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
     from .detector import MoleFlow
@@ -70,48 +68,6 @@ def check_score_mode(cfg: ScoreConfig) -> None:
     if cfg.mode not in EXPORTED_SCORE_MODES:
         raise MoleflowError(f"score mode {cfg.mode!r} cannot be exported to ONNX; exported modes: "
                             f"{', '.join(EXPORTED_SCORE_MODES)} (set score.mode to one of them)")
-
-
-class ExportGraph(nn.Module):
-    """images (N,3,S,S) -> scores, maps, task_index, router_distance, known, anomalous (see module doc)."""
-
-    def __init__(self, model: "MoleFlow") -> None:
-        super().__init__()
-        cfg = model.config
-        check_score_mode(cfg.score)  # unsupported modes fail here, before any tracing
-        self.extractor = model.extractor
-        self.flow = model.flow
-        self.memory = model.memory
-        self.image_size = cfg.data.image_size
-        self.score_cfg = cfg.score
-        self.task_ids = [t.task_id for t in model.tasks]
-        protos = [model.router.prototypes[t] for t in self.task_ids]
-        self.register_buffer("proto_mean", torch.stack([p.mean.double().cpu() for p in protos]))  # (T, D)
-        self.register_buffer("proto_precision", torch.stack([p.precision.double().cpu() for p in protos]))
-        self.register_buffer("unknown_limit", torch.tensor([p.unknown_threshold for p in protos], dtype=torch.float64))
-        self.register_buffer("threshold", torch.tensor([t.threshold for t in model.tasks], dtype=torch.float32))
-        self.map_maker = model.map_maker
-        self.to(next(model.extractor.parameters()).device)
-
-    def forward(self, images: torch.Tensor):
-        tokens = self.extractor.tokens(images)  # (N, H, W, D)
-        # router: Mahalanobis (or Euclidean: identity precision) distance to every prototype, in float64
-        feats = tokens.mean(dim=(1, 2)).double()
-        diff = feats.unsqueeze(1) - self.proto_mean.unsqueeze(0)  # (N, T, D)
-        projected = torch.matmul(diff.unsqueeze(2), self.proto_precision.unsqueeze(0)).squeeze(2)
-        distances = (projected * diff).sum(-1).clamp_min(0).sqrt()  # (N, T)
-        best, index = distances.min(1)
-        # every expert on every image, then the routed one's patch NLL
-        nll_all = torch.stack([patch_scores(self.flow, self.memory, tokens, t).float() for t in self.task_ids],
-                              dim=1)  # (N, T, H, W)
-        h, w = tokens.shape[1:3]
-        pick = index.view(-1, 1, 1, 1).expand(-1, 1, h, w)
-        nll = nll_all.gather(1, pick).squeeze(1)  # (N, H, W)
-        scores = image_scores(nll, self.score_cfg)
-        maps = self.map_maker(nll)
-        known = best <= self.unknown_limit.index_select(0, index)
-        anomalous = scores > self.threshold.index_select(0, index)
-        return scores, maps, index, best, known, anomalous
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -132,8 +88,7 @@ def export_metadata(model: "MoleFlow", opset: int) -> dict[str, Any]:
         "task_ids": [t.task_id for t in model.tasks],
         "task_names": [t.name for t in model.tasks],
         "thresholds": [_finite_or_none(t.threshold) for t in model.tasks],
-        "unknown_distances": [_finite_or_none(model.router.prototypes[t.task_id].unknown_threshold)
-                              for t in model.tasks],
+        "unknown_distances": [_finite_or_none(model.router.unknown_threshold(t.task_id)) for t in model.tasks],
         "image_size": size,
         "resize_mode": model.config.data.resize_mode,
         "mean": list(extractor.mean),
@@ -180,10 +135,7 @@ def _check_exportable(model: "MoleFlow") -> None:
     if not model.config.router.enabled:
         raise MoleflowError("router.enabled is false (oracle mode): the ONNX export routes every image itself, "
                             "so it needs the router")
-    missing = [t.task_id for t in model.tasks
-               if t.task_id not in model.router.prototypes or t.task_id not in model.flow.task_ids]
-    if missing:
-        raise MoleflowError(f"tasks {missing} have no router prototype or expert; the model is incomplete")
+    model.inspector.check_complete()
 
 
 def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path:
@@ -198,14 +150,10 @@ def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path
     if opset < 13:
         raise MoleflowError(f"opset {opset} is too old; use 13 or newer (default 17)")
     out_dir = Path(out_dir)
-    # trace a CPU copy when the model lives elsewhere; never change the caller's modules
-    src = model
-    if model.device.type != "cpu":
-        src = copy.copy(model)
-        src.extractor = copy.deepcopy(model.extractor).cpu()
-        src.flow = copy.deepcopy(model.flow).cpu()
-    flow_mode = src.flow.training
-    graph = ExportGraph(src).cpu().eval()
+    # trace a CPU copy when the model lives elsewhere; never change the caller's module
+    graph = model.inspector if model.device.type == "cpu" else copy.deepcopy(model.inspector).cpu()
+    mode = graph.training
+    graph.eval()
     size = model.config.data.image_size
     example = torch.zeros(2, 3, size, size)
     dynamic = {INPUT_NAME: {0: "N"}, **{name: {0: "N"} for name in OUTPUT_NAMES}}
@@ -221,7 +169,7 @@ def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
         raise MoleflowError(f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
     finally:
-        src.flow.train(flow_mode)
+        graph.train(mode)
     proto = onnx.load_from_string(buffer.getvalue())
     meta = export_metadata(model, opset)
     for key, value in _metadata_strings(meta).items():

@@ -1,4 +1,4 @@
-"""MoLEFlow: the normalizing flow with shared weights and per-task experts (spec §2.4-2.9).
+"""ExpertFlow: the MoLE normalizing flow with shared weights and per-task experts (spec §2.4-2.9).
 
     tokens (B,H,W,D) -> + 2-D sinusoidal PE -> adapter_t -> spatial context mixer (shared)
                      -> coupling blocks (shared base + LoRA_t + bias_t) -> DIA_t -> z (B,H,W,D)
@@ -73,8 +73,10 @@ class FlowStack(nn.Module):
         return z
 
 
-class MoLEFlow(nn.Module):
-    """The flow model over backbone tokens of dimension `dim`. Tasks are added with `add_task`."""
+class ExpertFlow(nn.Module):
+    """The MoLE flow over backbone tokens of dimension `dim`: shared coupling blocks plus one expert per
+    task (LoRA, task biases, input adapter, DIA). Tasks are added with `add_task`. The detector that routes
+    and scores images is `inspector.Inspector`; the user-facing object is `detector.MoleFlow`."""
 
     def __init__(self, cfg: ModelConfig, dim: int, seed: int = 0) -> None:
         super().__init__()
@@ -97,7 +99,11 @@ class MoLEFlow(nn.Module):
         if task in self.task_ids:
             raise ValueError(f"task {task} already exists")
         cfg, key = self.cfg, str(task)
-        reference = next(self.flows[SHARED_FLOW].parameters(), None)
+        # new experts live where the model lives: any existing tensor tells where (with zero coupling blocks,
+        # `dia_only`, the shared flow has none, so look at the whole model)
+        reference = next(self.parameters(), None)
+        if reference is None:
+            reference = next(self.buffers(), None)
         gen = _generator(self.seed, task + 1)
         first = self.base_task is None or task == self.base_task
         if cfg.task_separated and not first:
@@ -111,7 +117,7 @@ class MoLEFlow(nn.Module):
             self.adapters[key] = SoftLNAdapter(self.dim, first_task=first, generator=gen)
         if cfg.dia_blocks > 0:
             self.dias[key] = DIA(self.dim, cfg.dia_blocks, cfg.dia_hidden_ratio, cfg.clamp, gen)
-        if reference is not None:  # new experts live where the model lives
+        if reference is not None:
             self.to(device=reference.device, dtype=reference.dtype)
         self.task_ids.append(task)
         if first:

@@ -10,25 +10,21 @@ training images' out-of-sample distances (5-fold: each image's distance to a pro
 it) times `unknown_margin`. An image farther than that from its nearest prototype fits no learned
 product. Cross-fitting gives every training image a calibration distance, so the rule does not rest on
 a handful of held-out images.
+
+The prototypes are float64 buffers of an `nn.Module` (`mean_<t>` (D,), `precision_<t>` (D, D),
+`unknown_<t>` ()), so they are part of the inspector's state_dict, move with it and export to ONNX.
+`mahalanobis` is the one distance formula: routing, calibration and the exported graph all use it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from sklearn.covariance import OAS, LedoitWolf
+from torch import nn
 
 from .config import RouterConfig
 from .errors import MoleflowError
-
-
-@dataclass
-class Prototype:
-    mean: torch.Tensor  # (D,) float64
-    precision: torch.Tensor  # (D, D) float64; identity for the Euclidean metric
-    unknown_threshold: float = float("inf")  # distance above which an image is an unknown product
 
 
 def estimate_precision(features: np.ndarray, method: str, ridge: float) -> np.ndarray:
@@ -50,26 +46,33 @@ def estimate_precision(features: np.ndarray, method: str, ridge: float) -> np.nd
         return np.linalg.pinv(cov)
 
 
-class PrototypeRouter:
+def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(N, D), (D,), (D, D) -> (N,) sqrt((x - mean)^T P (x - mean)) in x's dtype (float64 expected)."""
+    diff = x - mean
+    return ((diff @ precision) * diff).sum(-1).clamp_min(0).sqrt()
+
+
+class PrototypeRouter(nn.Module):
     """Routes routing features (N, D) to the task whose prototype is nearest."""
 
     def __init__(self, cfg: RouterConfig) -> None:
+        super().__init__()
         self.cfg = cfg
-        self.prototypes: dict[int, Prototype] = {}
+        self.task_ids: list[int] = []
 
-    @property
-    def task_ids(self) -> list[int]:
-        return list(self.prototypes)
-
-    def _prototype(self, x: torch.Tensor) -> Prototype:
+    # ------------------------------------------------------------------------------ prototypes
+    def fit_prototype(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean (D,) and precision (D, D) float64 of features (N, D)."""
+        x = x.detach().double().cpu()
         if self.cfg.metric == "mahalanobis":
             precision = torch.from_numpy(estimate_precision(x.numpy(), self.cfg.covariance, self.cfg.ridge))
         else:
             precision = torch.eye(x.shape[1], dtype=torch.float64)
-        return Prototype(mean=x.mean(0), precision=precision)
+        return x.mean(0), precision
 
     def out_of_sample_distances(self, x: torch.Tensor, folds: int = 5) -> torch.Tensor:
         """(N, D) -> (N,): each image's distance to a prototype fitted on the other folds (fixed fold order)."""
+        x = x.detach().double().cpu()
         folds = min(folds, len(x))
         fold_of = torch.arange(len(x)) % folds
         out = torch.empty(len(x), dtype=torch.float64)
@@ -77,57 +80,71 @@ class PrototypeRouter:
             held = fold_of == k
             if (~held).sum() < 2:
                 continue
-            out[held] = self._distance(x[held], self._prototype(x[~held]))
+            out[held] = mahalanobis(x[held], *self.fit_prototype(x[~held]))
         return out
 
     def add_task(self, task: int, features: torch.Tensor) -> None:
         """Build task `task`'s prototype from all its training features (N, D) and calibrate its
         unknown-product distance on their out-of-sample distances."""
+        if task in self.task_ids:
+            raise MoleflowError(f"the router already has task {task}")
         x = features.detach().double().cpu()
-        proto = self._prototype(x)
+        mean, precision = self.fit_prototype(x)
+        limit = float("inf")
         if len(x) >= 4:
             own = self.out_of_sample_distances(x)
-            proto.unknown_threshold = float(torch.quantile(own, self.cfg.unknown_quantile)) * self.cfg.unknown_margin
-        self.prototypes[task] = proto
+            limit = float(torch.quantile(own, self.cfg.unknown_quantile)) * self.cfg.unknown_margin
+        self.set_prototype(task, mean, precision, limit)
+
+    def set_prototype(self, task: int, mean: torch.Tensor, precision: torch.Tensor, unknown: float) -> None:
+        device = next(iter(self.buffers()), mean).device
+        self.register_buffer(f"mean_{task}", mean.double().to(device))
+        self.register_buffer(f"precision_{task}", precision.double().to(device))
+        self.register_buffer(f"unknown_{task}", torch.tensor(float(unknown), dtype=torch.float64, device=device))
+        if task not in self.task_ids:
+            self.task_ids.append(task)
 
     def remove_task(self, task: int) -> None:
-        del self.prototypes[task]
+        for name in (f"mean_{task}", f"precision_{task}", f"unknown_{task}"):
+            delattr(self, name)
+        self.task_ids.remove(task)
 
-    @staticmethod
-    def _distance(x: torch.Tensor, proto: Prototype) -> torch.Tensor:
-        diff = x - proto.mean
-        return ((diff @ proto.precision) * diff).sum(-1).clamp_min(0).sqrt()
+    def unknown_threshold(self, task: int) -> float:
+        return float(getattr(self, f"unknown_{task}"))
 
+    def prototype(self, task: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return getattr(self, f"mean_{task}"), getattr(self, f"precision_{task}")
+
+    # ------------------------------------------------------------------------------ routing
     def distances(self, features: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:
-        """(N, D) -> (N, T) distances to each prototype, columns in `tasks` order (default: all tasks)."""
-        tasks = self.task_ids if tasks is None else tasks
+        """(N, D) -> (N, T) float64 distances to each prototype, columns in `tasks` order (default: all)."""
+        tasks = self.task_ids if tasks is None else list(tasks)
         if not tasks:
             raise MoleflowError("the router has no tasks yet; train a task first")
-        x = features.detach().double().cpu()
-        return torch.stack([self._distance(x, self.prototypes[t]) for t in tasks], dim=1)
+        x = features.double()
+        return torch.stack([mahalanobis(x, *self.prototype(t)) for t in tasks], dim=1)
 
-    def route(self, features: torch.Tensor, tasks: list[int] | None = None, owner: torch.Tensor | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(M, D) -> per image (N,): task ids, distance to that task, known (bool: within its threshold).
+    def forward(self, features: torch.Tensor, tasks: list[int] | None = None, owner: torch.Tensor | None = None,
+                n_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(M, D) -> per image (N,): index into `tasks`, distance to that task, known (within its limit).
 
         `tasks` restricts the choice (e.g. to the tasks learned up to some step); default all. `owner` (M,)
-        groups rows into N images (the tiles of one image): an image goes to the task with the smallest mean
-        distance over its rows. Default: every row is its own image."""
+        groups rows into `n_images` images (the tiles of one image): an image goes to the task with the
+        smallest mean distance over its rows. Default: every row is its own image."""
         tasks = self.task_ids if tasks is None else list(tasks)
         distances = self.distances(features, tasks)  # (M, T) float64
         if owner is not None:
-            n = int(owner.max()) + 1 if len(owner) else 0
-            total = torch.zeros(n, len(tasks), dtype=distances.dtype).index_add_(0, owner, distances)
-            distances = total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(distances.dtype)
-        best, idx = distances.min(1)
-        ids = torch.tensor(tasks, dtype=torch.long)[idx]
-        limits = torch.tensor([self.prototypes[t].unknown_threshold for t in tasks], dtype=torch.float64)[idx]
-        return ids, best, best <= limits
+            n = n_images if n_images is not None else int(owner.max()) + 1
+            total = distances.new_zeros(n, len(tasks)).index_add_(0, owner, distances)
+            count = torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(distances.dtype)
+            distances = total / count
+        best, index = distances.min(1)
+        limits = torch.stack([getattr(self, f"unknown_{t}") for t in tasks]).index_select(0, index)
+        return index, best, best <= limits
 
-    def state_dict(self) -> dict:
-        return {t: {"mean": p.mean, "precision": p.precision, "unknown_threshold": p.unknown_threshold}
-                for t, p in self.prototypes.items()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.prototypes = {int(t): Prototype(v["mean"], v["precision"], float(v["unknown_threshold"]))
-                           for t, v in state.items()}
+    def route(self, features: torch.Tensor, tasks: list[int] | None = None, owner: torch.Tensor | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Like `forward`, but returns task ids (N,) long instead of indices into `tasks`."""
+        tasks = self.task_ids if tasks is None else list(tasks)
+        index, best, known = self(features, tasks, owner)
+        return torch.tensor(tasks, dtype=torch.long)[index.cpu()], best.cpu(), known.cpu()

@@ -17,7 +17,7 @@ import torch
 from .config import TrainConfig
 from .errors import MoleflowError
 from .losses import logdet_regularisation, tail_aware_loss
-from .model import MoLEFlow
+from .model import ExpertFlow
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def batch_order(n: int, cfg: TrainConfig, generator: torch.Generator) -> list[to
     return batches
 
 
-def fit_task(model: MoLEFlow, task: int, n_samples: int, batch_features: BatchFeatures, cfg: TrainConfig,
+def fit_task(model: ExpertFlow, task: int, n_samples: int, batch_features: BatchFeatures, cfg: TrainConfig,
              device: torch.device | str = "cpu", progress: bool = False) -> TrainReport:
     """Train task `task` (already added to `model`) on `n_samples` images served by `batch_features`."""
     from tqdm.auto import tqdm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import logging
 from pathlib import Path
 
@@ -11,7 +12,9 @@ from ..config import ABLATIONS
 from ..data.datasets import DATASETS, default_classes
 from ..errors import MoleflowError
 from ..evaluation import METRICS, parse_scenario, save_json
-from .common import add_config_options, add_runtime_options, apply_runtime, build_config
+from ..store import atomic_write_text, check_writable, run_lock
+from ..store.run import refuse_existing_run
+from .common import add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +40,11 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--reports", action="store_true", help="also write a full report for every run")
     add_config_options(p)
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
+    existing.add_argument("--resume", action="store_true", help="keep the tasks runs in --out have learned")
     add_runtime_options(p)
+    add_lock_option(p)
     p.set_defaults(run=run)
 
 
@@ -71,16 +78,26 @@ def comparison_markdown(rows: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .train import train_one
-
     apply_runtime(args)
     base = build_config(args)
     classes = args.classes or default_classes(args.dataset, args.data)
     tasks = parse_scenario(args.scenario, classes)
     if not classes:
         raise MoleflowError(f"{args.data}: no classes found")
+    names = ["full"] + [a for a in args.ablations if a != "full"]
+    if not (args.overwrite or args.resume):
+        for name in names:
+            refuse_existing_run(args.out / name)
+    check_writable(args.out)
+    with run_lock(args.out, args.wait, create=True):
+        return _run(args, base, classes, tasks, names)
+
+
+def _run(args: argparse.Namespace, base, classes: list[str], tasks: list[list[str]], names: list[str]) -> int:
+    from .train import train_one
+
     results = {}
-    for name in ["full"] + [a for a in args.ablations if a != "full"]:
+    for name in names:
         cfg = base.with_overrides(ABLATIONS.get(name, {}))
         log.info("ablation %s: %s", name, ABLATIONS.get(name, "the full method"))
         run_args = argparse.Namespace(**{**vars(args), "no_report": not args.reports})
@@ -91,12 +108,13 @@ def run(args: argparse.Namespace) -> int:
             f"data `{args.data}`, tasks {' → '.join('+'.join(t) for t in tasks)}.\n"
             "Mean over classes after the last task, router on (%). Δ in points against `full` of this same run; "
             "nothing was tuned on test data.\n\n" + table + "\n")
-    (args.out / "ablation.md").write_text(text)
+    atomic_write_text(args.out / "ablation.md", text)
     save_json(args.out / "ablation.json", {"rows": rows, "preset": base.preset, "tasks": tasks})
-    with open(args.out / "ablation.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[k for k in rows[0] if k != "overrides"], extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    text_csv = io.StringIO()
+    writer = csv.DictWriter(text_csv, fieldnames=[k for k in rows[0] if k != "overrides"], extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(args.out / "ablation.csv", text_csv.getvalue())
     print(table)
     print(f"\ntable: {args.out / 'ablation.md'}")
     return 0

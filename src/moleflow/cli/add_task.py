@@ -8,11 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.datasets import DATASETS, load_class, load_images
+from ..data.datasets import DATASETS, load_class, load_images, validate_split
 from ..detector import MoleFlow
 from ..errors import MoleflowError
-from .common import add_runtime_options, apply_runtime
-from .predict import checkpoint_path
+from ..store import run_lock
+from .common import add_lock_option, add_runtime_options, apply_runtime
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +35,14 @@ def add_parser(sub) -> None:
     p.add_argument("--one-task", action="store_true", help="learn all given classes as a single task")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
     add_runtime_options(p)
+    add_lock_option(p)
     p.set_defaults(run=run)
 
 
 def snapshot(model: MoleFlow, probe: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[int, torch.Tensor]]:
-    """All flow tensors and every learned task's oracle scores on `probe`."""
-    state = {k: v.detach().clone() for k, v in model.flow.state_dict().items()}
+    """Every tensor of the model (shared and experts, prototypes, memories, thresholds) and every learned
+    task's oracle scores on `probe`."""
+    state = {k: v.detach().clone() for k, v in model.inspector.model_state().items()}
     scores = {t.task_id: model.predict(probe, task_ids=[t.task_id] * len(probe)).scores for t in model.tasks}
     return state, scores
 
@@ -48,7 +50,7 @@ def snapshot(model: MoleFlow, probe: torch.Tensor) -> tuple[dict[str, torch.Tens
 def verify_unchanged(model: MoleFlow, probe: torch.Tensor, state: dict[str, torch.Tensor],
                      scores: dict[int, torch.Tensor]) -> int:
     """Raise if any earlier tensor or score changed; return the number of tensors checked."""
-    now = model.flow.state_dict()
+    now = model.inspector.model_state()
     changed = [k for k, v in state.items() if k not in now or not torch.equal(now[k], v)]
     if changed:
         raise MoleflowError(f"learning the new task changed {len(changed)} earlier tensors (e.g. {changed[0]}); "
@@ -62,13 +64,19 @@ def verify_unchanged(model: MoleFlow, probe: torch.Tensor, state: dict[str, torc
 
 def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
-    path = checkpoint_path(args.run_dir)
-    model = MoleFlow.load(path, device=args.device, backbone_weights=args.backbone_weights)
+    with run_lock(args.run_dir, args.wait):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
+    model = MoleFlow.load(args.run_dir, device=args.device, backbone_weights=args.backbone_weights)
     existing = {c for t in model.tasks for c in t.classes} | {t.name for t in model.tasks}
     clash = [c for c in args.classes if c in existing]
     if clash:
         raise MoleflowError(f"{', '.join(clash)} already learned in {args.run_dir}; remove it first or rename")
     splits = {c: load_class(args.data, c, args.dataset) for c in args.classes}
+    for split in splits.values():  # every image and mask readable before any training
+        validate_split(split)
     groups = [list(args.classes)] if args.one_task else [[c] for c in args.classes]
     first = splits[args.classes[0]].train[: min(8, len(splits[args.classes[0]].train))]
     probe = load_images(first, model.transform)
@@ -80,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"learned task {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "
               f"({info.train['seconds']:.0f} s)")
     checked = verify_unchanged(model, probe, state, scores)
-    model.save(path)
+    path = model.save(args.run_dir)
     print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks on "
           f"{len(probe)} sample images are bit-identical; saved {path}")
     print(f"run `moleflow evaluate {args.run_dir}` to score all classes again")

@@ -17,14 +17,18 @@ from ..errors import MoleflowError
 
 
 def add_config_options(p: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
+    from ..config import PRESETS
+
     g = p.add_argument_group("model configuration")
-    g.add_argument("--preset", default=default_preset, help=f"named preset: main, cpu, repo, tiny (default {default_preset})")
+    g.add_argument("--preset", default=default_preset,
+                   help=f"named preset: {', '.join(PRESETS)} (default {default_preset})")
     g.add_argument("--config", type=Path, help="a YAML config file (as written to RUN_DIR/config.yaml); overrides the preset")
     g.add_argument("--backbone", help="backbone name: tf_efficientnet_lite0 (offline), wide_resnet50_2, vit_base_patch16_224")
     g.add_argument("--backbone-weights", help="local weights file for the backbone (else MOLEFLOW_WEIGHTS_<NAME> or a download)")
     g.add_argument("--embed-dim", type=int, help="feature dimension D (768 in the paper)")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config field, e.g. --set train.epochs=20 --set model.lora_rank=16")
+                   help="override any config field, e.g. --set train.epochs=20 --set model.lora_rank=16 "
+                        "(`moleflow config` prints every key)")
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -34,6 +38,11 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
     g.add_argument("--batch-size", type=int, default=32, help="inference batch size (default 32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_lock_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                   help="if another moleflow process is changing the run, wait up to this long (default: stop)")
 
 
 def apply_runtime(args: argparse.Namespace) -> None:
@@ -48,9 +57,21 @@ def build_config(args: argparse.Namespace) -> Config:
 
         try:
             data = yaml.safe_load(Path(args.config).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise MoleflowError(f"{args.config}: cannot read the config file ({exc})") from None
-        cfg = Config.from_dict(data)
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or " ".join(str(exc).split())
+            raise MoleflowError(f"{args.config}: cannot read the config file ({reason})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise MoleflowError(f"{args.config}: not a valid YAML file ({where}{what})") from None
+        if not isinstance(data, dict):
+            raise MoleflowError(f"{args.config}: a config file must be a YAML mapping of sections "
+                                f"(as written to RUN_DIR/config.yaml), got {type(data).__name__}")
+        try:
+            cfg = Config.from_dict(data)
+        except MoleflowError as exc:
+            raise MoleflowError(f"{args.config}: {exc}") from None
     else:
         cfg = Config.from_preset(args.preset)
     named: dict[str, Any] = {}
@@ -68,9 +89,9 @@ def build_config(args: argparse.Namespace) -> Config:
 def write_config(path: Path, cfg: Config) -> None:
     import yaml
 
-    from ..checkpoint import atomic_write_bytes
+    from ..store.atomic import atomic_write_text
 
-    atomic_write_bytes(path, lambda fh: fh.write(yaml.safe_dump(cfg.to_dict(), sort_keys=False).encode()))
+    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def run_meta(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:

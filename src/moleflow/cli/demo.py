@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = Config.from_preset("cpu").with_overrides({"train.seed": args.seed})
     if args.epochs:
         cfg = cfg.with_overrides({"train.epochs": args.epochs})
+    # the demo's run folder is its own scratch space: a second `make demo` replaces the first run
     train_args = argparse.Namespace(data=data, dataset="folder", scenario="1-1", no_report=False,
+                                    overwrite=True, resume=False,
                                     no_progress=args.no_progress, batch_size=args.batch_size,
                                     workers=args.workers, device=args.device)
     tasks = [[p] for p in args.products]

@@ -10,7 +10,8 @@ from ..data.datasets import load_class
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..evaluation import reevaluate_run
-from .common import add_runtime_options, apply_runtime, run_meta
+from ..store import run_lock
+from .common import add_lock_option, add_runtime_options, apply_runtime, run_meta
 from .train import print_final_table
 
 EXAMPLES = """examples:
@@ -22,23 +23,29 @@ EXAMPLES = """examples:
 def add_parser(sub) -> None:
     p = sub.add_parser("evaluate", help="re-score a saved run", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Load RUN_DIR/model.pt, score every learned class again (task-agnostic, "
+                       description="Load the model of RUN_DIR, score every learned class again (task-agnostic, "
                                    "with the full per-step matrix) and rewrite results, CSVs and the report.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", type=Path, help="dataset root (default: the one the run was trained on)")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
     p.add_argument("--no-report", action="store_true")
     add_runtime_options(p)
+    add_lock_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
+    with run_lock(args.run_dir, args.wait):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     previous = None
     results_path = args.run_dir / "results.json"
     if results_path.is_file():
         previous = json.loads(results_path.read_text())
-    model = MoleFlow.load(args.run_dir / "model.pt", device=args.device, backbone_weights=args.backbone_weights)
+    model = MoleFlow.load(args.run_dir, device=args.device, backbone_weights=args.backbone_weights)
     dataset = (previous or {}).get("dataset", {})
     root = args.data or (Path(dataset["root"]) if dataset.get("root") else None)
     name = dataset.get("name", "folder")

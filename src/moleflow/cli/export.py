@@ -26,10 +26,10 @@ FORMATS = ("onnx",)
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="export a trained run to ONNX", epilog=EXAMPLES,
-                       description="Export the detector of RUN_DIR/model.pt (backbone, router and every task's "
+                       description="Export the detector of RUN_DIR (backbone, router and every task's "
                                    "expert) as one ONNX graph reproducing `predict` (routed, task-agnostic).",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory holding model.pt")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or its model folder)")
     p.add_argument("--format", default="onnx", choices=FORMATS, help="export format (default onnx)")
     p.add_argument("--out", type=Path, help="output folder (default RUN_DIR/export)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
@@ -46,10 +46,10 @@ def run(args: argparse.Namespace) -> int:
     run_dir = Path(args.run_dir)
     if getattr(args, "format", "onnx") != "onnx":
         raise MoleflowError(f"unknown export format {args.format!r}; choose one of {', '.join(FORMATS)}")
-    checkpoint = run_dir / "model.pt" if run_dir.is_dir() else run_dir
-    if not checkpoint.is_file():
-        raise MoleflowError(f"{run_dir}: no model.pt found; pass a run directory written by `moleflow train`")
-    out = getattr(args, "out", None) or checkpoint.parent / "export"
+    from ..store.checkpoint import find_model
+
+    checkpoint = find_model(run_dir)
+    out = getattr(args, "out", None) or (run_dir if run_dir.is_dir() else run_dir.parent) / "export"
     model = MoleFlow.load(checkpoint, backbone_weights=getattr(args, "backbone_weights", None))
     path = export_onnx(model, out, opset=getattr(args, "opset", 17))
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB) and {Path(out) / EXPORT_JSON}")

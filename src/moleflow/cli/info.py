@@ -6,7 +6,7 @@ import argparse
 import json
 
 from ..config import Config
-from ..model import MoLEFlow
+from ..model import ExpertFlow
 from .common import format_table
 
 EXAMPLES = """examples:
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 
 def parameter_report(cfg: Config, dim: int) -> dict:
-    model = MoLEFlow(cfg.model, dim)
+    model = ExpertFlow(cfg.model, dim)
     model.add_task()
     counts = model.parameter_counts()
     per_task = counts["per_task"][0]

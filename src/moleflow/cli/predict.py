@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import csv
 import glob
-import json
 import logging
 from pathlib import Path
 
@@ -13,9 +12,9 @@ import numpy as np
 from matplotlib.colors import Normalize
 from PIL import Image
 
-from ..checkpoint import atomic_write_bytes
 from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.transforms import load_rgb
+from ..store.atomic import atomic_write_bytes, atomic_write_json, check_writable
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..report.figures import overlay_tile
@@ -36,11 +35,13 @@ UNKNOWN = "unknown product"
 def add_parser(sub) -> None:
     p = sub.add_parser("predict", help="score new images: product, score, decision, heat map", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, help="a run directory (with model.pt) or a model.pt file")
+    p.add_argument("run_dir", type=Path, help="a run directory (or its model folder)")
     p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--task", help="skip the router: treat every image as this product (task name)")
     p.add_argument("--csv-only", action="store_true", help="no overlay images")
+    p.add_argument("--allow-unreadable", action="store_true",
+                   help="exit 0 even if some images could not be read (they still get an 'unreadable' row)")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
     add_runtime_options(p)
     p.set_defaults(run=run)
@@ -66,19 +67,15 @@ def expand_inputs(items: list[str]) -> list[Path]:
     return unique
 
 
-def checkpoint_path(run: Path) -> Path:
-    return run if run.is_file() else run / "model.pt"
-
-
 def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
-    model = MoleFlow.load(checkpoint_path(args.run_dir), device=args.device, backbone_weights=args.backbone_weights)
+    check_writable(args.out)
+    model = MoleFlow.load(args.run_dir, device=args.device, backbone_weights=args.backbone_weights)
     paths = expand_inputs(args.images)
     task_ids = None
     if args.task:
         task_ids = model.task_by_name(args.task).task_id
     names = {t.task_id: t for t in model.tasks}
-    args.out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], []
     from tqdm.auto import tqdm
 
@@ -92,6 +89,9 @@ def run(args: argparse.Namespace) -> int:
             except MoleflowError as exc:
                 log.warning("%s", exc)
                 failed.append({"file": str(path), "error": str(exc)})
+                rows.append({"file": str(path), "product": "", "nearest_product": "", "score": float("nan"),
+                             "threshold": float("nan"), "decision": UNREADABLE, "router_distance": float("nan"),
+                             "overlay": "", "reason": str(exc)})
         if not pil:
             continue
         pred = model.predict(pil, task_ids=None if task_ids is None else [task_ids] * len(pil),
@@ -101,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
             known = bool(pred.known[i])
             decision = UNKNOWN if not known else ("anomalous" if bool(pred.anomalous[i]) else "normal")
             row = {"file": str(path), "product": info.name if known else UNKNOWN, "nearest_product": info.name,
-                   "score": float(pred.scores[i]), "threshold": info.threshold, "decision": decision,
-                   "router_distance": float(pred.router_distance[i]), "overlay": ""}
+                   "score": float(pred.scores[i]), "threshold": float(pred.thresholds[i]), "decision": decision,
+                   "router_distance": float(pred.router_distance[i]), "overlay": "", "reason": ""}
             if not args.csv_only:
                 cal = info.calibration
                 vmin = cal.get("normal_pixel_median", float(pred.maps[i].min()))
@@ -120,15 +120,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"... {len(rows) - 20} more")
     counts = {d: sum(r["decision"] == d for r in rows) for d in ("normal", "anomalous", UNKNOWN)}
     print(f"{len(rows)} images: " + ", ".join(f"{v} {k}" for k, v in counts.items())
-          + (f"; {len(failed)} unreadable (see summary.json)" if failed else ""))
+          + (f"; {len(failed)} NOT INSPECTED (unreadable, see the 'reason' column)" if failed else ""))
     print(f"summary: {args.out / 'predictions.csv'}")
-    if not rows:
-        raise MoleflowError("no image could be read; see the warnings above")
+    if failed and not args.allow_unreadable:
+        return EXIT_UNREADABLE
     return 0
 
 
 def write_summary(out: Path, rows: list[dict], failed: list[dict]) -> None:
-    fields = ["file", "product", "nearest_product", "score", "threshold", "decision", "router_distance", "overlay"]
+    fields = ["file", "product", "nearest_product", "score", "threshold", "decision", "router_distance", "overlay",
+              "reason"]
 
     def write_csv(fh) -> None:
         import io
@@ -140,5 +141,5 @@ def write_summary(out: Path, rows: list[dict], failed: list[dict]) -> None:
         fh.write(text.getvalue().encode())
 
     atomic_write_bytes(out / "predictions.csv", write_csv)
-    atomic_write_bytes(out / "summary.json",
-                       lambda fh: fh.write(json.dumps({"predictions": rows, "failed": failed}, indent=1).encode()))
+    atomic_write_json(out / "summary.json", {"predictions": rows, "failed": failed,
+                                             "inspected": len(rows) - len(failed), "not_inspected": len(failed)})

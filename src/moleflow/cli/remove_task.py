@@ -6,10 +6,12 @@ import argparse
 from pathlib import Path
 
 from ..detector import MoleFlow
-from .predict import checkpoint_path
+from ..store import run_lock
+from .common import add_lock_option
 
 EXAMPLES = """examples:
   moleflow remove-task runs/real cubes
+The last task of a run cannot be removed (a run needs at least one product).
 """
 
 
@@ -19,13 +21,14 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("name", help="task name (see `moleflow tasks`)")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    add_lock_option(p)
     p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    path = checkpoint_path(args.run_dir)
-    model = MoleFlow.load(path, backbone_weights=args.backbone_weights)
-    info = model.remove_task(args.name)
-    model.save(path)
+    with run_lock(args.run_dir, args.wait):
+        model = MoleFlow.load(args.run_dir, backbone_weights=args.backbone_weights)
+        info = model.remove_task(args.name)
+        model.save(args.run_dir)
     print(f"removed task {info.name} (classes {', '.join(info.classes)}); {len(model.tasks)} tasks remain")
     return 0

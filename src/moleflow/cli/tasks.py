@@ -6,9 +6,8 @@ import argparse
 import json
 from pathlib import Path
 
-from ..detector import MoleFlow
+from ..detector import MoleFlow, calibration_support
 from .common import format_table
-from .predict import checkpoint_path
 
 EXAMPLES = """examples:
   moleflow tasks runs/real
@@ -30,26 +29,32 @@ def task_table(model: MoleFlow) -> list[dict]:
     for info in model.tasks:
         params = model.flow.task_parameters(info.task_id)
         n_params = sum(p.numel() for p in params)
-        proto = model.router.prototypes[info.task_id]
-        bytes_ = sum(p.numel() * p.element_size() for p in params) + \
-            proto.mean.numel() * proto.mean.element_size() + proto.precision.numel() * proto.precision.element_size()
+        bytes_ = sum(v.numel() * v.element_size() for v in model.inspector.state_by_owner()[info.task_id].values())
+        cal = info.calibration
+        rate = cal.get("false_alarm_rate")
+        support = calibration_support(int(cal.get("n", 0)), rate) if rate is not None else {}
         rows.append({"task_id": info.task_id, "name": info.name, "classes": info.classes, "parameters": n_params,
                      "bytes": bytes_, "n_train": info.n_train, "threshold": info.threshold,
-                     "false_alarm_rate": info.calibration.get("false_alarm_rate"),
-                     "calibration": info.calibration.get("source"), "n_calibration": info.n_calibration})
+                     "false_alarm_rate": rate, "calibration": cal.get("source"), "n_calibration": cal.get("n"),
+                     "resolvable_rate": support.get("resolvable_rate"), "warning": support.get("warning", "")})
     return rows
 
 
 def run(args: argparse.Namespace) -> int:
-    model = MoleFlow.load(checkpoint_path(args.run_dir), backbone_weights=args.backbone_weights)
+    model = MoleFlow.load(args.run_dir, backbone_weights=args.backbone_weights)
     rows = task_table(model)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
     table = [[r["task_id"], r["name"], ",".join(r["classes"]), f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f} MB",
-              r["n_train"], f"{r['threshold']:.3f} @ {r['false_alarm_rate']:.0%} FAR ({r['n_calibration']} held-out)"]
+              r["n_train"], f"{r['threshold']:.3f} @ {r['false_alarm_rate']:.0%} FAR"
+             + (" (!)" if r["warning"] else ""), f"{r['n_calibration']} ({r['calibration']})"]
              for r in rows]
-    print(format_table(table, ["id", "name", "classes", "parameters", "size", "train imgs", "threshold"]))
+    print(format_table(table, ["id", "name", "classes", "parameters", "size", "train imgs", "threshold",
+                               "calibration images"]))
+    for r in rows:
+        if r["warning"]:
+            print(f"(!) {r['name']}: {r['warning']}")
     print(f"backbone {model.extractor.name} (sha256 {model.extractor.weights_sha256[:12]}), "
           f"shared flow {sum(p.numel() for p in model.flow.shared_parameters()):,} parameters")
     return 0

@@ -8,12 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data.datasets import DATASETS, default_classes, load_class
+from ..data.datasets import DATASETS, default_classes, load_class, validate_split
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..evaluation import METRICS, parse_scenario, run_continual, save_json
-from .common import (add_config_options, add_runtime_options, apply_runtime, build_config, format_table, pct,
-                     run_meta, write_config)
+from ..store import check_writable, run_lock
+from ..store.checkpoint import run_has_model
+from ..store.run import clear_run, refuse_existing_run
+from .common import (add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config,
+                     format_table, pct, run_meta, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,8 @@ EXAMPLES = """examples:
   moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --out runs/real
   # MVTec AD with the paper's MAIN configuration (needs WideResNet-50-2 weights)
   moleflow train --data /data/mvtec --dataset mvtec --preset main --backbone-weights wrn50.pth --out runs/mvtec
+  # continue a run that was interrupted after some tasks (same command plus --resume)
+  moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --out runs/real --resume
   # three seeds, 5-5 scenario, 20 epochs
   moleflow train --data /data/mvtec --dataset mvtec --scenario 5-5 --seeds 0 1 2 --set train.epochs=20 --out runs/s55
 """
@@ -41,8 +46,14 @@ def add_parser(sub) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="run once per seed (mean and std are reported)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="--out holds a run: delete its outputs (model, results, report) and start again")
+    existing.add_argument("--resume", action="store_true",
+                          help="--out holds an unfinished run: keep its learned tasks, learn the rest (same config)")
     add_config_options(p)
     add_runtime_options(p)
+    add_lock_option(p)
     p.set_defaults(run=run)
 
 
@@ -76,9 +87,23 @@ def defect_type_lines(final: dict[str, dict]) -> list[str]:
 
 
 def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], tasks: list[list[str]]) -> dict:
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if args.resume and run_has_model(run_dir):
+        model = MoleFlow.load(run_dir, device=args.device, backbone_weights=cfg.backbone.weights)
+        if model.config.to_dict() != cfg.to_dict():
+            diff = [f"{s}.{k}" for s, section in cfg.to_dict().items() if isinstance(section, dict)
+                    for k, v in section.items() if model.config.to_dict()[s].get(k) != v]
+            raise MoleflowError(f"{run_dir}: --resume needs the configuration the run was started with; these "
+                                f"differ: {', '.join(diff) or 'preset name'}")
+        log.info("resuming %s after %d learned tasks", run_dir, len(model.tasks))
+    else:
+        if args.overwrite:
+            removed = clear_run(run_dir)
+            if removed:
+                log.info("--overwrite: removed %d outputs of the previous run in %s", len(removed), run_dir)
+        elif not args.resume:
+            refuse_existing_run(run_dir)
+        model = MoleFlow(cfg, device=args.device)
     write_config(run_dir / "config.yaml", cfg)
-    model = MoleFlow(cfg, device=args.device)
     meta = run_meta(cfg, {"backbone": {"name": model.extractor.name, "weights_sha256": model.extractor.weights_sha256,
                                        "weights_source": model.extractor.weights_source},
                           **dataset_meta(args, classes, tasks)})
@@ -109,6 +134,17 @@ def run(args: argparse.Namespace) -> int:
         raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
     tasks = parse_scenario(args.scenario, classes)
     seeds = args.seeds or [cfg.train.seed]
+    if not (args.overwrite or args.resume):  # refuse before any work, and before taking the lock
+        for seed in seeds:
+            refuse_existing_run(args.out if len(seeds) == 1 else args.out / f"seed_{seed}")
+    check_writable(args.out)
+    for c in classes:  # every train and test image and mask readable before any training starts
+        validate_split(load_class(args.data, c, args.dataset))
+    with run_lock(args.out, args.wait, create=True):
+        return _run(args, cfg, classes, tasks, seeds)
+
+
+def _run(args: argparse.Namespace, cfg, classes: list[str], tasks: list[list[str]], seeds: list[int]) -> int:
     runs = []
     for seed in seeds:
         seeded = cfg.with_overrides({"train.seed": seed})

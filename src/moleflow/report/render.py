@@ -22,6 +22,7 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import MoleflowError
+from ..store.atomic import atomic_write_bytes, atomic_write_text
 from . import figures as F
 
 __all__ = [
@@ -513,11 +514,19 @@ def _decision_section(run: RunData) -> list[Block]:
                      fmt_count(int((flagged & anomalous).sum()), int(anomalous.sum())),
                      fmt_count(int((~flagged & anomalous).sum()), int(anomalous.sum())),
                      fmt_count(int((s["known"] == 0).sum()), len(s["known"]))])
-    return [Heading(2, "Decisions at the calibrated thresholds", "decisions"),
-            Table(["Product", "False alarms (normal flagged)", "Detected (anomalous flagged)",
-                   "Missed (anomalous passed)", "Flagged as unknown product"], rows),
-            Para("Counts over the test images of each product, using the decision of the task the router "
-                 "chose; thresholds come from held-out normal training images only.", small=True)]
+    blocks: list[Block] = [
+        Heading(2, "Decisions at the calibrated thresholds", "decisions"),
+        Table(["Product", "False alarms (normal flagged)", "Detected (anomalous flagged)",
+               "Missed (anomalous passed)", "Flagged as unknown product"], rows),
+        Para("Counts over the test images of each product, using the decision of the task the router "
+             "chose; thresholds come from held-out normal training images only.", small=True)]
+    warnings = [(step.get("task_name"), (step.get("calibration") or {}).get("warning"))
+                for step in run.results.get("steps") or []]
+    warnings = [(name, text) for name, text in warnings if text]
+    if warnings:
+        blocks.append(Para("Thresholds the calibration data cannot support: " + "; ".join(
+            f"{md_escape(str(name))}: {md_escape(text)}" for name, text in warnings)))
+    return blocks
 
 
 def continual_matrix(run: RunData, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -749,11 +758,10 @@ def write_report(run_dir: Path | str, title: str | None = None) -> tuple[Path, P
     title = title or default_title(run)
     blocks = build_report(run, title)
     fig_dir = run.run_dir / "figures"
-    fig_dir.mkdir(exist_ok=True)
     for b in blocks:
         if isinstance(b, Image):
-            (fig_dir / f"{b.name}.png").write_bytes(b.png)
+            atomic_write_bytes(fig_dir / f"{b.name}.png", lambda fh, b=b: fh.write(b.png))
     md_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
-    md_path.write_text(render_markdown(blocks), encoding="utf-8")
-    html_path.write_text(render_html(blocks, title), encoding="utf-8")
+    atomic_write_text(md_path, render_markdown(blocks))
+    atomic_write_text(html_path, render_html(blocks, title))
     return md_path, html_path

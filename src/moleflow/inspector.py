@@ -1,0 +1,270 @@
+"""The one routed-inference module: images in; product, score, decision and heat map out.
+
+    inspector = Inspector(config, device)          # extractor + expert flow + router + memory + map maker
+    out = inspector.inspect(prep)                  # prep: data.batch.Prepared (tiles of N images)
+    out.scores (N,)  out.maps (N, S, S)  out.task_ids (N,)  out.known (N,)  out.anomalous (N,)
+    scores, maps, index, distance, known, anomalous = inspector(images)   # square images: the ONNX graph
+
+`MoleFlow.predict`, the evaluation, the ONNX export and serving all go through this module: `inspect` is the
+eager path (tiles, oracle ids, a subset of tasks); `forward` is the same composition for a batch of square
+images over all tasks, written with tensor ops only so it traces to one ONNX graph. Both call the same
+pieces: `extractor`, `router` (the one Mahalanobis formula), `expert_scores` and `outputs`.
+
+Everything needed to score is a parameter or buffer: the router's prototypes and unknown-product limits,
+the patch memory, and each task's decision threshold (`threshold_<t>`). Its `state_dict` (without the
+backbone, which is identified by its weight hash) plus the resolved config is the checkpoint.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .backbones import FeatureExtractor
+from .config import Config
+from .data.batch import Prepared
+from .data.tiling import stitch_maps
+from .errors import MoleflowError
+from .memory import PatchMemory
+from .model import ExpertFlow
+from .router import PrototypeRouter
+from .scoring import MapMaker, image_scores
+
+# a state_dict key owned by one task: an entry of a per-task container, or a per-task buffer `<name>_<t>`
+_TASK_KEY = re.compile(r"(?:^|\.)(?:adapters|dias|flows|lora_A|lora_B|task_bias)\.(\d+)(?:\.|$)"
+                       r"|(?:^|\.)(?:mean|precision|unknown|bank|norm|threshold)_(\d+)$")
+_BACKBONE_PREFIX = "extractor."
+
+
+def key_owner(key: str) -> int | None:
+    """The task that owns state_dict key `key`, or None for shared tensors."""
+    match = _TASK_KEY.search(key)
+    if match is None:
+        return None
+    return int(match.group(1) or match.group(2))
+
+
+@dataclass
+class Inspection:
+    """Results for N images. Task ids are the router's choice (or the oracle's when given)."""
+
+    scores: torch.Tensor  # (N,) image scores
+    maps: torch.Tensor  # (N, S, S) pixel anomaly maps
+    # raw patch scores (N, h, w), or with tiling one stitched map per image
+    patch_scores: torch.Tensor | list[torch.Tensor]
+    task_ids: torch.Tensor  # (N,) long
+    known: torch.Tensor  # (N,) bool: False = fits no learned product ("unknown product")
+    anomalous: torch.Tensor  # (N,) bool: score above the routed task's calibrated threshold
+    router_distance: torch.Tensor  # (N,) distance to the chosen prototype (nan with oracle ids)
+    thresholds: torch.Tensor  # (N,) the threshold each image was decided against
+
+
+class Inspector(nn.Module):
+    """Frozen backbone, MoLE flow with per-task experts, prototype router, patch memory, map maker."""
+
+    def __init__(self, config: Config, device: torch.device | str = "cpu") -> None:
+        super().__init__()
+        self.config = config
+        self.device = torch.device(device)
+        self.extractor = FeatureExtractor(config.backbone)
+        self.flow = ExpertFlow(config.model, self.extractor.embed_dim, seed=config.train.seed)
+        self.router = PrototypeRouter(config.router)
+        self.memory = (PatchMemory(config.score.memory_fraction, config.train.seed, config.score.memory_max_tokens)
+                       if config.score.source == "flow+memory" else None)
+        self.extractor.to(self.device)
+        size = config.data.image_size
+        with torch.no_grad():  # the token grid of this backbone at this image size, e.g. 28 x 28 at 224 px
+            self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
+        self.map_maker = MapMaker(self.grid, size, config.score.map_sigma)
+        self._stitched_makers: dict[tuple[int, int], MapMaker] = {}  # map makers of stitched (tiled) grids
+        self.to(self.device)
+        self.eval()
+
+    # ------------------------------------------------------------------------------ tasks
+    @property
+    def task_ids(self) -> list[int]:
+        return list(self.flow.task_ids)
+
+    def add_expert(self, task: int | None = None) -> int:
+        """Create a new task's expert (on the module's device) and return its id; no prototype or threshold yet."""
+        task = self.flow.add_task(task)
+        self.flow.to(self.device)
+        return task
+
+    def set_threshold(self, task: int, value: float) -> None:
+        self.register_buffer(f"threshold_{task}", torch.tensor(float(value), dtype=torch.float64, device=self.device))
+
+    def threshold(self, task: int) -> float:
+        return float(getattr(self, f"threshold_{task}"))
+
+    def remove_task(self, task: int) -> None:
+        """Delete everything task `task` owns; every other task is untouched."""
+        if task in self.flow.task_ids:
+            self.flow.remove_task(task)
+        if task in self.router.task_ids:
+            self.router.remove_task(task)
+        if self.memory is not None:
+            self.memory.remove_task(task)
+        if hasattr(self, f"threshold_{task}"):
+            delattr(self, f"threshold_{task}")
+
+    def check_complete(self) -> None:
+        """Every task has an expert, a prototype, a threshold (and a memory when scored with one)."""
+        for t in self.flow.task_ids:
+            missing = [what for what, ok in (("router prototype", t in self.router.task_ids),
+                                            ("threshold", hasattr(self, f"threshold_{t}")),
+                                            ("patch memory", self.memory is None or self.memory.has(t))) if not ok]
+            if missing:
+                raise MoleflowError(f"task {t} has no {', '.join(missing)}; the model is incomplete")
+
+    # ------------------------------------------------------------------------------ state
+    def model_state(self) -> dict[str, torch.Tensor]:
+        """The state_dict without the backbone (its weights come from their source, checked by hash)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(_BACKBONE_PREFIX)}
+
+    def state_by_owner(self) -> dict[int | None, dict[str, torch.Tensor]]:
+        """`model_state` split into the shared part (key None) and one part per task."""
+        parts: dict[int | None, dict[str, torch.Tensor]] = {None: {}}
+        parts.update({t: {} for t in self.task_ids})
+        for key, value in self.model_state().items():
+            owner = key_owner(key)
+            if owner not in parts:
+                raise MoleflowError(f"tensor {key} belongs to task {owner}, which the model does not have")
+            parts[owner][key] = value.detach().cpu()
+        return parts
+
+    def load_model_state(self, task_ids: list[int], base_task: int | None, state: dict[str, torch.Tensor]) -> None:
+        """Rebuild the experts of `task_ids` and load `state` (as written by `model_state`), strictly."""
+        self.flow.base_task = base_task
+        for task in task_ids:
+            self.flow.add_task(task)
+        for key, value in state.items():  # per-task buffers are created from the saved values
+            owner, name = key_owner(key), key.rsplit(".", 1)[-1]
+            if owner is None or not re.fullmatch(r"(mean|precision|unknown|bank|norm|threshold)_\d+", name):
+                continue
+            if key.startswith("router."):
+                if name.startswith("mean_"):
+                    self.router.set_prototype(owner, value, state[f"router.precision_{owner}"],
+                                              float(state[f"router.unknown_{owner}"]))
+            elif key.startswith("memory."):
+                if self.memory is None:
+                    raise MoleflowError(f"the checkpoint has a patch memory ({key}) but score.source is "
+                                        f"{self.config.score.source}")
+                self.memory.register_buffer(name, value.clone())
+            else:
+                self.register_buffer(name, value.clone())
+        expected = set(self.model_state())
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise MoleflowError(f"the checkpoint does not fit this configuration: missing {sorted(missing)[:3]}, "
+                                f"unexpected {sorted(unexpected)[:3]}")
+        self.load_state_dict({**state, **{k: v for k, v in self.state_dict().items()
+                                          if k.startswith(_BACKBONE_PREFIX)}}, strict=True)
+        self.router.task_ids.sort(key=task_ids.index)
+        self.to(self.device)
+        self.eval()
+        self.check_complete()
+
+    # ------------------------------------------------------------------------------ pieces
+    def patch_scores(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
+        """Patch anomaly scores (B, H, W) of tokens (B, H, W, D) under task `task`: the flow's NLL (spec §6),
+        or with a memory the standardised sum of NLL and memory distance."""
+        nll = self.flow(tokens, task).nll
+        return nll if self.memory is None else self.memory.combine(nll, tokens, task)
+
+    def expert_scores(self, tokens: torch.Tensor, index: torch.Tensor, tasks: list[int],
+                      batch_size: int = 64) -> torch.Tensor:
+        """Patch scores (M, H, W) of tokens (M, H, W, D), row i scored by the expert of task tasks[index[i]].
+
+        Eager: each routed expert runs on its own rows only. Traced for export: every expert runs on every
+        row and the routed one is gathered (no data-dependent control flow)."""
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            every = torch.stack([self.patch_scores(tokens, t).float() for t in tasks], dim=1)  # (M, T, H, W)
+            h, w = tokens.shape[1:3]
+            return every.gather(1, index.view(-1, 1, 1, 1).expand(-1, 1, h, w)).squeeze(1)
+        out = tokens.new_empty(tokens.shape[:3], dtype=torch.float32)
+        for i in index.unique().tolist():
+            rows = (index == i).nonzero().squeeze(1)
+            for chunk in rows.split(batch_size):
+                out[chunk] = self.patch_scores(tokens[chunk], tasks[i]).float()
+        return out
+
+    def outputs(self, patch: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | list]:
+        """Tiles' patch scores (M, h, w) -> image scores (N,), pixel maps (N, S, S) and patch maps: (N, h, w)
+        without tiling, else one stitched (k*h, w) or (h, k*w) map per image."""
+        if not prep.tiled:
+            patch = patch[prep.owner.argsort().to(patch.device)]
+            return image_scores(patch, self.config.score), self.map_maker(patch), patch
+        patch_maps, scores, maps = [], [], []
+        for i, layout in enumerate(prep.layouts):
+            stitched = stitch_maps(patch[(prep.owner == i).nonzero().squeeze(1).to(patch.device)], layout)
+            grid = tuple(stitched.shape)
+            if grid not in self._stitched_makers:
+                self._stitched_makers[grid] = MapMaker(grid, self.config.data.image_size,
+                                                       self.config.score.map_sigma).to(self.device)
+            patch_maps.append(stitched)
+            scores.append(image_scores(stitched[None], self.config.score)[0])
+            maps.append(self._stitched_makers[grid](stitched[None])[0])
+        return torch.stack(scores), torch.stack(maps), patch_maps
+
+    def thresholds(self, tasks: list[int]) -> torch.Tensor:
+        """(T,) float64 decision thresholds of `tasks`."""
+        return torch.stack([getattr(self, f"threshold_{t}") for t in tasks])
+
+    def extract(self, pixels: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles (M, 3, S, S) -> tokens (M, H, W, D) and routing features (M, D) on the module's device."""
+        parts = [self.extractor(chunk.to(self.device)) for chunk in pixels.split(batch_size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    # ------------------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def inspect(self, prep: Prepared, task_ids: torch.Tensor | None = None, among: list[int] | None = None,
+                batch_size: int = 32) -> Inspection:
+        """Route (or take `task_ids` (N,)), score and decide N prepared images; results on the CPU.
+
+        `among` restricts routing to some tasks (e.g. those learned up to a step); default all."""
+        tasks = self.task_ids if among is None else list(among)
+        if not tasks:
+            raise MoleflowError("the model has learned no task yet; call fit_task first")
+        tokens, routing = self.extract(prep.pixels, batch_size)
+        tokens, routing = tokens.float(), routing.float()
+        n = prep.n_images
+        owner = prep.owner.to(self.device)
+        if task_ids is None:
+            index, distance, known = self.router(routing, tasks, owner, n)
+        else:
+            ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+            if len(ids) != n:
+                raise MoleflowError(f"{len(ids)} task ids for {n} images")
+            unknown = set(ids.tolist()) - set(self.task_ids)
+            if unknown:
+                raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.task_ids}")
+            tasks = sorted(set(ids.tolist()))
+            index = torch.tensor([tasks.index(t) for t in ids.tolist()], dtype=torch.long, device=self.device)
+            distance = torch.full((n,), float("nan"), dtype=torch.float64)
+            known = torch.ones(n, dtype=torch.bool)
+        patch = self.expert_scores(tokens, index[owner], tasks, batch_size)
+        scores, maps, patch_maps = self.outputs(patch, prep)
+        limits = self.thresholds(tasks)[index.to(self.device)].cpu()
+        scores = scores.float().cpu()
+        return Inspection(scores=scores, maps=maps.float().cpu(),
+                          patch_scores=patch_maps.cpu() if isinstance(patch_maps, torch.Tensor)
+                          else [m.cpu() for m in patch_maps],
+                          task_ids=torch.tensor(tasks, dtype=torch.long)[index.cpu()], known=known.cpu(),
+                          anomalous=scores.double() > limits, router_distance=distance.cpu(), thresholds=limits)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Square images (N, 3, S, S) routed among all tasks -> scores (N,) float32, maps (N, S, S) float32,
+        task index (N,) int64 into `task_ids`, router distance (N,) float64, known (N,) bool, anomalous (N,)
+        bool. The traced graph of the ONNX export; `inspect` gives the same values."""
+        tasks = self.task_ids
+        tokens, routing = self.extractor(images)
+        index, distance, known = self.router(routing.float(), tasks)
+        patch = self.expert_scores(tokens.float(), index, tasks)
+        scores = image_scores(patch, self.config.score)
+        maps = self.map_maker(patch)
+        anomalous = scores.double() > self.thresholds(tasks).index_select(0, index)
+        return scores, maps, index, distance, known, anomalous

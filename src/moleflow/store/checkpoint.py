@@ -1,0 +1,208 @@
+"""The model folder: a manifest plus one safetensors file per expert, every file checked by SHA-256.
+
+    RUN/model/manifest.json                 format, config, backbone hash, tasks (metadata), files + SHA-256
+    RUN/model/shared-<sha12>.safetensors    the shared flow (trained by the first task, then frozen)
+    RUN/model/task<t>-<sha12>.safetensors   task t's expert: LoRA, biases, adapter, DIA, prototype, memory,
+                                            threshold
+
+Tensors are stored with safetensors and metadata as JSON, so loading a run someone sent you runs no code.
+File names carry the first 12 hex digits of their content's SHA-256: a save writes the new shards first,
+then the manifest (atomically), then deletes shards no longer listed, so a crash at any point leaves the
+previous manifest and every file it lists intact; an unchanged expert is never rewritten. Loading verifies
+every listed file's hash (and the manifest's own checksum) and refuses a mismatch, naming the file.
+
+Runs of moleflow 0.1 (one `model.pt`) still load, with `torch.load(weights_only=True)`; the next save of
+such a run (add-task, remove-task, `moleflow migrate`) writes the model folder and removes `model.pt`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from .. import __version__
+from ..config import Config
+from ..errors import MoleflowError
+from .atomic import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from ..detector import MoleFlow
+
+log = logging.getLogger(__name__)
+
+FORMAT = "moleflow-model"
+VERSION = 2
+MODEL_DIR = "model"
+MANIFEST = "manifest.json"
+LEGACY_FILE = "model.pt"
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return sha256(json.dumps(body, sort_keys=True).encode())
+
+
+# ------------------------------------------------------------------------------------------ paths
+def find_model(path: str | Path) -> Path:
+    """The model of a run: `path` may be a model folder, a run folder holding `model/`, or a legacy
+    `model.pt` (or a run folder holding one)."""
+    path = Path(path)
+    for candidate in (path / MANIFEST, path / MODEL_DIR / MANIFEST):
+        if candidate.is_file():
+            return candidate.parent
+    for candidate in (path, path / LEGACY_FILE):
+        if candidate.is_file() and candidate.suffix == ".pt":
+            return candidate
+    raise MoleflowError(f"{path}: no moleflow model here (no {MODEL_DIR}/{MANIFEST}); train a run first "
+                        "(moleflow train ... --out DIR)")
+
+
+def run_has_model(run_dir: str | Path) -> bool:
+    run_dir = Path(run_dir)
+    return (run_dir / MODEL_DIR / MANIFEST).is_file() or (run_dir / LEGACY_FILE).is_file()
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """Where a save of the model found at (or meant for) `path` goes: RUN/model, or `path` itself when it is
+    a model folder."""
+    path = Path(path)
+    if path.suffix == ".pt":
+        return path.parent / MODEL_DIR
+    if (path / MANIFEST).is_file() or path.name == MODEL_DIR:
+        return path
+    return path / MODEL_DIR
+
+
+# ------------------------------------------------------------------------------------------ save
+def save_model(model: "MoleFlow", path: str | Path) -> Path:
+    """Write `model` into the model folder of `path` (see `model_dir_of`); return the folder."""
+    folder = model_dir_of(path)
+    model.inspector.check_complete()
+    old = _read_manifest(folder) if (folder / MANIFEST).is_file() else None
+    old_files = set(old["files"]) if old else set()
+    files: dict[str, dict[str, Any]] = {}
+    for owner, state in model.inspector.state_by_owner().items():
+        data = st_save({k: v.contiguous() for k, v in state.items()})
+        digest = sha256(data)
+        name = f"{'shared' if owner is None else f'task{owner}'}-{digest[:12]}.safetensors"
+        if name not in old_files or not (folder / name).is_file():
+            atomic_write_bytes(folder / name, lambda fh, data=data: fh.write(data))
+        files[name] = {"sha256": digest, "bytes": len(data), "task": owner}
+    extractor = model.extractor
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "moleflow_version": __version__,
+        "config": model.config.to_dict(),
+        "backbone": {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
+                     "weights_source": extractor.weights_source},
+        "task_ids": list(model.flow.task_ids),
+        "base_task": model.flow.base_task,
+        "tasks": model.task_info_dicts(),
+        "files": files,
+    }
+    manifest["manifest_sha256"] = _manifest_checksum(manifest)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+    for name in old_files - set(files):
+        (folder / name).unlink(missing_ok=True)
+    legacy = folder.parent / LEGACY_FILE
+    if folder.name == MODEL_DIR and legacy.is_file():
+        legacy.unlink()
+        log.info("converted %s to the model folder %s", legacy, folder)
+    return folder
+
+
+# ------------------------------------------------------------------------------------------ load
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MoleflowError(f"{path}: cannot read the model manifest ({exc}); the run is damaged") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise MoleflowError(f"{path}: not a moleflow model manifest")
+    if manifest.get("version", 0) > VERSION:
+        raise MoleflowError(f"{path}: written by a newer moleflow (format {manifest['version']}); upgrade moleflow")
+    if manifest.get("manifest_sha256") != _manifest_checksum(manifest):
+        raise MoleflowError(f"{path}: the manifest's checksum does not match its content; the file was changed "
+                            "or damaged; restore it from a copy of the run")
+    return manifest
+
+
+def read_model_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The manifest and all tensors of a model folder, every file verified against its SHA-256."""
+    manifest = _read_manifest(folder)
+    state: dict[str, torch.Tensor] = {}
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise MoleflowError(f"{path}: cannot read this model file ({exc.strerror or exc}); the run is "
+                                "incomplete; restore it from a copy") from None
+        if sha256(data) != entry["sha256"]:
+            raise MoleflowError(f"{path}: SHA-256 does not match the manifest; the file was changed or damaged; "
+                                "restore it from a copy of the run")
+        try:
+            state.update(st_load(data))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise MoleflowError(f"{path}: not a valid safetensors file ({exc})") from None
+    return manifest, state
+
+
+def _read_legacy(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A moleflow 0.1 `model.pt`, loaded without executing code, as (manifest-like dict, inspector state)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise MoleflowError(f"{path}: cannot read this checkpoint safely ({type(exc).__name__}); it may be damaged "
+                            "or not a moleflow file") from None
+    if not isinstance(payload, dict) or payload.get("format") != "moleflow-checkpoint":
+        raise MoleflowError(f"{path}: not a moleflow checkpoint")
+    state = {f"flow.{k}": v for k, v in payload["flow"].items()}
+    for t, proto in payload["router"].items():
+        state[f"router.mean_{t}"] = proto["mean"]
+        state[f"router.precision_{t}"] = proto["precision"]
+        state[f"router.unknown_{t}"] = torch.tensor(float(proto["unknown_threshold"]), dtype=torch.float64)
+    for k, v in (payload.get("memory") or {}).items():
+        state[f"memory.{k}"] = v
+    for info in payload["tasks"]:
+        state[f"threshold_{info['task_id']}"] = torch.tensor(float(info["threshold"]), dtype=torch.float64)
+    log.warning("%s: a moleflow 0.1 single-file checkpoint without integrity hashes; `moleflow migrate` (or the "
+                "next add-task/remove-task) converts it to the checked model folder", path)
+    return payload, state
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu",
+               backbone_weights: str | None = None) -> "MoleFlow":
+    """Rebuild the detector saved at `path`; its scores equal those of the saved model exactly."""
+    from ..detector import MoleFlow, TaskInfo
+
+    found = find_model(path)
+    manifest, state = _read_legacy(found) if found.suffix == ".pt" else read_model_files(found)
+    config = Config.from_dict(manifest["config"])
+    if backbone_weights is not None:
+        config.backbone.weights = backbone_weights
+    model = MoleFlow(config, device=device)
+    saved_hash = manifest["backbone"]["weights_sha256"]
+    if model.extractor.weights_sha256 != saved_hash:
+        raise MoleflowError(
+            f"{found}: the backbone weights found here ({model.extractor.weights_source}) differ from the ones "
+            f"the run was trained with (sha256 {saved_hash[:12]}...); pass the same weights file")
+    model.inspector.load_model_state(list(manifest["task_ids"]), manifest["base_task"], state)
+    known = {f for f in TaskInfo.__dataclass_fields__}
+    model.tasks = [TaskInfo(**{k: v for k, v in t.items() if k in known}) for t in manifest["tasks"]]
+    for info in model.tasks:  # the tensor is the truth; the metadata copy is for people and tools
+        info.threshold = model.inspector.threshold(info.task_id)
+    return model
