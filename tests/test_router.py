@@ -88,11 +88,24 @@ def test_out_of_sample_distances_exceed_in_sample_ones():
     assert abs(held_out.median() - fresh.median()) < abs(in_sample.median() - fresh.median())
 
 
-def test_state_round_trip():
+def test_state_is_buffers_and_round_trips():
     router = PrototypeRouter(RouterConfig())
     router.add_task(3, _cluster(0, 30, 4, 1.0))
+    assert set(router.state_dict()) == {"mean_3", "precision_3", "unknown_3"}
+    state = router.state_dict()
     clone = PrototypeRouter(RouterConfig())
-    clone.load_state_dict(router.state_dict())
+    clone.set_prototype(3, state["mean_3"], state["precision_3"], float(state["unknown_3"]))
     x = _cluster(2, 5, 4, 1.0)
     assert torch.equal(router.distances(x), clone.distances(x))
     assert clone.task_ids == [3]
+
+
+def test_one_distance_formula():
+    """The router's distance is sqrt((x - mean)^T P (x - mean)) with the stored precision."""
+    router = PrototypeRouter(RouterConfig())
+    router.add_task(0, _cluster(0, 30, 4, 0.0))
+    x = _cluster(1, 5, 4, 0.5)
+    mean, precision = router.prototype(0)
+    diff = x.double() - mean
+    expected = torch.einsum("nd,de,ne->n", diff, precision, diff).sqrt()
+    torch.testing.assert_close(router.distances(x)[:, 0], expected, rtol=1e-12, atol=1e-12)

@@ -27,9 +27,13 @@ EXAMPLES = """examples:
   moleflow predict runs/real 'line3/*.jpg' part_17.png --out predictions --csv-only
 The decision threshold of each product was calibrated at training time on held-out normal training
 images (score.false_alarm_rate); images whose routing feature is far from every learned product are
-reported as "unknown product".
+reported as "unknown product". An image that cannot be read gets a row with decision "unreadable" and the
+reason; the exit code is then 3 (2: an error stopped the command; 0: every image was inspected), unless
+--allow-unreadable is given.
 """
 UNKNOWN = "unknown product"
+UNREADABLE = "unreadable"
+EXIT_UNREADABLE = 3
 
 
 def add_parser(sub) -> None:
