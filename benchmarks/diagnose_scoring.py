@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.set_num_threads(2)
-    model = MoleFlow.load(args.run / "model.pt")
+    model = MoleFlow.load(args.run)
     classes = args.classes or [c for t in model.tasks for c in t.classes]
     size = model.config.data.image_size
     out: dict = {}
@@ -47,7 +47,7 @@ def main() -> None:
         patch_maps = []
         for start in range(0, len(split.test), 32):
             pred = model.predict([s.image for s in split.test[start:start + 32]])
-            maps = pred.patch_nll if isinstance(pred.patch_nll, list) else list(pred.patch_nll)
+            maps = pred.patch_scores if isinstance(pred.patch_scores, list) else list(pred.patch_scores)
             patch_maps += [m.float() for m in maps]
         res: dict = {"image_auroc": {}}
         for name, rule in RULES.items():

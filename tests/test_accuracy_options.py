@@ -115,8 +115,7 @@ def test_flow_plus_memory_detects_and_survives_save_and_load(tmp_path):
     assert before.task_ids.tolist() == [0, 0, 0, 1, 1, 1]
     norm = model.memory.norm_0
     assert norm.shape == (4,) and bool((norm[[1, 3]] > 0).all())
-    model.save(tmp_path / "m.pt")
-    after = MoleFlow.load(tmp_path / "m.pt").predict(probe)
+    after = MoleFlow.load(model.save(tmp_path / "run")).predict(probe)
     assert torch.equal(before.scores, after.scores) and torch.equal(before.maps, after.maps)
 
 
@@ -157,7 +156,7 @@ def test_tiled_detector_puts_a_defect_back_where_it_is():
     bad = part()
     bad[250:280, 40:70] = 255
     pred = model.predict([part(), bad])
-    assert pred.maps.shape == (2, 112, 112) and pred.patch_nll[1].shape == (3 * 14, 14)
+    assert pred.maps.shape == (2, 112, 112) and pred.patch_scores[1].shape == (3 * 14, 14)
     heat = pred.maps[1]
     assert int(heat.argmax()) // 112 >= 112 * 2 // 3 - 4  # the peak row is in the bottom third
     assert pred.scores[1] > pred.scores[0]

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from moleflow import MoleFlow, MoleflowError
+from moleflow.cli import main
 from moleflow.store import atomic_write_bytes
 from moleflow.store import checkpoint as ckpt
 
@@ -180,9 +181,10 @@ def test_a_legacy_single_file_run_loads_and_converts(tmp_path, two_tasks):
     probe = random_images(2, 4, shift=0.5)
     loaded = MoleFlow.load(run)
     assert torch.equal(loaded.predict(probe).scores, two_tasks.predict(probe).scores)
-    loaded.save(run)  # the next save writes the checked folder and drops the old file
+    assert main(["migrate", str(run)]) == 0  # converts, checks the scores, removes the old file
     assert not (run / "model.pt").exists() and (run / "model" / "manifest.json").is_file()
     assert torch.equal(MoleFlow.load(run).predict(probe).scores, two_tasks.predict(probe).scores)
+    assert main(["migrate", str(run)]) == 0  # nothing left to do
 
 
 class _Exploit:

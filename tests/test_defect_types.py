@@ -96,7 +96,7 @@ def _fake_model(size: int = 16) -> SimpleNamespace:
                                known=torch.ones(n, dtype=torch.bool), anomalous=torch.zeros(n, dtype=torch.bool),
                                maps=torch.zeros(n, size, size))
 
-    config = SimpleNamespace(data=SimpleNamespace(tiling="none"))
+    config = SimpleNamespace(data=SimpleNamespace(tiling="none"), router=SimpleNamespace(enabled=True))
     return SimpleNamespace(transform=ImageTransform(size), predict=predict, config=config)
 
 

@@ -41,7 +41,7 @@ def test_three_task_continual_run_detects_synthetic_defects(trained_run):
     for i, row in enumerate(matrix):
         assert row[i] + row[-1] == 20 and sum(row) == 20
     assert sum(row[-1] for row in matrix) <= 1  # defective parts of known products are rarely "unknown"
-    for name in ("config.yaml", "model.pt", "final.csv", "matrix_image_auroc.csv", "scores/brick.csv",
+    for name in ("config.yaml", "model/manifest.json", "final.csv", "matrix_image_auroc.csv", "scores/brick.csv",
                  "examples/hubble.npz", "report.html", "report.md"):
         assert (out / name).exists(), name
     assert results["backbone"]["weights_sha256"]

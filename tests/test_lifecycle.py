@@ -161,6 +161,40 @@ def test_resume_learns_only_the_missing_tasks_and_overwrite_starts_again(run_dir
     assert [s["task_name"] for s in results["steps"]] == ["brick", "grass", "hubble"]
     assert main(args[:4] + ["grass", "brick"] + args[6:] + ["--resume"]) == 2  # another sequence
     assert "not the start of the requested sequence" in capsys.readouterr().err
+    (work / "report.md").write_text("a report of the old run")
     assert main(["train", "--data", str(root), "--classes", "hubble", "--out", str(work), "--no-report",
                  "--overwrite"] + TINY) == 0
     assert [t.name for t in MoleFlow.load(work).tasks] == ["hubble"]
+    assert not (work / "report.md").exists()  # no stale report describing the replaced model
+
+
+def test_bad_test_files_are_found_before_any_training(tmp_path, capsys):
+    root = tmp_path / "data"
+    write_mvtec_layout(root, ["brick"], n_train=12, n_test_good=2, n_test_defect=2, size=112, seed=0)
+    defect = sorted(p for p in (root / "brick" / "test").rglob("*.png") if "good" not in p.parts)[0]
+    defect.write_bytes(defect.read_bytes()[:60])  # a truncated camera file
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--classes", "brick", "--out", str(out)] + TINY) == 2
+    assert defect.name in capsys.readouterr().err
+    assert not (out / "config.yaml").exists() and not (out / "model").exists()  # no half run
+    mask = next((root / "brick" / "ground_truth").rglob("*.png"))
+    defect.unlink()
+    Image.new("L", (50, 50)).save(mask)  # a mask of the wrong size
+    assert main(["train", "--data", str(root), "--classes", "brick", "--out", str(out)] + TINY) == 2
+    err = capsys.readouterr().err
+    assert mask.name in err or "mask" in err
+
+
+def test_an_unwritable_output_is_refused_before_training(run_dir, tmp_path, capsys):
+    root, _ = run_dir
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert main(["train", "--data", str(root), "--classes", "brick", "--out", str(blocker / "run")] + TINY) == 2
+    assert "a_file" in capsys.readouterr().err
+
+
+def test_small_calibration_sets_are_reported(run_dir, capsys):
+    _, out = run_dir
+    assert main(["tasks", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 calibration images" in text and "not the requested 1.0%" in text  # 20 images, 10 % held out

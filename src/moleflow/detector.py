@@ -27,6 +27,7 @@ from .data.transforms import ImageTransform
 from .errors import MoleflowError
 from .inspector import Inspection, Inspector
 from .scoring import decision_threshold
+from .store.checkpoint import read_model, write_model
 from .trainer import TrainReport, fit_task
 
 log = logging.getLogger(__name__)
@@ -283,18 +284,38 @@ class MoleFlow:
         return info
 
     def save(self, path: str | Path) -> Path:
-        """Write the model folder `path` (manifest + one safetensors file per expert), atomically."""
-        from .store.checkpoint import save_model
-
-        return save_model(self, path)
+        """Write the model folder of `path` (RUN/model: manifest + one safetensors file per expert), atomically;
+        return the folder. Experts already on disk are not rewritten."""
+        self.inspector.check_complete()
+        extractor = self.extractor
+        meta = {"config": self.config.to_dict(),
+                "backbone": {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
+                             "weights_source": extractor.weights_source},
+                "task_ids": list(self.flow.task_ids), "base_task": self.flow.base_task,
+                "tasks": self.task_info_dicts()}
+        return write_model(path, self.inspector.state_by_owner(), meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
              backbone_weights: str | None = None) -> "MoleFlow":
-        """Load a model folder (or a run folder holding one), verifying every file's SHA-256."""
-        from .store.checkpoint import load_model
-
-        return load_model(path, device, backbone_weights)
+        """Load a model folder (or a run folder holding one), verifying every file's SHA-256; its scores equal
+        those of the saved model exactly."""
+        found, manifest, state = read_model(path)
+        config = Config.from_dict(manifest["config"])
+        if backbone_weights is not None:
+            config.backbone.weights = backbone_weights
+        model = cls(config, device=device)
+        saved_hash = manifest["backbone"]["weights_sha256"]
+        if model.extractor.weights_sha256 != saved_hash:
+            raise MoleflowError(
+                f"{found}: the backbone weights found here ({model.extractor.weights_source}) differ from the ones "
+                f"the run was trained with (sha256 {saved_hash[:12]}...); pass the same weights file")
+        model.inspector.load_model_state(list(manifest["task_ids"]), manifest["base_task"], state)
+        known = set(TaskInfo.__dataclass_fields__)
+        model.tasks = [TaskInfo(**{k: v for k, v in t.items() if k in known}) for t in manifest["tasks"]]
+        for info in model.tasks:  # the tensor is the truth; the metadata copy is for people and tools
+            info.threshold = model.inspector.threshold(info.task_id)
+        return model
 
     def task_info_dicts(self) -> list[dict[str, Any]]:
         return [asdict(t) for t in self.tasks]

@@ -12,7 +12,8 @@ previous manifest and every file it lists intact; an unchanged expert is never r
 every listed file's hash (and the manifest's own checksum) and refuses a mismatch, naming the file.
 
 Runs of moleflow 0.1 (one `model.pt`) still load, with `torch.load(weights_only=True)`; the next save of
-such a run (add-task, remove-task, `moleflow migrate`) writes the model folder and removes `model.pt`.
+such a run (add-task, remove-task) writes the model folder, which is then preferred; `moleflow migrate`
+converts a run, checks the scores are unchanged and removes `model.pt`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,15 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from .. import __version__
-from ..config import Config
 from ..errors import MoleflowError
 from .atomic import atomic_write_bytes, atomic_write_text
-
-if TYPE_CHECKING:
-    from ..detector import MoleFlow
 
 log = logging.getLogger(__name__)
 
@@ -85,41 +82,25 @@ def model_dir_of(path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ save
-def save_model(model: "MoleFlow", path: str | Path) -> Path:
-    """Write `model` into the model folder of `path` (see `model_dir_of`); return the folder."""
+def write_model(path: str | Path, parts: dict[int | None, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+    """Write a model folder: one safetensors file per owner in `parts` (None = shared, else a task id) and
+    a manifest holding `meta` (config, backbone, tasks, ...) and every file's SHA-256. Return the folder."""
     folder = model_dir_of(path)
-    model.inspector.check_complete()
     old = _read_manifest(folder) if (folder / MANIFEST).is_file() else None
     old_files = set(old["files"]) if old else set()
     files: dict[str, dict[str, Any]] = {}
-    for owner, state in model.inspector.state_by_owner().items():
-        data = st_save({k: v.contiguous() for k, v in state.items()})
+    for owner, state in parts.items():
+        data = st_save({k: v.detach().cpu().contiguous() for k, v in state.items()})
         digest = sha256(data)
         name = f"{'shared' if owner is None else f'task{owner}'}-{digest[:12]}.safetensors"
-        if name not in old_files or not (folder / name).is_file():
+        if name not in old_files or not (folder / name).is_file():  # an unchanged expert is not rewritten
             atomic_write_bytes(folder / name, lambda fh, data=data: fh.write(data))
         files[name] = {"sha256": digest, "bytes": len(data), "task": owner}
-    extractor = model.extractor
-    manifest = {
-        "format": FORMAT,
-        "version": VERSION,
-        "moleflow_version": __version__,
-        "config": model.config.to_dict(),
-        "backbone": {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
-                     "weights_source": extractor.weights_source},
-        "task_ids": list(model.flow.task_ids),
-        "base_task": model.flow.base_task,
-        "tasks": model.task_info_dicts(),
-        "files": files,
-    }
+    manifest = {"format": FORMAT, "version": VERSION, "moleflow_version": __version__, **meta, "files": files}
     manifest["manifest_sha256"] = _manifest_checksum(manifest)
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     for name in old_files - set(files):
         (folder / name).unlink(missing_ok=True)
-    legacy = folder.parent / LEGACY_FILE
-    if folder.name == MODEL_DIR and legacy.is_file():
-        legacy.unlink()
-        log.info("converted %s to the model folder %s", legacy, folder)
     return folder
 
 
@@ -179,30 +160,13 @@ def _read_legacy(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         state[f"memory.{k}"] = v
     for info in payload["tasks"]:
         state[f"threshold_{info['task_id']}"] = torch.tensor(float(info["threshold"]), dtype=torch.float64)
-    log.warning("%s: a moleflow 0.1 single-file checkpoint without integrity hashes; `moleflow migrate` (or the "
-                "next add-task/remove-task) converts it to the checked model folder", path)
+    log.warning("%s: a moleflow 0.1 single-file checkpoint without integrity hashes; `moleflow migrate %s` "
+                "converts it to the checked model folder", path, path.parent)
     return payload, state
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu",
-               backbone_weights: str | None = None) -> "MoleFlow":
-    """Rebuild the detector saved at `path`; its scores equal those of the saved model exactly."""
-    from ..detector import MoleFlow, TaskInfo
-
+def read_model(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor]]:
+    """(where it was found, manifest, every tensor) of the model at `path`, verified (see `find_model`)."""
     found = find_model(path)
     manifest, state = _read_legacy(found) if found.suffix == ".pt" else read_model_files(found)
-    config = Config.from_dict(manifest["config"])
-    if backbone_weights is not None:
-        config.backbone.weights = backbone_weights
-    model = MoleFlow(config, device=device)
-    saved_hash = manifest["backbone"]["weights_sha256"]
-    if model.extractor.weights_sha256 != saved_hash:
-        raise MoleflowError(
-            f"{found}: the backbone weights found here ({model.extractor.weights_source}) differ from the ones "
-            f"the run was trained with (sha256 {saved_hash[:12]}...); pass the same weights file")
-    model.inspector.load_model_state(list(manifest["task_ids"]), manifest["base_task"], state)
-    known = {f for f in TaskInfo.__dataclass_fields__}
-    model.tasks = [TaskInfo(**{k: v for k, v in t.items() if k in known}) for t in manifest["tasks"]]
-    for info in model.tasks:  # the tensor is the truth; the metadata copy is for people and tools
-        info.threshold = model.inspector.threshold(info.task_id)
-    return model
+    return found, manifest, state
