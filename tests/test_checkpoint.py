@@ -70,8 +70,8 @@ def test_every_file_is_json_or_safetensors_and_listed_with_its_hash(tmp_path, tw
         data = (folder / name).read_bytes()
         assert name.endswith(".safetensors") and ckpt.sha256(data) == entry["sha256"]
         assert b"\x80\x04" not in data[:2]  # no pickle protocol header
-    owners = sorted(str(e["task"]) for e in manifest["files"].values())
-    assert owners == ["0", "1", "None"]
+    parts = sorted(e["part"] for e in manifest["files"].values())
+    assert parts == ["shared", "task0", "task0-calibration", "task1", "task1-calibration"]
 
 
 def _flip(path, offset_from_end: int = 40) -> None:
@@ -114,7 +114,7 @@ def test_adding_a_task_writes_only_the_new_expert(tmp_path):
     after = {p.name: os.stat(p).st_ino for p in folder.iterdir() if p.suffix == ".safetensors"}
     assert set(before) < set(after)
     assert all(after[name] == inode for name, inode in before.items())  # not rewritten
-    assert len(set(after) - set(before)) == 1
+    assert sorted(n.split("-")[0] + ("-cal" if "calibration" in n else "") for n in set(after) - set(before)) == ["task1", "task1-cal"]
 
 
 def test_a_crash_while_saving_keeps_the_previous_model(tmp_path, monkeypatch):

@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from moleflow.config import ScoreConfig
 from moleflow.losses import logdet_regularisation, tail_aware_loss
-from moleflow.scoring import anomaly_maps, blur_matrix, decision_threshold, image_scores
+from moleflow.scoring import anomaly_maps, blur_matrix, image_scores
 
 # One 2 x 5 map with values 1..10 (row-major), and one constant map.
 MAP = torch.tensor([[[1.0, 2, 3, 4, 5], [6, 7, 8, 9, 10]], [[2.0] * 5] * 2])
@@ -64,11 +64,6 @@ def test_anomaly_map_shape_and_peak():
     assert torch.all(maps[1] == 0)
     bad = torch.full((1, 7, 7), float("nan"))
     assert torch.isfinite(anomaly_maps(bad, 14, 1.0)).all()
-
-
-def test_decision_threshold_is_a_quantile_of_normal_scores():
-    scores = torch.arange(101, dtype=torch.float64)
-    assert decision_threshold(scores, 0.05) == pytest.approx(95.0)
 
 
 def test_tail_aware_loss_by_hand():

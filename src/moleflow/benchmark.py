@@ -4,7 +4,8 @@ Measured on one task of `n_train` generated images of a realistic size (default 
 the model's input by the normal preprocessing), or on the first class of a dataset root:
   * preprocessing and backbone feature time per image (batch 32);
   * training: seconds per epoch and per task (feature extraction, training loop, calibration);
-  * inference: images/s at batch 32 and single-image latency (median of `latency_runs` after warm-up);
+  * inference: images/s at batch 32 and single-image latency (median of `latency_runs` after warm-up), with
+    the torch engine (`MoleFlow.predict`) or the onnx engine (engine.py: backbone and experts in onnxruntime);
   * peak resident memory (and peak GPU memory on a GPU);
   * bytes and parameters added per task, in memory and on disk.
 """
@@ -65,57 +66,104 @@ def peak_rss_mb() -> float:
 
 def speed_benchmark(cfg: Config, device: str = "cpu", n_train: int = 300, size: tuple[int, int] = (640, 480),
                     batch_size: int = 32, latency_runs: int = 30, data_root: Path | None = None,
-                    precision: str = "fp32") -> dict[str, Any]:
-    """Run every measurement once and return them as a JSON-able dict."""
-    model = MoleFlow(cfg, device=device, precision=precision)
+                    precision: str = "fp32", engine: str = "torch", engine_options: dict[str, Any] | None = None,
+                    run_dir: Path | None = None) -> dict[str, Any]:
+    """Run every measurement once and return them as a JSON-able dict.
+
+    `engine`: "torch" (`MoleFlow.predict`) or "onnx" (engine.OnnxEngine with `engine_options`) for the
+    inference rows. `run_dir`: measure inference on that run's model instead of training one (no training rows)."""
+    if run_dir is not None:
+        model = MoleFlow.load(run_dir, device=device)
+        model.precision = precision
+        cfg = model.config
+    else:
+        model = MoleFlow(cfg, device=device, precision=precision)
     dev = model.device
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    n_fit = 0 if run_dir is not None else n_train
     if data_root is not None:
-        images, source = dataset_images(data_root, n_train + batch_size)
+        images, source = dataset_images(data_root, n_fit + batch_size)
     else:
-        images = generated_images(n_train + batch_size, *size)
+        images = generated_images(n_fit + batch_size, *size)
         source = f"generated {size[0]}x{size[1]}"
-    train_images, probe_images = images[:n_train], images[n_train:]
-    x_train, t_pre = _timed(lambda: model.to_tensor(train_images), torch.device("cpu"))
+    train_images, probe_images = images[:n_fit], images[n_fit:]
     probe = model.to_tensor(probe_images)
     model.extract(probe[:4])  # warm-up
-    _, t_feat = _timed(lambda: model.extract(x_train, batch_size), dev)
-    info, t_fit = _timed(lambda: model.fit_task(x_train, name="bench"), dev)
-    epochs = cfg.train.epochs
-
     result: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(dev),
                     "gpu": torch.cuda.get_device_name(0) if dev.type == "cuda" else None},
         "config": {"preset": cfg.preset, "backbone": cfg.backbone.name, "embed_dim": model.extractor.embed_dim,
-                   "image_size": cfg.data.image_size, "epochs": epochs, "batch_size": cfg.train.batch_size,
+                   "image_size": cfg.data.image_size, "epochs": cfg.train.epochs, "batch_size": cfg.train.batch_size,
                    "coupling_blocks": cfg.model.num_coupling_blocks, "dia_blocks": cfg.model.dia_blocks,
-                   "lora_rank": cfg.model.lora_rank, "precision": precision},
+                   "lora_rank": cfg.model.lora_rank, "precision": precision, "score_source": cfg.score.source,
+                   "tiling": cfg.data.tiling},
         "images": source,
-        "n_train": n_train,
-        "preprocess_ms_per_image": 1000 * t_pre / n_train,
-        "backbone_ms_per_image": 1000 * t_feat / n_train,
-        "train": {"task_seconds": t_fit, "loop_seconds": info.train["seconds"],
-                  "epoch_seconds": info.train["seconds"] / epochs, "steps": info.train["steps"],
-                  "images_trained": info.n_train, "skipped_batches": info.train["skipped_batches"]},
+        "model": str(run_dir) if run_dir is not None else "trained here",
     }
-    model.predict(probe, batch_size=batch_size)  # warm-up
-    _, t_batch = _timed(lambda: model.predict(probe, batch_size=batch_size), dev)
-    single = probe[:1]
-    for _ in range(5):
-        model.predict(single)
-    latencies = [_timed(lambda: model.predict(single), dev)[1] for _ in range(latency_runs)]
-    _, t_e2e = _timed(lambda: model.predict(probe_images, batch_size=batch_size), dev)
-    result["inference"] = {"batch_size": batch_size, "images_per_second": len(probe) / t_batch,
-                           "images_per_second_from_decoded_images": len(probe) / t_e2e,
-                           "single_image_latency_ms_median": 1000 * statistics.median(latencies),
-                           "single_image_latency_ms_p90": 1000 * float(np.percentile(latencies, 90)),
-                           "latency_runs": latency_runs}
+    if run_dir is None:
+        x_train, t_pre = _timed(lambda: model.to_tensor(train_images), torch.device("cpu"))
+        _, t_feat = _timed(lambda: model.extract(x_train, batch_size), dev)
+        info, t_fit = _timed(lambda: model.fit_task(x_train, name="bench"), dev)
+        result.update({
+            "n_train": n_train,
+            "preprocess_ms_per_image": 1000 * t_pre / n_train,
+            "backbone_ms_per_image": 1000 * t_feat / n_train,
+            "train": {"task_seconds": t_fit, "loop_seconds": info.train["seconds"],
+                      "epoch_seconds": info.train["seconds"] / cfg.train.epochs, "steps": info.train["steps"],
+                      "images_trained": info.n_train, "skipped_batches": info.train["skipped_batches"]}})
+    result["memory_tokens"] = {str(t): int(getattr(model.memory, f"bank_{t}").shape[0])
+                               for t in model.flow.task_ids} if model.memory is not None else None
+    result["inference"] = inference_speed(model, probe, probe_images, batch_size, latency_runs, engine,
+                                          engine_options or {})
     result["memory"] = {"peak_rss_mb": peak_rss_mb(),
                         "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else None}
     result["per_task"] = _per_task_footprint(model)
     return result
+
+
+def inference_speed(model: MoleFlow, probe: torch.Tensor, probe_images: list, batch_size: int,
+                    latency_runs: int, engine: str = "torch", options: dict[str, Any] | None = None
+                    ) -> dict[str, Any]:
+    """Images/s at `batch_size` (preprocessed tensors (B, 3, S, S), and decoded images) and single-image
+    latency (median of `latency_runs` after 5 warm-up runs) with the torch or onnx engine."""
+    from .data.batch import Prepared
+    from .engine import make_engine
+
+    dev = model.device
+    export_seconds = None
+    if engine == "torch":  # MoleFlow.predict: the Inspector, with the model's precision
+        def run_tensor(x: torch.Tensor):
+            return model.predict(x, batch_size=batch_size)
+
+        def run_images(images: list):
+            return model.predict(images, batch_size=batch_size)
+    else:
+        import tempfile
+
+        cache = tempfile.TemporaryDirectory(prefix="moleflow-bench-")
+        runner, export_seconds = _timed(lambda: make_engine(model, engine, cache_dir=cache.name,
+                                                            batch_size=batch_size, **(options or {})), dev)
+
+        def run_tensor(x: torch.Tensor):
+            return runner.inspect(Prepared.square(x))
+
+        def run_images(images: list):
+            return runner.inspect(model.prepare(images))
+    run_tensor(probe)  # warm-up
+    _, t_batch = _timed(lambda: run_tensor(probe), dev)
+    single = probe[:1]
+    for _ in range(5):
+        run_tensor(single)
+    latencies = [_timed(lambda: run_tensor(single), dev)[1] for _ in range(latency_runs)]
+    _, t_e2e = _timed(lambda: run_images(probe_images), dev)
+    return {"engine": engine, "engine_options": dict(options or {}), "export_seconds": export_seconds,
+            "batch_size": batch_size, "images_per_second": len(probe) / t_batch,
+            "images_per_second_from_decoded_images": len(probe) / t_e2e,
+            "single_image_latency_ms_median": 1000 * statistics.median(latencies),
+            "single_image_latency_ms_p90": 1000 * float(np.percentile(latencies, 90)),
+            "latency_runs": latency_runs}
 
 
 def _per_task_footprint(model: MoleFlow) -> dict[str, Any]:
@@ -126,6 +174,7 @@ def _per_task_footprint(model: MoleFlow) -> dict[str, Any]:
     params = sum(p.numel() for p in model.flow.task_parameters(task))
     mean, precision = model.router.prototype(task)
     router_bytes = (mean.numel() + precision.numel()) * mean.element_size()
-    state = model.inspector.state_by_owner()[task]
+    parts = model.inspector.state_by_part()
+    state = {**parts[f"task{task}"], **parts[f"task{task}-calibration"]}
     return {"parameters": params, "parameter_bytes": params * 4, "router_bytes": router_bytes,
             "checkpoint_bytes": len(st_save({k: v.contiguous() for k, v in state.items()}))}

@@ -110,6 +110,10 @@ class RouterConfig:
     ridge: float = 1e-5
     unknown_quantile: float = 0.99  # distance quantile of held-out own-task images ...
     unknown_margin: float = 2.0  # ... times this margin: farther is an "unknown product"
+    # the image's routing feature, from its patch tokens (B, H, W, D): the coordinate-wise "median" over the
+    # grid, which a defect on a minority of patches cannot move far, or the "mean" of the spec (§5, `repo`).
+    # Chosen on held-out TRAINING normals with pasted defects (benchmarks/routing_stress.py, docs/decisions.md)
+    statistic: Literal["mean", "median"] = "median"
 
 
 @dataclass
@@ -133,8 +137,14 @@ class ScoreConfig:
     # at most this many tokens per task (seeded random subset): inference cost stays bounded for large or
     # tiled products (a 666-image product cut into ~2 tiles would otherwise keep ~100 k tokens)
     memory_max_tokens: int = 20000
-    false_alarm_rate: float = 0.01  # decision threshold: this quantile of held-out normal training scores
-    calibration_fraction: float = 0.1  # share of training images held out for calibration (0 = none)
+    # decision threshold: the split-conformal order statistic of held-out normal training scores that keeps
+    # false alarms on new good parts at or below this rate (calibration.py)
+    false_alarm_rate: float = 0.01
+    # share of a task's training images held out for calibration: enough to guarantee false_alarm_rate
+    # (1/rate - 1 images, 99 at 1 %), but at least calibration_fraction and at most calibration_max_fraction
+    # of them (0 and 0: nothing held out, thresholds from training images, optimistic)
+    calibration_fraction: float = 0.1
+    calibration_max_fraction: float = 0.25
 
 
 @dataclass
@@ -231,6 +241,8 @@ class Config:
         check(0.0 < s.percentile <= 1.0, "score.percentile must be in (0, 1]")
         check(0.0 < s.false_alarm_rate < 1.0, "score.false_alarm_rate must be in (0, 1)")
         check(0.0 <= s.calibration_fraction < 0.5, "score.calibration_fraction must be in [0, 0.5)")
+        check(s.calibration_fraction <= s.calibration_max_fraction < 0.5,
+              "score.calibration_max_fraction must be in [score.calibration_fraction, 0.5)")
         check(r.metric in ("mahalanobis", "euclidean"), "router.metric: mahalanobis|euclidean")
         check(r.covariance in ("ledoit_wolf", "oas", "ridge"), "router.covariance: ledoit_wolf|oas|ridge")
         check(d.image_size >= 32 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8, >= 32")
@@ -423,12 +435,14 @@ def _repo() -> Config:
     cfg.model.lora_alpha = 1.0
     cfg.model.whitening_identity_init = False
     cfg.router.covariance = "ridge"
+    cfg.router.statistic = "mean"
     cfg.train.drop_last = True
     cfg.data.resize_mode = "resize_crop"
     cfg.score.cluster_top_k_ratio = cfg.train.tail_ratio
     # the reference trains on every training image and holds nothing out for calibration: decision
     # thresholds then come from the training images themselves and are optimistic (too few false alarms)
     cfg.score.calibration_fraction = 0.0
+    cfg.score.calibration_max_fraction = 0.0
     return cfg
 
 

@@ -26,7 +26,7 @@ from .data.batch import Images, Prepared, prepare_images
 from .data.transforms import ImageTransform
 from .errors import MoleflowError
 from .inspector import Inspection, Inspector
-from .scoring import decision_threshold
+from .calibration import calibration_record, calibration_split, conformal_threshold
 from .store.checkpoint import read_model, write_model
 from .trainer import TrainReport, fit_task
 
@@ -112,7 +112,7 @@ class MoleFlow:
         x = self.to_tensor(images)
         tokens, routing = [], []
         for chunk in x.split(batch_size):
-            t, r = self.extractor(chunk.to(self.device))
+            t, r = self.inspector.features(chunk.to(self.device))
             tokens.append(t.cpu())
             routing.append(r.cpu())
         return torch.cat(tokens), torch.cat(routing)
@@ -134,7 +134,7 @@ class MoleFlow:
         tokens._moleflow_file = handle  # keeps the file alive as long as the array
         routing = []
         for start in range(0, n, batch_size):
-            t, r = self.extractor(images[start:start + batch_size].to(self.device))
+            t, r = self.inspector.features(images[start:start + batch_size].to(self.device))
             tokens[start:start + len(t)] = t.cpu().numpy()
             routing.append(r.cpu())
         log.info("feature cache: %.1f GB memory-mapped in %s", nbytes / 1e9, folder)
@@ -142,12 +142,18 @@ class MoleFlow:
 
     # ------------------------------------------------------------------------------ training
     def fit_task(self, images: Images, name: str | None = None, classes: Sequence[str] | None = None,
-                 progress: bool = False, source: dict[str, Any] | None = None) -> TaskInfo:
+                 progress: bool = False, source: dict[str, Any] | None = None,
+                 false_alarm_rate: float | None = None) -> TaskInfo:
         """Learn a new task from its normal training images; earlier tasks are not touched.
 
-        A `score.calibration_fraction` share of the images is held out (seeded) to calibrate the decision
-        threshold; the rest trains the expert. The router prototype uses all the images.
+        Some images are held out (seeded) to calibrate the decision threshold for `false_alarm_rate` (default
+        `score.false_alarm_rate`): enough to guarantee it, within `score.calibration_fraction` ..
+        `score.calibration_max_fraction` of them (calibration.py); the rest trains the expert. The router
+        prototype uses all the images.
         """
+        rate = self.config.score.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
+        if not 0.0 < rate < 1.0:
+            raise MoleflowError(f"false-alarm rate {rate}: must be between 0 and 1 (e.g. 0.01 for 1 %)")
         prep = self.prepare(images)
         x, n = prep.pixels, prep.n_images
         name = name or f"task{len(self.tasks)}"
@@ -157,7 +163,8 @@ class MoleFlow:
         try:
             gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
             perm = torch.randperm(n, generator=gen)
-            n_cal = int(n * self.config.score.calibration_fraction) if n >= 10 else 0
+            score_cfg = self.config.score
+            n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_max_fraction)
             cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
             train_prep, cal_prep = prep.select(train_idx), prep.select(cal_idx)
             train_x = train_prep.pixels
@@ -170,7 +177,7 @@ class MoleFlow:
                 tokens, routing = None, self.extract(train_x)[1]
 
                 def batch_features(idx: torch.Tensor) -> torch.Tensor:
-                    return self.extractor(train_x[idx].to(self.device))[0]
+                    return self.extractor.tokens(train_x[idx].to(self.device))
 
             report = fit_task(self.flow, task, len(train_x), batch_features, self.config.train,
                               self.device, progress)
@@ -180,7 +187,7 @@ class MoleFlow:
             self.router.add_task(task, routing if cal_routing is None else torch.cat([routing, cal_routing]))
             self.inspector.to(self.device)
             info = self._calibrate(task, name, list(classes or [name]), len(train_idx), cal_tokens, cal_prep,
-                                   tokens, train_prep, report)
+                                   tokens, train_prep, report, rate)
             info.n_tiles = int(len(x))
         except BaseException:
             self.inspector.remove_task(task)  # leave the model as it was
@@ -190,7 +197,8 @@ class MoleFlow:
         return info
 
     def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, cal_tokens: torch.Tensor | None,
-                   cal_prep: Prepared, train_tokens, train_prep: Prepared, report: TrainReport) -> TaskInfo:
+                   cal_prep: Prepared, train_tokens, train_prep: Prepared, report: TrainReport,
+                   rate: float) -> TaskInfo:
         """Decision threshold from held-out normal training images (or, without any, the training images,
         from the feature cache when there is one)."""
         if cal_tokens is not None and len(cal_tokens):
@@ -201,19 +209,16 @@ class MoleFlow:
         if self.memory is not None:
             self._set_memory_norm(task, tokens)
         scores, pixel_median, pixel_max = self._score_tokens(tokens, task, prep)
-        rate = self.config.score.false_alarm_rate
-        threshold = decision_threshold(scores, rate)
-        self.inspector.set_threshold(task, threshold)
-        calibration = {"source": source, "n": int(len(scores)), "false_alarm_rate": rate,
-                       **calibration_support(int(len(scores)), rate),
-                       "score_mean": float(scores.mean()), "score_std": float(scores.std()) if len(scores) > 1 else 0.0,
+        threshold = conformal_threshold(scores.numpy(), rate)
+        self.inspector.set_threshold(task, threshold.threshold)
+        calibration = {"source": source, **calibration_record(threshold, scores.numpy()),
                        "unknown_distance": self.router.unknown_threshold(task),
-                       "normal_pixel_median": pixel_median, "normal_pixel_max": pixel_max}
-        if calibration["warning"]:
-            log.warning("task %s: %s", name, calibration["warning"])
+                       "normal_pixel_median": pixel_median, "normal_pixel_max": pixel_max, "history": []}
+        if threshold.warning:
+            log.warning("task %s: %s", name, threshold.warning)
         return TaskInfo(task_id=task, name=name, classes=classes, n_train=n_train,
                         n_calibration=int(cal_prep.n_images) if cal_tokens is not None else 0,
-                        threshold=threshold, calibration=calibration, train=report.to_dict())
+                        threshold=threshold.threshold, calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
     def _set_memory_norm(self, task: int, tokens: torch.Tensor, batch_size: int = 64) -> None:
@@ -265,6 +270,60 @@ class MoleFlow:
         return torch.autocast(device_type=self.device.type,
                               dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
 
+    @torch.no_grad()
+    def recalibrate(self, name: str, normals: Images, false_alarm_rate: float | None = None,
+                    replace: bool = False, batch_size: int = 32) -> TaskInfo:
+        """Re-calibrate one product's decision threshold and unknown-product limit from more good parts,
+        without retraining: its expert, prototype and every other task stay bit-identical.
+
+        The new good parts' scores are pooled with the calibration scores the task already has (or replace
+        them, `replace=True`, e.g. after a camera change); the threshold is the conformal rule over the pool.
+        The unknown-product limit becomes the `router.unknown_quantile` quantile of the new parts' distances
+        to the product's prototype times `router.unknown_margin` (at least 10 parts; else it is kept). The
+        previous values are appended to `calibration["history"]`."""
+        from datetime import datetime, timezone
+
+        info = self.task_by_name(name)
+        old = dict(info.calibration)
+        rate = float(false_alarm_rate if false_alarm_rate is not None else old.get("false_alarm_rate",
+                                                                                  self.config.score.false_alarm_rate))
+        if not 0.0 < rate < 1.0:
+            raise MoleflowError(f"false-alarm rate {rate}: must be between 0 and 1 (e.g. 0.01 for 1 %)")
+        if len(normals) == 0:
+            raise MoleflowError(f"no good images were given to calibrate {name}")
+        scores, distances = [], []
+        for start in range(0, len(normals), batch_size):
+            prep = self.prepare(normals[start:start + batch_size])
+            out = self.inspector.inspect(prep, torch.full((prep.n_images,), info.task_id), None, batch_size)
+            scores.append(out.scores.double())
+            _, routing = self.inspector.extract(prep.pixels, batch_size)
+            distances.append(self.router(routing, [info.task_id], prep.owner.to(routing.device))[1].cpu())
+        new_scores, new_distances = torch.cat(scores).numpy(), torch.cat(distances)
+        pooled = new_scores if replace else np.concatenate([np.asarray(old.get("scores", []), dtype=np.float64),
+                                                            new_scores])
+        threshold = conformal_threshold(pooled, rate)
+        unknown = self.router.unknown_threshold(info.task_id)
+        if len(new_distances) >= 10:
+            quantile = float(torch.quantile(new_distances, self.config.router.unknown_quantile))
+            unknown = quantile * self.config.router.unknown_margin
+        history_entry = {k: old.get(k) for k in ("rule", "n", "false_alarm_rate", "supported_rate",
+                                                  "false_alarm_interval", "source", "unknown_distance")}
+        history_entry.update({"threshold": info.threshold,
+                              "replaced_at": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+        self.inspector.set_threshold(info.task_id, threshold.threshold)
+        mean, precision = self.router.prototype(info.task_id)
+        self.router.set_prototype(info.task_id, mean, precision, unknown)
+        source = (f"{len(new_scores)} good parts given to `moleflow calibrate`" if replace else
+                  f"{old.get('source', 'held-out normal training images')} + {len(new_scores)} good parts given to "
+                  "`moleflow calibrate`")
+        info.calibration = {**old, "source": source, **calibration_record(threshold, pooled),
+                            "unknown_distance": unknown, "history": list(old.get("history", [])) + [history_entry]}
+        info.threshold = threshold.threshold
+        info.n_calibration = threshold.n
+        if threshold.warning:
+            log.warning("task %s: %s", name, threshold.warning)
+        return info
+
     # ------------------------------------------------------------------------------ lifecycle
     def task_by_name(self, name: str) -> TaskInfo:
         for info in self.tasks:
@@ -293,7 +352,7 @@ class MoleFlow:
                              "weights_source": extractor.weights_source},
                 "task_ids": list(self.flow.task_ids), "base_task": self.flow.base_task,
                 "tasks": self.task_info_dicts()}
-        return write_model(path, self.inspector.state_by_owner(), meta)
+        return write_model(path, self.inspector.state_by_part(), meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
@@ -319,23 +378,6 @@ class MoleFlow:
 
     def task_info_dicts(self) -> list[dict[str, Any]]:
         return [asdict(t) for t in self.tasks]
-
-
-def calibration_support(n: int, rate: float) -> dict[str, Any]:
-    """What `n` normal calibration images can say about a requested false-alarm `rate`.
-
-    With n exchangeable normal scores the smallest false-alarm rate a threshold can resolve is 1 / (n + 1)
-    (the threshold at the largest score); a requested rate below that is not supported by the data."""
-    resolvable = 1.0 / (n + 1) if n > 0 else 1.0
-    warning = ""
-    if n == 0:
-        warning = "no calibration images: the decision threshold is undefined"
-    elif rate < resolvable:
-        warning = (f"the threshold rests on {n} calibration images, which resolve false-alarm rates down to "
-                   f"{resolvable:.1%} only, not the requested {rate:.1%}: expect more false alarms; give the "
-                   f"product at least {int(np.ceil(1 / rate)) - 1} calibration images (more good images, or a "
-                   "larger score.calibration_fraction)")
-    return {"resolvable_rate": resolvable, "warning": warning}
 
 
 def concat_inspections(parts: list[Inspection]) -> Inspection:

@@ -15,6 +15,7 @@ Run directory::
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from .data.datasets import ClassSplit, ImageDataset
 from .detector import MoleFlow
 from .errors import MoleflowError
-from .store.atomic import atomic_write_json
+from .store.atomic import atomic_write_json, atomic_write_text
 from .metrics import auroc, backward_transfer, forgetting_measure, image_metrics, pixel_metrics
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,14 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     else:
         metrics.update({"pixel_auroc": None, "pixel_ap": None, "aupro": None})
     metrics["routing_accuracy"] = float(np.mean(r == true_task))
+    # a defect must not move a part to another product: routing of good and of defective parts, apart
+    metrics["routing_accuracy_good"] = float(np.mean(r[labels == 0] == true_task)) if (labels == 0).any() else None
+    metrics["routing_accuracy_defective"] = (float(np.mean(r[labels == 1] == true_task)) if (labels == 1).any()
+                                             else None)
+    # the realised false-alarm rate: good test parts flagged (anomalous or unknown product) by their decision
+    flagged = np.concatenate(anomalous) | ~np.concatenate(known)
+    metrics["false_alarms"] = int(flagged[labels == 0].sum())
+    metrics["false_alarm_rate_realised"] = float(flagged[labels == 0].mean()) if (labels == 0).any() else None
     metrics["n_test"] = int(len(labels))
     metrics["n_anomalous"] = int(labels.sum())
     defect_types = [x.defect_type for x in split.test]
@@ -207,7 +216,7 @@ def write_scores_csv(path: Path, ev: ClassEvaluation, task_names: dict[int, str]
         writer = csv.writer(fh)
         writer.writerow(["file", "defect_type", "label", "score", "routed_task", "routed_name", "known", "anomalous"])
         for i in range(len(ev.labels)):
-            writer.writerow([ev.files[i], ev.defect_types[i], int(ev.labels[i]), f"{ev.scores[i]:.6g}",
+            writer.writerow([ev.files[i], ev.defect_types[i], int(ev.labels[i]), repr(float(ev.scores[i])),
                              int(ev.routed[i]), task_names.get(int(ev.routed[i]), "?"), int(ev.known[i]),
                              int(ev.anomalous[i])])
 
@@ -263,8 +272,9 @@ def step_record(step: int, info: Any, evals: dict[str, ClassEvaluation]) -> dict
 
 def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], tasks: list[list[str]], run_dir: Path,
                   meta: dict[str, Any], progress: bool = True, batch_size: int = 32, examples_per_kind: int = 2,
-                  num_workers: int = 0) -> dict[str, Any]:
+                  num_workers: int = 0, rates: dict[str, float] | None = None) -> dict[str, Any]:
     """Learn `tasks` one after another into `model`, evaluating all learned classes after each task.
+    `rates` gives some products their own false-alarm rate (a task takes the lowest of its classes').
 
     Writes the checkpoint (after every task), results.json, the matrices and per-class score files into
     `run_dir` and returns the results dictionary.
@@ -294,7 +304,9 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
             log.info("step %d/%d: learning %s", step + 1, len(tasks), name)
             images = [s.image for c in classes for s in splits[c].train]
             source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
-            info = model.fit_task(images, name=name, classes=classes, progress=progress, source=source)
+            own = [rates[c] for c in classes if c in (rates or {})]
+            info = model.fit_task(images, name=name, classes=classes, progress=progress, source=source,
+                                  false_alarm_rate=min(own) if own else None)
             del images
             model.save(run_dir)
         class_task.update({c: info.task_id for c in classes})
@@ -349,6 +361,9 @@ def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], cl
     oracle = {c: e.metrics for c, e in evaluate_classes(model, splits, class_task, oracle=True, batch_size=batch_size,
                                                           num_workers=num_workers).items()}
     eval_seconds += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stress = routing_stress(model, splits, class_task)
+    eval_seconds += time.perf_counter() - t0
     classes = list(class_task)
     first_step = {c: next(s["step"] for s in steps if c in s["classes"]) for c in classes}
     final = steps[-1]["results"]
@@ -362,6 +377,8 @@ def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], cl
         "oracle_mean": mean_metrics(oracle),
         "continual": continual_metrics(steps, classes, first_step),
         "routing_confusion": routing_confusion(evals, [t.task_id for t in model.tasks], [t.name for t in model.tasks]),
+        "routing_stress": stress,
+        "thresholds": threshold_summary(model, final),
         "timing": {"train_seconds": [s.get("train_seconds") for s in steps], "eval_seconds": eval_seconds,
                    "total_seconds": time.perf_counter() - start},
     })
@@ -369,6 +386,80 @@ def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], cl
     write_matrices(run_dir, steps, classes)
     write_final_csv(run_dir, final, results["final_mean"])
     return results
+
+
+STRESS_IMAGES = 24  # good test images per class used for the pasted-defect routing test
+
+
+def routing_stress(model: MoleFlow, splits: dict[str, ClassSplit], class_task: dict[str, int],
+                   n_images: int = STRESS_IMAGES) -> dict[str, Any]:
+    """Routing of each class's good test images with one pasted defect covering 2, 5, 10 and 20 % of the
+    image (routing_stress.py); labels are not used beyond picking good images. Oracle runs: skipped."""
+    if not model.config.router.enabled:
+        return {}
+    from .data.transforms import load_rgb
+    from .routing_stress import AREAS, inspector_route, routing_under_defects
+
+    products = {c: [load_rgb(x.image) for x in splits[c].test if x.label == 0][:n_images] for c in class_task}
+    products = {c: v for c, v in products.items() if len(v) >= 2}
+    table = routing_under_defects(inspector_route(model), products, class_task, AREAS, seed=model.config.train.seed)
+    return {"areas": [f"{a:g}" for a in AREAS], "per_class": table}
+
+
+def threshold_summary(model: MoleFlow, final: dict[str, dict]) -> dict[str, Any]:
+    """Per product: requested / supported false-alarm rate, its 95 % interval, and the rate realised on the
+    good test images of the classes it learned (every good test image, wherever it was routed)."""
+    out = {}
+    for info in model.tasks:
+        cal = info.calibration
+        realised = [(final[c].get("false_alarms"), final[c].get("n_test", 0) - final[c].get("n_anomalous", 0))
+                    for c in info.classes if c in final]
+        flagged, good = sum(f or 0 for f, _ in realised), sum(g for _, g in realised)
+        out[info.name] = {"threshold": info.threshold, "rule": cal.get("rule"), "n": cal.get("n"),
+                          "requested": cal.get("false_alarm_rate"), "supported": cal.get("supported_rate"),
+                          "interval": cal.get("false_alarm_interval"), "warning": cal.get("warning", ""),
+                          "realised": flagged / good if good else None, "good_test_images": good}
+    return out
+
+
+def refresh_decisions(run_dir: Path, model: MoleFlow) -> bool:
+    """After a re-calibration: the decisions of a run's stored test scores under the model's current
+    thresholds (scores/<class>.csv, results.json's per-class false-alarm figures and threshold table, the
+    report), without scoring any image again. False when the run has no results yet."""
+    results_path = run_dir / "results.json"
+    if not results_path.is_file():
+        return False
+    results = json.loads(results_path.read_text())
+    thresholds = {t.task_id: t.threshold for t in model.tasks}
+    for path in sorted((run_dir / "scores").glob("*.csv")):
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+        for row in rows:
+            task = int(row["routed_task"])
+            row["anomalous"] = str(int(task in thresholds and float(row["score"]) > thresholds[task]))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["file"])
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, text.getvalue())
+        final = results.get("final", {}).get(path.stem)
+        if final is not None and rows:
+            good = [r for r in rows if r["label"] == "0"]
+            flags = [r["anomalous"] == "1" or r["known"] == "0" for r in good]
+            final["false_alarms"] = int(sum(flags))
+            final["false_alarm_rate_realised"] = float(np.mean(flags)) if good else None
+    by_name = {t.name: t for t in model.tasks}
+    for step in results.get("steps", []):
+        info = by_name.get(step.get("task_name"))
+        if info is not None:
+            step["threshold"], step["calibration"] = info.threshold, info.calibration
+    results["thresholds"] = threshold_summary(model, results.get("final", {}))
+    save_json(results_path, results)
+    if (run_dir / "report.html").is_file():
+        from .report import write_report
+
+        write_report(run_dir)
+    return True
 
 
 def summary_line(mean: dict[str, float | None]) -> str:

@@ -186,8 +186,12 @@ def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path
 
 
 # ------------------------------------------------------------------------------------------ inference
-def onnx_session(onnx_path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session for an exported model."""
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+
+
+def onnx_session(onnx_path: str | Path, threads: int | None = None, optimization: str = "all"):
+    """An onnxruntime CPU session for an exported model: `threads` intra-op threads (default: onnxruntime's
+    choice, one per core), graph optimisation level `optimization` (disable, basic, extended, all)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -195,10 +199,23 @@ def onnx_session(onnx_path: str | Path, threads: int | None = None):
     path = Path(onnx_path)
     if not path.is_file():
         raise MoleflowError(f"{path}: ONNX model not found; export one with `moleflow export RUN_DIR --format onnx`")
+    if optimization not in OPTIMIZATION_LEVELS:
+        raise MoleflowError(f"ONNX Runtime optimisation level {optimization!r}: use one of "
+                            f"{', '.join(OPTIMIZATION_LEVELS)}")
+    levels = ort.GraphOptimizationLevel
     options = ort.SessionOptions()
+    options.graph_optimization_level = {"disable": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
+                                        "extended": levels.ORT_ENABLE_EXTENDED,
+                                        "all": levels.ORT_ENABLE_ALL}[optimization]
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
+        raise MoleflowError(f"{path}: onnxruntime cannot load this model ({' '.join(str(exc).split())[:200]}); "
+                            "export it again") from None
 
 
 def predict_onnx(onnx_path: str | Path, images: np.ndarray, session=None) -> dict[str, np.ndarray]:

@@ -39,12 +39,25 @@ _TASK_KEY = re.compile(r"(?:^|\.)(?:adapters|dias|flows|lora_A|lora_B|task_bias)
 _BACKBONE_PREFIX = "extractor."
 
 
+_CALIBRATION_KEY = re.compile(r"(?:^|\.)(?:threshold|unknown)_\d+$")
+
+
 def key_owner(key: str) -> int | None:
     """The task that owns state_dict key `key`, or None for shared tensors."""
     match = _TASK_KEY.search(key)
     if match is None:
         return None
     return int(match.group(1) or match.group(2))
+
+
+def key_part(key: str) -> str:
+    """The checkpoint part a state_dict key is stored in: "shared", "task<t>" (the expert: flow parts,
+    prototype, memory) or "task<t>-calibration" (decision threshold and unknown-product limit, the only
+    tensors `moleflow calibrate` changes)."""
+    owner = key_owner(key)
+    if owner is None:
+        return "shared"
+    return f"task{owner}-calibration" if _CALIBRATION_KEY.search(key) else f"task{owner}"
 
 
 @dataclass
@@ -125,15 +138,17 @@ class Inspector(nn.Module):
         """The state_dict without the backbone (its weights come from their source, checked by hash)."""
         return {k: v for k, v in self.state_dict().items() if not k.startswith(_BACKBONE_PREFIX)}
 
-    def state_by_owner(self) -> dict[int | None, dict[str, torch.Tensor]]:
-        """`model_state` split into the shared part (key None) and one part per task."""
-        parts: dict[int | None, dict[str, torch.Tensor]] = {None: {}}
-        parts.update({t: {} for t in self.task_ids})
+    def state_by_part(self) -> dict[str, dict[str, torch.Tensor]]:
+        """`model_state` split into checkpoint parts (`key_part`): shared, and per task its expert and its
+        calibration."""
+        parts: dict[str, dict[str, torch.Tensor]] = {"shared": {}}
+        for t in self.task_ids:
+            parts[f"task{t}"], parts[f"task{t}-calibration"] = {}, {}
         for key, value in self.model_state().items():
-            owner = key_owner(key)
-            if owner not in parts:
-                raise MoleflowError(f"tensor {key} belongs to task {owner}, which the model does not have")
-            parts[owner][key] = value.detach().cpu()
+            part = key_part(key)
+            if part not in parts:
+                raise MoleflowError(f"tensor {key} belongs to {part}, a task the model does not have")
+            parts[part][key] = value.detach().cpu()
         return parts
 
     def load_model_state(self, task_ids: list[int], base_task: int | None, state: dict[str, torch.Tensor]) -> None:
@@ -214,9 +229,14 @@ class Inspector(nn.Module):
         """(T,) float64 decision thresholds of `tasks`."""
         return torch.stack([getattr(self, f"threshold_{t}") for t in tasks])
 
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles (B, 3, S, S) on the module's device -> patch tokens (B, H, W, D) and routing features (B, D)."""
+        tokens = self.extractor.tokens(pixels)
+        return tokens, self.router.features(tokens)
+
     def extract(self, pixels: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
         """Tiles (M, 3, S, S) -> tokens (M, H, W, D) and routing features (M, D) on the module's device."""
-        parts = [self.extractor(chunk.to(self.device)) for chunk in pixels.split(batch_size)]
+        parts = [self.features(chunk.to(self.device)) for chunk in pixels.split(batch_size)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     # ------------------------------------------------------------------------------ inference
@@ -261,8 +281,8 @@ class Inspector(nn.Module):
         task index (N,) int64 into `task_ids`, router distance (N,) float64, known (N,) bool, anomalous (N,)
         bool. The traced graph of the ONNX export; `inspect` gives the same values."""
         tasks = self.task_ids
-        tokens, routing = self.extractor(images)
-        index, distance, known = self.router(routing.float(), tasks)
+        tokens, routing = self.features(images)
+        index, distance, known = self.router(routing, tasks)
         patch = self.expert_scores(tokens.float(), index, tasks)
         scores = image_scores(patch, self.config.score)
         maps = self.map_maker(patch)

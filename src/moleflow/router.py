@@ -60,6 +60,16 @@ class PrototypeRouter(nn.Module):
         self.cfg = cfg
         self.task_ids: list[int] = []
 
+    # ------------------------------------------------------------------------------ features
+    def features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Routing features (B, D) of patch tokens (B, H, W, D), without positional encoding (spec §5):
+        the mean over the grid, or the coordinate-wise median (`statistic`), in float32."""
+        flat = tokens.float().flatten(1, 2)  # (B, H*W, D)
+        if self.cfg.statistic == "median":
+            # the lower median, written as a sort and a constant index so that it exports to ONNX
+            return flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2]
+        return flat.mean(1)
+
     # ------------------------------------------------------------------------------ prototypes
     def fit_prototype(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (D,) and precision (D, D) float64 of features (N, D)."""

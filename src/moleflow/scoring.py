@@ -121,10 +121,3 @@ def clean_maps(maps: torch.Tensor) -> torch.Tensor:
 def anomaly_maps(nll: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
     """Pixel anomaly maps (B, size, size) from patch NLL maps (B, h, w): upsample, blur, clean non-finite."""
     return MapMaker(tuple(nll.shape[-2:]), size, sigma).to(nll.device)(nll)
-
-
-def decision_threshold(normal_scores: torch.Tensor, false_alarm_rate: float) -> float:
-    """Threshold = the (1 - rate) quantile of held-out normal training scores; score > threshold is anomalous."""
-    if normal_scores.numel() == 0:
-        return math.inf
-    return float(torch.quantile(normal_scores.double(), 1.0 - false_alarm_rate))

@@ -12,7 +12,7 @@ from ..data.datasets import DATASETS, load_class, load_images, validate_split
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..store import run_lock
-from .common import add_lock_option, add_runtime_options, apply_runtime
+from .common import add_lock_option, add_rate_option, add_runtime_options, apply_runtime, parse_rates
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", nargs="+", required=True)
     p.add_argument("--one-task", action="store_true", help="learn all given classes as a single task")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    add_rate_option(p)
     add_runtime_options(p)
     add_lock_option(p)
     p.set_defaults(run=run)
@@ -81,10 +82,13 @@ def _run(args: argparse.Namespace) -> int:
     first = splits[args.classes[0]].train[: min(8, len(splits[args.classes[0]].train))]
     probe = load_images(first, model.transform)
     state, scores = snapshot(model, probe)
+    default_rate, per_product = parse_rates(args.false_alarm_rate)
     for group in groups:
         images = [s.image for c in group for s in splits[c].train]
+        own = [per_product[c] for c in group if c in per_product]
         info = model.fit_task(images, name="+".join(group), classes=group, progress=not args.no_progress,
-                              source={"root": str(args.data), "name": args.dataset})
+                              source={"root": str(args.data), "name": args.dataset},
+                              false_alarm_rate=min(own) if own else default_rate)
         print(f"learned task {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "
               f"({info.train['seconds']:.0f} s)")
     checked = verify_unchanged(model, probe, state, scores)

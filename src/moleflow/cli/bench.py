@@ -14,6 +14,9 @@ from .common import add_config_options, apply_runtime, build_config
 EXAMPLES = """examples:
   moleflow bench speed --preset cpu --json benchmarks/results/speed_cpu.json
   moleflow bench speed --preset main --backbone-random --device cuda --json speed_gpu.json
+  moleflow bench speed --preset cpu --engine onnx --json benchmarks/results/speed_cpu_onnx.json
+  moleflow bench speed --run runs/real --engine onnx --quantize int8 --json speed_int8.json   # no training
+  moleflow bench serve runs/real --clients 1 4 16 --json benchmarks/results/serve_cpu.json
   moleflow bench real --data ../shared/datasets --out runs/bench_real --json benchmarks/results/real_offline.json
 """
 REAL_SEQUENCE = ["magnetic_tile", "kolektor", "pcb_deeppcb", "cubes"]
@@ -35,8 +38,30 @@ def add_parser(sub) -> None:
     speed.add_argument("--batch-size", type=int, default=32)
     speed.add_argument("--latency-runs", type=int, default=30)
     speed.add_argument("--data", type=Path, help="use the first class of this dataset root instead of generated images")
+    speed.add_argument("--engine", default="torch", choices=["torch", "onnx"],
+                       help="inference engine: torch (MoleFlow.predict) or onnx (onnxruntime; see engine.py)")
+    speed.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
+                       help="onnxruntime graph optimisation level (onnx engine)")
+    speed.add_argument("--quantize", default="none", choices=["none", "int8"],
+                       help="onnx engine: dynamic int8 weights for the backbone graph")
+    speed.add_argument("--run", type=Path, dest="run_dir",
+                       help="measure inference on this run's model (no training measurements)")
     speed.add_argument("--json", type=Path, required=True, help="output JSON")
     speed.set_defaults(run=run_speed)
+
+    serve = kinds.add_parser("serve", help="load test of `moleflow serve`: requests/s, p50/p99 latency",
+                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="Start `moleflow serve RUN_DIR` on a free loopback port and send it "
+                                         "POST /predict requests (one PNG each) from 1, 4 and 16 concurrent httpx "
+                                         "clients.")
+    serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or its model folder)")
+    serve.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (default 1 4 16)")
+    serve.add_argument("--requests", type=int, default=200, help="requests per level (default 200)")
+    serve.add_argument("--images", type=Path, help="folder of images to send (default: 16 generated 640x480 PNGs)")
+    serve.add_argument("--serve-args", default="", metavar="'ARGS'",
+                       help="more `moleflow serve` options, e.g. '--engine torch --max-batch 8'")
+    serve.add_argument("--json", type=Path, required=True, help="output JSON")
+    serve.set_defaults(run=run_serve)
 
     real = kinds.add_parser("real", help="continual run magnetic_tile -> kolektor -> pcb_deeppcb -> cubes",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -58,12 +83,62 @@ def run_speed(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     if args.backbone_random:
         cfg = cfg.with_overrides({"backbone.random_weights": True})
+    options = {}
+    if args.engine == "onnx":
+        options = {"threads": args.threads, "optimization": args.optimization, "quantize": args.quantize}
+    elif args.quantize != "none":
+        raise MoleflowError("--quantize needs --engine onnx")
     result = speed_benchmark(cfg, device=args.device, n_train=args.n_train, batch_size=args.batch_size,
-                             latency_runs=args.latency_runs, data_root=args.data, precision=args.precision)
+                             latency_runs=args.latency_runs, data_root=args.data, precision=args.precision,
+                             engine=args.engine, engine_options=options, run_dir=args.run_dir)
     result["command"] = "moleflow " + " ".join(__import__("sys").argv[1:])
     args.json.parent.mkdir(parents=True, exist_ok=True)
     save_json(args.json, result)
     print(json.dumps(result, indent=1))
+    return 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    import shlex
+
+    from ..benchmark import generated_images
+    from ..serve.loadtest import free_port, load_level, png_bytes, start_server, stop_server
+    from ..store.checkpoint import find_model
+
+    find_model(args.run_dir)
+    if args.images:
+        from .predict import expand_inputs
+        from ..data.transforms import load_rgb
+
+        images = [load_rgb(p) for p in expand_inputs([str(args.images)])[:64]]
+        source = str(args.images)
+    else:
+        images, source = generated_images(16, 640, 480, seed=7), "16 generated 640x480 PNGs"
+    bodies = png_bytes(images)
+    serve_args = [str(args.run_dir), *shlex.split(args.serve_args)]
+    port = free_port()
+    start = time.perf_counter()
+    server = start_server(serve_args, port)
+    startup = time.perf_counter() - start
+    try:
+        levels = []
+        for clients in args.clients:
+            level = load_level(f"http://127.0.0.1:{port}", bodies, clients, args.requests)
+            levels.append(level)
+            print(f"{clients:3d} clients: {level['requests_per_second']:6.1f} requests/s, p50 "
+                  f"{level['latency_ms_p50']:6.1f} ms, p99 {level['latency_ms_p99']:6.1f} ms, mean batch "
+                  f"{level['mean_batch_size']:.1f}")
+    finally:
+        stop_server(server)
+    import os
+    import platform
+
+    result = {"command": "moleflow " + " ".join(__import__("sys").argv[1:]), "serve_args": serve_args,
+              "images": source, "image_bytes_mean": sum(map(len, bodies)) / len(bodies),
+              "startup_seconds": startup, "levels": levels,
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    save_json(args.json, result)
     return 0
 
 

@@ -40,6 +40,35 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def parse_rate(text: str) -> float:
+    """A false-alarm rate for argparse: 0.01 or 1%."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a rate; write 0.01 or 1%") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a false-alarm rate must be between 0 and 1 (0.01 = 1%)")
+    return value
+
+
+def parse_rates(items: list[str] | None) -> tuple[float | None, dict[str, float]]:
+    """`--false-alarm-rate` values: one default rate and/or PRODUCT=RATE pairs -> (default, per product)."""
+    default, per_product = None, {}
+    for item in items or []:
+        if "=" in item:
+            name, value = item.split("=", 1)
+            per_product[name.strip()] = parse_rate(value.strip())
+        else:
+            default = parse_rate(item)
+    return default, per_product
+
+
+def add_rate_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--false-alarm-rate", nargs="+", metavar="RATE|PRODUCT=RATE",
+                   help="false-alarm rate the decision threshold guarantees, for every product and/or per product "
+                        "(e.g. 0.01 cubes=0.05); default score.false_alarm_rate")
+
+
 def add_lock_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another moleflow process is changing the run, wait up to this long (default: stop)")

@@ -47,6 +47,13 @@ def add_parser(sub) -> None:
     p.add_argument("--allow-unreadable", action="store_true",
                    help="exit 0 even if some images could not be read (they still get an 'unreadable' row)")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    p.add_argument("--engine", default="torch", choices=["torch", "onnx"],
+                   help="torch: the PyTorch inspector (default); onnx: backbone and experts in onnxruntime, "
+                        "same answers up to float rounding, faster on the CPU")
+    p.add_argument("--engine-cache", type=Path,
+                   help="folder for the onnx engine's graphs (default RUN_DIR/export/engine; reused next time)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="onnx engine: int8: the backbone graph with dynamic int8 weights (see BENCHMARKS.md)")
     add_runtime_options(p)
     p.set_defaults(run=run)
 
@@ -76,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     model = MoleFlow.load(args.run_dir, device=args.device, backbone_weights=args.backbone_weights)
     paths = expand_inputs(args.images)
+    engine = build_engine(model, args)
     task_ids = None
     if args.task:
         task_ids = model.task_by_name(args.task).task_id
@@ -98,8 +106,7 @@ def run(args: argparse.Namespace) -> int:
                              "overlay": "", "reason": str(exc)})
         if not pil:
             continue
-        pred = model.predict(pil, task_ids=None if task_ids is None else [task_ids] * len(pil),
-                             batch_size=args.batch_size)
+        pred = engine.inspect(model.prepare(pil), None if task_ids is None else [task_ids] * len(pil))
         for i, path in enumerate(batch_paths):
             info = names[int(pred.task_ids[i])]
             known = bool(pred.known[i])
@@ -129,6 +136,21 @@ def run(args: argparse.Namespace) -> int:
     if failed and not args.allow_unreadable:
         return EXIT_UNREADABLE
     return 0
+
+
+def build_engine(model: MoleFlow, args: argparse.Namespace):
+    """The engine `--engine` asks for; the onnx one keeps its graphs in --engine-cache (RUN/export/engine)."""
+    from ..engine import make_engine
+    from ..store.checkpoint import find_model
+
+    kind = getattr(args, "engine", "torch")
+    if kind == "torch":
+        if getattr(args, "quantize", "none") != "none":
+            raise MoleflowError("--quantize needs --engine onnx")
+        return make_engine(model, "torch", batch_size=args.batch_size)
+    cache = getattr(args, "engine_cache", None) or find_model(args.run_dir).parent / "export" / "engine"
+    return make_engine(model, "onnx", cache_dir=check_writable(cache), threads=getattr(args, "threads", None),
+                       quantize=getattr(args, "quantize", "none"), batch_size=args.batch_size)
 
 
 def write_summary(out: Path, rows: list[dict], failed: list[dict]) -> None:

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..detector import MoleFlow, calibration_support
+from ..detector import MoleFlow
 from .common import format_table
 
 EXAMPLES = """examples:
@@ -29,14 +29,19 @@ def task_table(model: MoleFlow) -> list[dict]:
     for info in model.tasks:
         params = model.flow.task_parameters(info.task_id)
         n_params = sum(p.numel() for p in params)
-        bytes_ = sum(v.numel() * v.element_size() for v in model.inspector.state_by_owner()[info.task_id].values())
+        parts = model.inspector.state_by_part()
+        bytes_ = sum(v.numel() * v.element_size() for part in (f"task{info.task_id}", f"task{info.task_id}-calibration")
+                     for v in parts[part].values())
         cal = info.calibration
         rate = cal.get("false_alarm_rate")
-        support = calibration_support(int(cal.get("n", 0)), rate) if rate is not None else {}
+        n_cal = int(cal.get("n", 0))
         rows.append({"task_id": info.task_id, "name": info.name, "classes": info.classes, "parameters": n_params,
                      "bytes": bytes_, "n_train": info.n_train, "threshold": info.threshold,
                      "false_alarm_rate": rate, "calibration": cal.get("source"), "n_calibration": cal.get("n"),
-                     "resolvable_rate": support.get("resolvable_rate"), "warning": support.get("warning", "")})
+                     "rule": cal.get("rule", "quantile (moleflow 0.1)"),
+                     "supported_rate": cal.get("supported_rate", 1.0 / (n_cal + 1)),
+                     "false_alarm_interval": cal.get("false_alarm_interval"), "warning": cal.get("warning", ""),
+                     "recalibrations": len(cal.get("history", []))})
     return rows
 
 
@@ -46,12 +51,16 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    def interval(r: dict) -> str:
+        low, high = r["false_alarm_interval"] or (None, None)
+        return "n/a" if low is None else f"{low:.1%}-{high:.1%}"
+
     table = [[r["task_id"], r["name"], ",".join(r["classes"]), f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f} MB",
-              r["n_train"], f"{r['threshold']:.3f} @ {r['false_alarm_rate']:.0%} FAR"
-             + (" (!)" if r["warning"] else ""), f"{r['n_calibration']} ({r['calibration']})"]
+              r["n_train"], f"{r['threshold']:.3f}" + (" (!)" if r["warning"] else ""),
+              f"{r['false_alarm_rate']:.1%}", f"{r['supported_rate']:.1%}", interval(r), r["n_calibration"]]
              for r in rows]
     print(format_table(table, ["id", "name", "classes", "parameters", "size", "train imgs", "threshold",
-                               "calibration images"]))
+                               "FAR asked", "FAR supported", "FAR 95% interval", "calibration images"]))
     for r in rows:
         if r["warning"]:
             print(f"(!) {r['name']}: {r['warning']}")

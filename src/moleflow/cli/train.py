@@ -15,8 +15,8 @@ from ..evaluation import METRICS, parse_scenario, run_continual, save_json
 from ..store import check_writable, run_lock
 from ..store.checkpoint import run_has_model
 from ..store.run import clear_run, refuse_existing_run
-from .common import (add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config,
-                     format_table, pct, run_meta, write_config)
+from .common import (add_config_options, add_lock_option, add_rate_option, add_runtime_options, apply_runtime,
+                     build_config, format_table, parse_rates, pct, run_meta, write_config)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ def add_parser(sub) -> None:
                           help="--out holds a run: delete its outputs (model, results, report) and start again")
     existing.add_argument("--resume", action="store_true",
                           help="--out holds an unfinished run: keep its learned tasks, learn the rest (same config)")
+    add_rate_option(p)
     add_config_options(p)
     add_runtime_options(p)
     add_lock_option(p)
@@ -108,7 +109,8 @@ def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], 
                                        "weights_source": model.extractor.weights_source},
                           **dataset_meta(args, classes, tasks)})
     results = run_continual(model, lambda c: load_class(args.data, c, args.dataset), tasks, run_dir, meta,
-                            progress=not args.no_progress, batch_size=args.batch_size, num_workers=args.workers)
+                            progress=not args.no_progress, batch_size=args.batch_size, num_workers=args.workers,
+                            rates=parse_rates(getattr(args, "false_alarm_rate", None))[1])
     if not args.no_report:
         from ..report import write_report
 
@@ -129,10 +131,17 @@ def summarise_seeds(out: Path, seeds: list[int], runs: list[dict]) -> dict:
 def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
     cfg = build_config(args)
+    default_rate, per_product = parse_rates(args.false_alarm_rate)
+    if default_rate is not None:
+        cfg = cfg.with_overrides({"score.false_alarm_rate": default_rate})
     classes = args.classes or default_classes(args.dataset, args.data)
     if not classes:
         raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
     tasks = parse_scenario(args.scenario, classes)
+    unknown = sorted(set(per_product) - set(classes))
+    if unknown:
+        raise MoleflowError(f"--false-alarm-rate names {', '.join(unknown)}, which is not among the classes "
+                            f"({', '.join(classes)})")
     seeds = args.seeds or [cfg.train.seed]
     if not (args.overwrite or args.resume):  # refuse before any work, and before taking the lock
         for seed in seeds:

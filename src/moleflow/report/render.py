@@ -520,8 +520,25 @@ def _decision_section(run: RunData) -> list[Block]:
                "Missed (anomalous passed)", "Flagged as unknown product"], rows),
         Para("Counts over the test images of each product, using the decision of the task the router "
              "chose; thresholds come from held-out normal training images only.", small=True)]
-    warnings = [(step.get("task_name"), (step.get("calibration") or {}).get("warning"))
-                for step in run.results.get("steps") or []]
+    thresholds = run.results.get("thresholds") or {}
+    if thresholds:
+        def interval(v: dict) -> str:
+            low_high = v.get("interval")
+            return "n/a" if not low_high else f"{fmt_pct(low_high[0])} – {fmt_pct(low_high[1])}"
+
+        rows = [[md_escape(name), f"{v['threshold']:.4g}", str(v.get("n")), fmt_pct(v.get("requested")),
+                 fmt_pct(v.get("supported")), interval(v), fmt_pct(v.get("realised")), str(v.get("good_test_images"))]
+                for name, v in thresholds.items()]
+        blocks.append(Table(["Product", "Threshold", "Calibration images", "False alarms asked (%)",
+                             "Smallest rate they support (%)", "95 % interval (%)",
+                             "Realised on good test images (%)", "good test images"], rows))
+        blocks.append(Para("Thresholds are the split-conformal order statistic of held-out normal training "
+                           "scores: a new good part is flagged with probability at most max(asked, supported); "
+                           "the interval is where this threshold's realised rate lies with 95 % probability "
+                           "given its calibration images. Realised: good test images of the product flagged "
+                           "(anomalous or unknown product).", small=True))
+    warnings = [(name, v.get("warning")) for name, v in thresholds.items()] or \
+        [(step.get("task_name"), (step.get("calibration") or {}).get("warning")) for step in run.results.get("steps") or []]
     warnings = [(name, text) for name, text in warnings if text]
     if warnings:
         blocks.append(Para("Thresholds the calibration data cannot support: " + "; ".join(
@@ -596,6 +613,19 @@ def _routing_section(run: RunData) -> list[Block]:
     blocks.append(Image("routing_confusion", png,
                         "Rows: true product; columns: task chosen by the router (last column: flagged as an "
                         "unknown product). Colours are row-normalised; numbers are image counts (blank = 0)."))
+    rows = [[md_escape(c), fmt_pct((final.get(c) or {}).get("routing_accuracy_good")),
+             fmt_pct((final.get(c) or {}).get("routing_accuracy_defective"))] for c in rc["classes"]]
+    blocks.append(Table(["Product", "Good parts routed right (%)", "Defective parts routed right (%)"], rows))
+    stress = run.results.get("routing_stress") or {}
+    if stress.get("per_class"):
+        areas = stress["areas"]
+        rows = [[md_escape(c), str(v["n"]), fmt_pct(v["good"])] + [fmt_pct(v["defective"].get(a)) for a in areas]
+                for c, v in stress["per_class"].items()]
+        blocks.append(Table(["Product", "images", "as they are (%)"] +
+                            [f"pasted defect {100 * float(a):g} % of the image (%)" for a in areas], rows))
+        blocks.append(Para("Routing stress test: good test images of each product routed as they are and with one "
+                           "pasted defect (cut-paste, hole, spot or noise rectangle) covering the given share of "
+                           "the image. A defect should never move a part to another product's expert.", small=True))
     return blocks
 
 

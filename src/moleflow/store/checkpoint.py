@@ -2,8 +2,8 @@
 
     RUN/model/manifest.json                 format, config, backbone hash, tasks (metadata), files + SHA-256
     RUN/model/shared-<sha12>.safetensors    the shared flow (trained by the first task, then frozen)
-    RUN/model/task<t>-<sha12>.safetensors   task t's expert: LoRA, biases, adapter, DIA, prototype, memory,
-                                            threshold
+    RUN/model/task<t>-<sha12>.safetensors   task t's expert: LoRA, biases, adapter, DIA, prototype, memory
+    RUN/model/task<t>-calibration-<sha12>.safetensors   its decision threshold and unknown-product limit
 
 Tensors are stored with safetensors and metadata as JSON, so loading a run someone sent you runs no code.
 File names carry the first 12 hex digits of their content's SHA-256: a save writes the new shards first,
@@ -82,20 +82,21 @@ def model_dir_of(path: str | Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ save
-def write_model(path: str | Path, parts: dict[int | None, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
-    """Write a model folder: one safetensors file per owner in `parts` (None = shared, else a task id) and
-    a manifest holding `meta` (config, backbone, tasks, ...) and every file's SHA-256. Return the folder."""
+def write_model(path: str | Path, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> Path:
+    """Write a model folder: one safetensors file per part in `parts` ("shared", "task<t>",
+    "task<t>-calibration") and a manifest holding `meta` (config, backbone, tasks, ...) and every file's
+    SHA-256. Return the folder."""
     folder = model_dir_of(path)
     old = _read_manifest(folder) if (folder / MANIFEST).is_file() else None
     old_files = set(old["files"]) if old else set()
     files: dict[str, dict[str, Any]] = {}
-    for owner, state in parts.items():
+    for part, state in parts.items():
         data = st_save({k: v.detach().cpu().contiguous() for k, v in state.items()})
         digest = sha256(data)
-        name = f"{'shared' if owner is None else f'task{owner}'}-{digest[:12]}.safetensors"
-        if name not in old_files or not (folder / name).is_file():  # an unchanged expert is not rewritten
+        name = f"{part}-{digest[:12]}.safetensors"
+        if name not in old_files or not (folder / name).is_file():  # an unchanged part is not rewritten
             atomic_write_bytes(folder / name, lambda fh, data=data: fh.write(data))
-        files[name] = {"sha256": digest, "bytes": len(data), "task": owner}
+        files[name] = {"sha256": digest, "bytes": len(data), "part": part}
     manifest = {"format": FORMAT, "version": VERSION, "moleflow_version": __version__, **meta, "files": files}
     manifest["manifest_sha256"] = _manifest_checksum(manifest)
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))

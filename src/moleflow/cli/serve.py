@@ -1,0 +1,113 @@
+"""`moleflow serve`: an HTTP service (FastAPI + uvicorn) that routes, scores and decides images."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from ..errors import MoleflowError
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = """examples:
+  moleflow serve runs/real                              # http://127.0.0.1:8000 (review page), /docs (API)
+  moleflow serve runs/real --host 0.0.0.0 --port 8080 --max-batch 16 --max-wait-ms 5
+  moleflow serve runs/real --workers 2 --threads 1      # 2 processes, 1 onnxruntime thread each
+  curl -F files=@part1.png -F files=@part2.png http://127.0.0.1:8000/predict
+  curl --data-binary @part.png -H 'Content-Type: image/png' 'http://127.0.0.1:8000/predict?maps=true'
+
+After `moleflow add-task`, `remove-task` or `calibrate` on the run, the service loads the new model by
+itself (it watches RUN/model/manifest.json; or POST /reload); requests keep being answered meanwhile, and a
+model that fails to load leaves the old one serving (GET /health shows the error). The onnx engine exports
+the backbone and each product's expert to RUN/export/engine once (later starts reuse them).
+"""
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="HTTP service: POST images, get product, score, decision, heat map",
+                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Serve RUN_DIR's model over HTTP with dynamic batching and hot reload.")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or its model folder)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 = all)")
+    g.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g.add_argument("--workers", type=int, default=1,
+                   help="uvicorn worker processes, each with its own model (default 1); see README 'Serving'")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    g = p.add_argument_group("model")
+    g.add_argument("--engine", default="onnx", choices=["onnx", "torch"],
+                   help="onnx: backbone and experts in onnxruntime (default); torch: the PyTorch inspector")
+    g.add_argument("--threads", type=int, help="intra-op threads per worker (default: one per core)")
+    g.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
+                   help="onnxruntime graph optimisation level (default all)")
+    g.add_argument("--quantize", default="none", choices=["none", "int8"],
+                   help="int8: dynamic int8 weights for the backbone graph (onnx engine; see BENCHMARKS.md)")
+    g.add_argument("--cache-dir", type=Path, help="where the onnx engine keeps its graphs (default RUN/export/engine)")
+    g.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch", type=int, default=16, help="images per model call (default 16)")
+    g.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a batch waits for more images (default 5 ms)")
+    g.add_argument("--max-queue", type=int, default=256, help="images waiting at most; then 503 (default 256)")
+    g.add_argument("--max-images", type=int, default=32, help="images per request at most (default 32)")
+    g.add_argument("--max-pixels", type=int, default=25_000_000,
+                   help="width x height of one image at most (default 25,000,000)")
+    g.add_argument("--max-body-mb", type=float, default=64.0, help="request body size at most (default 64 MiB)")
+    g.add_argument("--watch-interval", type=float, default=2.0,
+                   help="seconds between checks of the run's manifest for a new model (default 2; 0 = off)")
+    g.add_argument("--recent", type=int, default=100, help="recent verdicts kept for the review page (default 100)")
+    p.set_defaults(run=run)
+
+
+def settings_from_args(args: argparse.Namespace):
+    from ..serve.settings import ServeSettings
+    from ..store.checkpoint import find_model
+
+    find_model(args.run_dir)  # a clear error now rather than a service that never becomes ready
+    return ServeSettings(run=str(args.run_dir), engine=args.engine, max_batch=args.max_batch,
+                         max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_images=args.max_images,
+                         max_pixels=args.max_pixels, max_body_mb=args.max_body_mb,
+                         watch_interval=args.watch_interval, threads=args.threads, optimization=args.optimization,
+                         quantize=args.quantize, cache_dir=str(args.cache_dir) if args.cache_dir else None,
+                         backbone_weights=args.backbone_weights, recent=args.recent)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from ..serve.app import create_app
+    except ImportError as exc:
+        raise MoleflowError(f"the service needs FastAPI and uvicorn ({exc.name} is missing); "
+                            'run `pip install "moleflow[serve]"`') from None
+    if args.engine == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise MoleflowError('the onnx engine needs onnxruntime; run `pip install "moleflow[serve]"` '
+                                "or use --engine torch") from None
+    if args.workers < 1:
+        raise MoleflowError("--workers must be at least 1")
+    settings = settings_from_args(args)
+    print(f"moleflow serve: {settings.run} on http://{args.host}:{args.port} (engine {settings.engine}, "
+          f"{args.workers} worker{'s' if args.workers > 1 else ''}); review page /, API docs /docs")
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    else:  # each worker process builds its own app (and model) from the settings in its environment
+        from ..serve.settings import ENV_VAR
+
+        if settings.engine == "onnx":  # export once here, so that the workers only load the graphs
+            from ..detector import MoleFlow
+            from ..engine import export_graphs
+            from ..serve.holder import ModelHolder
+
+            model = MoleFlow.load(settings.run, backbone_weights=settings.backbone_weights)
+            export_graphs(model, ModelHolder(settings).cache_dir(), quantize=settings.quantize)
+            del model
+
+        os.environ[ENV_VAR] = settings.to_json()
+        uvicorn.run("moleflow.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
+                    workers=args.workers, log_level=args.log_level)
+    return 0

@@ -1,0 +1,283 @@
+"""Inference engines: the one routed inspection, run by PyTorch or by ONNX Runtime.
+
+    engine = make_engine(model, "onnx", cache_dir="RUN/export/engine")   # or "torch"
+    out = engine.inspect(model.prepare(images))     # an inspector.Inspection: scores (N,), maps (N, S, S), ...
+
+`torch` is `Inspector.inspect` itself (what `MoleFlow.predict` runs).
+
+`onnx` runs the Inspector's two neural pieces as ONNX graphs in onnxruntime (CPU):
+    features.onnx      tiles (M, 3, S, S) -> tokens (M, h, w, D), routing features (M, D)
+                       (the frozen backbone: about two thirds of the CPU time)
+    expert<t>.onnx     tokens (B, h, w, D) -> patch scores (B, h, w) of task t
+                       (`Inspector.patch_scores`: the flow's NLL, plus the patch memory with flow+memory)
+Everything between and after the graphs is the Inspector's own code: the router (`inspector.router`, the
+one Mahalanobis formula, tiles of one image routed together), the choice of expert per tile, stitching tiles
+back (`inspector.outputs`: image scores, pixel maps) and the thresholds. So `data.tiling=aspect`, both score
+sources and every score mode give the torch engine's answer up to float rounding (tested), and each tile
+runs only its routed expert: the cost does not grow with the number of products. (The single graph of
+`export.export_onnx`, traced from `Inspector.forward`, runs every expert on every image and cannot tile; it
+stays the portable artifact for consumers without moleflow.)
+
+Graphs are cached in `cache_dir` under names that carry a hash of what they were traced from (backbone
+weights and settings; the shared flow, the task's expert and the score settings), so adding a product exports
+only its expert and an unchanged product is never re-exported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import re
+import tempfile
+import warnings
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .data.batch import Prepared
+from .errors import MoleflowError
+from .inspector import Inspection, Inspector, key_owner
+from .store.atomic import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from .detector import MoleFlow
+
+log = logging.getLogger(__name__)
+
+ENGINES = ("torch", "onnx")
+QUANTIZE = ("none", "int8")
+_CALIBRATION = re.compile(r"(?:^|\.)(?:threshold|unknown|mean|precision)_\d+$")  # not in an expert graph
+GRAPH_VERSION = 1  # bump when the graphs' inputs/outputs change: old cache entries are then not reused
+
+
+class Engine(Protocol):
+    """Routes, scores and decides prepared images."""
+
+    name: str
+    model: "MoleFlow"
+
+    def inspect(self, prep: Prepared, task_ids: Sequence[int] | None = None) -> Inspection: ...
+
+
+def check_request(model: "MoleFlow", task_ids: Sequence[int] | None) -> None:
+    """What `MoleFlow.predict` refuses, refused by every engine alike."""
+    if not model.tasks:
+        raise MoleflowError("the model has learned no task yet; call fit_task first")
+    if task_ids is None and not model.config.router.enabled:
+        raise MoleflowError("router.enabled is false (oracle mode): pass task ids (moleflow predict --task NAME)")
+
+
+# ------------------------------------------------------------------------------------------ torch
+class TorchEngine:
+    """`Inspector.inspect` in PyTorch (the reference)."""
+
+    name = "torch"
+
+    def __init__(self, model: "MoleFlow", batch_size: int = 32) -> None:
+        self.model, self.batch_size = model, batch_size
+
+    def inspect(self, prep: Prepared, task_ids: Sequence[int] | None = None) -> Inspection:
+        check_request(self.model, task_ids)
+        ids = None if task_ids is None else torch.as_tensor(list(task_ids), dtype=torch.long)
+        return self.model.inspector.inspect(prep, ids, None, self.batch_size)
+
+
+# ------------------------------------------------------------------------------------------ graphs
+class _FeaturesGraph(nn.Module):
+    """Tiles (M, 3, S, S) -> tokens (M, h, w, D) float32, routing features (M, D) float32."""
+
+    def __init__(self, inspector: Inspector) -> None:
+        super().__init__()
+        self.inspector = inspector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, routing = self.inspector.features(images)
+        return tokens.float(), routing.float()
+
+
+class _ExpertGraph(nn.Module):
+    """Tokens (B, h, w, D) -> patch scores (B, h, w) float32 of one task."""
+
+    def __init__(self, inspector: Inspector, task: int) -> None:
+        super().__init__()
+        self.inspector, self.task = inspector, task
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.inspector.patch_scores(tokens, self.task).float()
+
+
+def _trace(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str], opset: int) -> bytes:
+    """ONNX bytes of `module` traced on `example`, with a dynamic first axis on every input and output."""
+    dynamic = {name: {0: "M"} for name in inputs + outputs}
+    buffer = io.BytesIO()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about static shapes: the image size is fixed
+            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset, input_names=inputs,
+                              output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
+    except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
+        raise MoleflowError(f"ONNX export of the {type(module).__name__.strip('_')} failed "
+                            f"({type(exc).__name__}: {exc}); use --engine torch") from exc
+    return buffer.getvalue()
+
+
+def _state_hash(state: dict[str, torch.Tensor], extra: dict) -> str:
+    digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def graph_keys(model: "MoleFlow", opset: int, quantize: str) -> dict[str, str]:
+    """Cache key of each graph: "features" and one per task id (str) -> 16 hex digits."""
+    from . import __version__
+
+    cfg = model.config
+    common = {"version": GRAPH_VERSION, "moleflow": __version__, "torch": torch.__version__, "opset": opset}
+    keys = {"features": _state_hash({}, {**common, "quantize": quantize, "backbone": asdict(cfg.backbone),
+                                         "router": asdict(cfg.router), "weights": model.extractor.weights_sha256,
+                                         "size": cfg.data.image_size})}
+    state = model.inspector.model_state()
+    for task in model.inspector.task_ids:  # what its expert graph is traced from: shared flow + its expert
+        used = {k: v for k, v in state.items() if key_owner(k) in (None, task) and not _CALIBRATION.search(k)}
+        keys[str(task)] = _state_hash(used, {**common, "task": task, "model": asdict(cfg.model),
+                                             "score": asdict(cfg.score)})
+    return keys
+
+
+def export_graphs(model: "MoleFlow", cache_dir: str | Path, opset: int = 17, quantize: str = "none"
+                  ) -> dict[str, Path]:
+    """Write (or reuse) the features graph and one expert graph per task in `cache_dir`; return their paths
+    keyed "features" and str(task id). `quantize="int8"`: the backbone's weights as dynamic int8."""
+    if quantize not in QUANTIZE:
+        raise MoleflowError(f"quantize {quantize!r}: use one of {', '.join(QUANTIZE)}")
+    if not model.tasks:
+        raise MoleflowError("the model has learned no task yet; nothing to export")
+    model.inspector.check_complete()
+    if model.device.type != "cpu":
+        raise MoleflowError("the onnx engine exports from a model on the CPU; load it with device cpu")
+    cache = Path(cache_dir)
+    keys = graph_keys(model, opset, quantize)
+    paths: dict[str, Path] = {}
+    size, (h, w), dim = model.config.data.image_size, model.grid, model.extractor.embed_dim
+    path = cache / f"features-{keys['features']}.onnx"
+    if not path.is_file():
+        data = _trace(_FeaturesGraph(model.inspector), torch.zeros(2, 3, size, size), ["images"],
+                      ["tokens", "routing"], opset)
+        if quantize == "int8":
+            data = _quantize_int8(data)
+        atomic_write_bytes(path, lambda fh: fh.write(data))
+        log.info("exported the backbone graph: %s", path)
+    paths["features"] = path
+    for task in model.inspector.task_ids:
+        path = cache / f"expert{task}-{keys[str(task)]}.onnx"
+        if not path.is_file():
+            example = torch.randn(2, h, w, dim, generator=torch.Generator().manual_seed(0))
+            data = _trace(_ExpertGraph(model.inspector, task), example, ["tokens"], ["patch_scores"], opset)
+            atomic_write_bytes(path, lambda fh, data=data: fh.write(data))
+            log.info("exported the expert graph of task %d: %s", task, path)
+        paths[str(task)] = path
+    return paths
+
+
+def _quantize_int8(data: bytes) -> bytes:
+    """Dynamic int8 quantisation (weights int8, activations quantised at run time) of a float graph."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise MoleflowError("onnxruntime is not installed; run `pip install onnxruntime`") from None
+    with tempfile.TemporaryDirectory(prefix="moleflow-int8-") as tmp:
+        src, dst = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        src.write_bytes(data)
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QUInt8)
+        return dst.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ onnx engine
+class OnnxEngine:
+    """The routed inspection with the backbone and the experts in onnxruntime (see the module docstring)."""
+
+    name = "onnx"
+
+    def __init__(self, model: "MoleFlow", cache_dir: str | Path | None = None, threads: int | None = None,
+                 optimization: str = "all", quantize: str = "none", batch_size: int = 32, opset: int = 17,
+                 expert_batch: int = 4) -> None:
+        from .export import onnx_session
+
+        self.model, self.batch_size, self.quantize = model, batch_size, quantize
+        # tiles per expert call: with a patch memory, one call holds a (tiles * h * w, memory size) distance
+        # matrix (4 tiles at 28 x 28 against 20,000 tokens: 250 MB); larger calls are no faster
+        self.expert_batch = expert_batch
+        self._tmp = None
+        if cache_dir is None:  # a private folder, deleted with the engine
+            self._tmp = tempfile.TemporaryDirectory(prefix="moleflow-onnx-")
+            cache_dir = self._tmp.name
+        self.paths = export_graphs(model, cache_dir, opset, quantize)
+        self.features = onnx_session(self.paths["features"], threads, optimization)
+        self.experts = {int(k): onnx_session(p, threads, optimization) for k, p in self.paths.items()
+                        if k != "features"}
+
+    def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens, routing = [], []
+        for chunk in pixels.split(self.batch_size):
+            t, r = self.features.run(None, {"images": np.ascontiguousarray(chunk.numpy(), dtype=np.float32)})
+            tokens.append(torch.from_numpy(t))
+            routing.append(torch.from_numpy(r))
+        return torch.cat(tokens), torch.cat(routing)
+
+    def _expert_scores(self, tokens: torch.Tensor, index: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        """Patch scores (M, h, w): row i scored by the expert of tasks[index[i]] only."""
+        out = torch.empty(tokens.shape[:3], dtype=torch.float32)
+        for i in index.unique().tolist():
+            rows = (index == i).nonzero().squeeze(1)
+            for chunk in rows.split(self.expert_batch):
+                (patch,) = self.experts[tasks[i]].run(None, {"tokens": tokens[chunk].numpy()})
+                out[chunk] = torch.from_numpy(patch)
+        return out
+
+    @torch.no_grad()
+    def inspect(self, prep: Prepared, task_ids: Sequence[int] | None = None) -> Inspection:
+        """The steps of `Inspector.inspect` (routed, or with oracle `task_ids` (N,)), with ONNX graphs."""
+        check_request(self.model, task_ids)
+        inspector = self.model.inspector
+        tasks = inspector.task_ids
+        tokens, routing = self._features(prep.pixels)
+        n, owner = prep.n_images, prep.owner
+        if task_ids is None:
+            index, distance, known = inspector.router(routing, tasks, owner, n)
+        else:
+            ids = [int(t) for t in task_ids]
+            if len(ids) != n:
+                raise MoleflowError(f"{len(ids)} task ids for {n} images")
+            unknown = set(ids) - set(tasks)
+            if unknown:
+                raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {tasks}")
+            tasks = sorted(set(ids))
+            index = torch.tensor([tasks.index(t) for t in ids], dtype=torch.long)
+            distance = torch.full((n,), float("nan"), dtype=torch.float64)
+            known = torch.ones(n, dtype=torch.bool)
+        patch = self._expert_scores(tokens, index[owner], tasks)
+        scores, maps, patch_maps = inspector.outputs(patch, prep)
+        limits = inspector.thresholds(tasks)[index].cpu()
+        scores = scores.float().cpu()
+        return Inspection(scores=scores, maps=maps.float().cpu(),
+                          patch_scores=patch_maps if isinstance(patch_maps, torch.Tensor) else list(patch_maps),
+                          task_ids=torch.tensor(tasks, dtype=torch.long)[index], known=known.cpu(),
+                          anomalous=scores.double() > limits, router_distance=distance.cpu(), thresholds=limits)
+
+
+def make_engine(model: "MoleFlow", kind: str = "torch", **options) -> Engine:
+    """An engine of `kind` ("torch" or "onnx") for `model`; `options` go to the engine's constructor
+    (onnx: cache_dir, threads, optimization, quantize, batch_size; torch: batch_size)."""
+    if kind == "torch":
+        return TorchEngine(model, options.get("batch_size", 32))
+    if kind == "onnx":
+        return OnnxEngine(model, **options)
+    raise MoleflowError(f"engine {kind!r}: use one of {', '.join(ENGINES)}")

@@ -1,0 +1,287 @@
+"""The FastAPI app of `moleflow serve`.
+
+    POST /predict[?maps=true]   images (multipart files, or one raw image body) -> one verdict per image
+    GET  /tasks                 the learned products: name, threshold and its source, unknown-product limit
+    GET  /health                liveness, served model, last reload, batching counters (always 200)
+    GET  /ready                 200 once a model is loaded, else 503 (for load balancers)
+    POST /reload                load RUN's model again (after add-task / remove-task / calibrate)
+    GET  /verdicts              the most recent verdicts (newest first), for the review page
+    GET  /                      the review page;  GET /docs  the OpenAPI docs
+
+Every error is JSON `{"error": "one line naming the problem"}` with a 4xx (the request) or 5xx (the
+service) status; a refused request never stops the service. The app holds all its state (model holder,
+batcher, recent verdicts) itself: nothing is global, so tests and uvicorn workers each build their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from .. import __version__
+from ..errors import MoleflowError
+from .batcher import Batcher, BatcherStopped, QueueFull
+from .holder import ModelHolder
+from .inference import Item, prepare_item, run_batch
+from .settings import ServeSettings
+from .uploads import Upload, UploadError, check_content_type, check_count, decode
+from .verdicts import heat_images, verdict
+
+log = logging.getLogger(__name__)
+STATIC = Path(__file__).parent / "static"
+
+
+# ------------------------------------------------------------------------------------------ schemas (docs)
+class Verdict(BaseModel):
+    file: str = Field(description="upload file name ('image' for a raw body)")
+    product: str = Field(description="the routed product, or 'unknown product'")
+    nearest_product: str = Field(description="the product whose prototype is nearest")
+    task_id: int
+    score: float | None = Field(description="image anomaly score")
+    threshold: float | None = Field(description="the product's calibrated decision threshold")
+    threshold_source: str = Field(description="how the threshold was set (calibration rule or images)")
+    decision: str = Field(description="normal, anomalous or unknown product")
+    unknown_product: bool
+    router_distance: float | None
+    width: int
+    height: int
+    model: str = Field(description="version of the model that scored it (manifest SHA-256, 12 digits)")
+    heatmap_png: str | None = Field(None, description="base64 PNG of the pixel anomaly map (?maps=true)")
+    overlay_png: str | None = Field(None, description="base64 PNG of the map over the image (?maps=true)")
+
+
+class PredictResponse(BaseModel):
+    model: str
+    engine: str
+    elapsed_ms: float
+    results: list[Verdict]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+
+
+IMAGE_BODY = {"schema": {"type": "string", "format": "binary"}}
+PREDICT_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/form-data": {"schema": {"type": "object", "properties": {
+        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}}}},
+    "image/png": IMAGE_BODY, "image/jpeg": IMAGE_BODY, "image/tiff": IMAGE_BODY,
+    "application/octet-stream": IMAGE_BODY}}}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 413, 415, 422, 503)}
+
+
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": " ".join(str(message).split()), **extra}, status_code=status)
+
+
+# ------------------------------------------------------------------------------------------ body
+async def read_uploads(request: Request, settings: ServeSettings) -> list[Upload]:
+    """The files of a multipart body, or the one image of a raw body; limits checked (UploadError)."""
+    kind = check_content_type(request.headers.get("content-type"))
+    limit = settings.max_body_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise UploadError(413, f"request body of {int(length):,} bytes is larger than the {limit:,} accepted "
+                               "(--max-body-mb)")
+    if kind == "raw":
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise UploadError(413, f"request body larger than the {limit:,} bytes accepted (--max-body-mb)")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if not data:
+            raise UploadError(400, "empty request body; send the bytes of an image")
+        name = request.headers.get("x-filename") or "image"
+        return [Upload(name, data)]
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=settings.max_images + 16)
+    except HTTPException as exc:
+        detail = str(exc.detail)
+        if "Too many files" in detail:
+            raise UploadError(413, f"more than {settings.max_images} images in one request (--max-images); "
+                                   "split the request") from None
+        raise UploadError(400, f"cannot read the multipart form ({detail})") from None
+    try:
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        check_count(len(files), settings.max_images)
+        uploads = []
+        for i, f in enumerate(files):
+            uploads.append(Upload(f.filename or f"image{i}", await f.read()))
+        return uploads
+    finally:
+        await form.close()
+
+
+# ------------------------------------------------------------------------------------------ app
+def create_app(settings: ServeSettings) -> FastAPI:
+    """A new app serving `settings.run`; the model loads in the background once the app starts."""
+    holder = ModelHolder(settings)
+    batcher: Batcher[Item, Any] = Batcher(partial(run_batch, holder), settings.max_batch, settings.max_wait_ms,
+                                          settings.max_queue)
+    recent: deque[dict[str, Any]] = deque(maxlen=settings.recent)
+
+    async def reload_quietly() -> None:
+        try:
+            await asyncio.to_thread(holder.reload)
+        except MoleflowError:
+            pass  # logged and kept in holder.last_error
+
+    async def watch() -> None:
+        """Reload when RUN/model/manifest.json changes (add-task, remove-task, calibrate)."""
+        while True:
+            await asyncio.sleep(settings.watch_interval)
+            if holder.current is None and holder.last_attempt is None:
+                continue  # the first load is still running
+            if await asyncio.to_thread(holder.manifest_changed):
+                await reload_quietly()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await batcher.start()
+        background = [asyncio.create_task(reload_quietly())]
+        if settings.watch_interval > 0:
+            background.append(asyncio.create_task(watch()))
+        try:
+            yield
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await batcher.stop()
+
+    app = FastAPI(title="moleflow", version=__version__, lifespan=lifespan,
+                  description="Continual industrial anomaly detection (MoLE-Flow): each image is routed to the "
+                              "product it shows, scored and decided against that product's calibrated threshold.")
+    app.state.settings, app.state.holder, app.state.batcher, app.state.recent = settings, holder, batcher, recent
+
+    # ---------------------------------------------------------------------- errors: one JSON line each
+    @app.exception_handler(UploadError)
+    async def upload_error(request: Request, exc: UploadError) -> JSONResponse:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ()))}: {e.get('msg')}" for e in exc.errors())
+        return _error(422, f"invalid request ({problems})")
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error on %s", request.url.path)
+        return _error(500, f"internal error ({type(exc).__name__}: {exc})")
+
+    def served_or_503():
+        served = holder.current
+        if served is None:
+            why = f"the model could not be loaded: {holder.last_error}" if holder.last_error else \
+                "the model is still loading; retry in a few seconds (GET /ready)"
+            raise UploadError(503, why)
+        return served
+
+    # ---------------------------------------------------------------------- routes
+    @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
+              openapi_extra=PREDICT_BODY, responses=ERRORS,
+              summary="route, score and decide one or more images")
+    async def predict(request: Request, maps: bool = Query(False, description="add heat map and overlay PNGs")
+                      ) -> Any:
+        start = time.perf_counter()
+        served = served_or_503()
+        uploads = await read_uploads(request, settings)
+
+        def decode_all() -> list[Item]:
+            return [prepare_item(decode(u, settings.max_pixels), served) for u in uploads]
+
+        items = await run_in_threadpool(decode_all)
+        try:
+            results = await batcher.submit(items)
+        except QueueFull as exc:
+            raise UploadError(503, f"the service is busy ({exc}); retry shortly") from None
+        except BatcherStopped as exc:
+            raise UploadError(503, str(exc)) from None
+        for item, result in zip(items, results):
+            if isinstance(result, BaseException):
+                message = " ".join(str(result).split()) or type(result).__name__
+                return _error(500, f"{item.decoded.name}: inference failed ({type(result).__name__}: {message})")
+
+        def build() -> list[dict[str, Any]]:
+            rows = []
+            for item, result in zip(items, results):
+                row = verdict(result, item.decoded.name, item.decoded.width, item.decoded.height)
+                recent.appendleft({**row, "at": time.time()})
+                if maps:
+                    row.update(heat_images(result, item.decoded.image))
+                rows.append(row)
+            return rows
+
+        rows = await run_in_threadpool(build)
+        return {"model": results[0].served.version, "engine": settings.engine,
+                "elapsed_ms": 1000 * (time.perf_counter() - start), "results": rows}
+
+    @app.get("/tasks", responses=ERRORS, summary="the learned products")
+    async def tasks() -> dict[str, Any]:
+        served = served_or_503()
+        return {"model": served.version, "tasks": served.task_rows()}
+
+    @app.get("/health", summary="liveness and state (always 200 while the process runs)")
+    async def health() -> dict[str, Any]:
+        served = holder.current
+        return jsonable_encoder({
+            "status": "ok" if served is not None else ("error" if holder.last_error else "loading"),
+            "version": __version__, "run": settings.run, "engine": settings.engine,
+            "model": served.version if served else None,
+            "products": [t.name for t in served.model.tasks] if served else [],
+            "reloads": holder.reloads, "last_reload": holder.last_attempt, "reload_error": holder.last_error,
+            "queued": batcher.queued, "batching": {"max_batch": settings.max_batch,
+                                                   "max_wait_ms": settings.max_wait_ms, **batcher.stats.to_dict()}})
+
+    @app.get("/ready", responses={503: {"model": ErrorResponse}}, summary="200 once a model is loaded")
+    async def ready() -> dict[str, Any]:
+        served = served_or_503()
+        return {"ready": True, "model": served.version}
+
+    @app.post("/reload", responses={500: {"model": ErrorResponse}}, summary="load the run's model again")
+    async def reload() -> Any:
+        previous = holder.current.version if holder.current else None
+        try:
+            served = await asyncio.to_thread(holder.reload)
+        except MoleflowError as exc:
+            return _error(500, str(exc), model=previous)
+        return {"reloaded": True, "model": served.version, "previous": previous, "changed": served.version != previous,
+                "products": [t.name for t in served.model.tasks], "seconds": served.load_seconds}
+
+    @app.get("/verdicts", summary="the most recent verdicts, newest first")
+    async def verdicts(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
+        return {"verdicts": list(recent)[:limit]}
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app factory uvicorn workers call (`moleflow serve --workers N`): settings from the environment."""
+    return create_app(ServeSettings.from_env())
