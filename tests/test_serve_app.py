@@ -242,7 +242,7 @@ def test_settings_are_checked():
 
     with pytest.raises(MoleflowError, match="--max-batch"):
         ServeSettings(run="x", max_batch=0)
-    with pytest.raises(MoleflowError, match="--quantize needs --engine onnx"):
-        ServeSettings(run="x", engine="torch", quantize="int8")
+    with pytest.raises(MoleflowError, match="--optimization 'max'"):
+        ServeSettings(run="x", optimization="max")
     settings = ServeSettings(run="x", max_wait_ms=2.5)
     assert ServeSettings.from_json(settings.to_json()) == settings

@@ -74,13 +74,14 @@ def conformal_threshold(scores, rate: float, level: float = 0.95) -> Threshold:
                      (float(low), float(high)), warning)
 
 
-def calibration_split(n: int, rate: float, min_fraction: float, max_fraction: float) -> int:
-    """How many of a task's n training images to hold out for calibration: enough to guarantee `rate`
-    (`images_needed`), but at least `min_fraction` and at most `max_fraction` of them (0 below 10 images)."""
-    if n < 10 or max_fraction <= 0:
+def calibration_split(n: int, rate: float, fraction: float, keep_train: int) -> int:
+    """How many of a task's n training images to hold out for calibration: `fraction` of them, or more, up to
+    what `rate` needs (`images_needed`), as long as `keep_train` images remain for training. None below 10
+    images or with `fraction` 0."""
+    if n < 10 or fraction <= 0:
         return 0
-    low, high = int(n * min_fraction), int(n * max_fraction)
-    return int(min(max(images_needed(rate), low), max(high, low)))
+    low = int(n * fraction)
+    return int(max(low, min(images_needed(rate), n - keep_train)))
 
 
 def calibration_record(result: Threshold, scores) -> dict:

@@ -148,7 +148,7 @@ class MoleFlow:
 
         Some images are held out (seeded) to calibrate the decision threshold for `false_alarm_rate` (default
         `score.false_alarm_rate`): enough to guarantee it, within `score.calibration_fraction` ..
-        `score.calibration_max_fraction` of them (calibration.py); the rest trains the expert. The router
+        `score.calibration_keep_train` images for training (calibration.py); the rest trains the expert. The router
         prototype uses all the images.
         """
         rate = self.config.score.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
@@ -164,7 +164,7 @@ class MoleFlow:
             gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
             perm = torch.randperm(n, generator=gen)
             score_cfg = self.config.score
-            n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_max_fraction)
+            n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_keep_train)
             cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
             train_prep, cal_prep = prep.select(train_idx), prep.select(cal_idx)
             train_x = train_prep.pixels

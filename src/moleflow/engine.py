@@ -208,7 +208,7 @@ class OnnxEngine:
 
     def __init__(self, model: "MoleFlow", cache_dir: str | Path | None = None, threads: int | None = None,
                  optimization: str = "all", quantize: str = "none", batch_size: int = 32, opset: int = 17,
-                 expert_batch: int = 4) -> None:
+                 expert_batch: int = 4, spinning: bool = True) -> None:
         from .export import onnx_session
 
         self.model, self.batch_size, self.quantize = model, batch_size, quantize
@@ -220,8 +220,8 @@ class OnnxEngine:
             self._tmp = tempfile.TemporaryDirectory(prefix="moleflow-onnx-")
             cache_dir = self._tmp.name
         self.paths = export_graphs(model, cache_dir, opset, quantize)
-        self.features = onnx_session(self.paths["features"], threads, optimization)
-        self.experts = {int(k): onnx_session(p, threads, optimization) for k, p in self.paths.items()
+        self.features = onnx_session(self.paths["features"], threads, optimization, spinning)
+        self.experts = {int(k): onnx_session(p, threads, optimization, spinning) for k, p in self.paths.items()
                         if k != "features"}
 
     def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

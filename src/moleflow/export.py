@@ -130,8 +130,10 @@ def _check_exportable(model: "MoleFlow") -> None:
     if not model.tasks:
         raise MoleflowError("the model has learned no task yet; nothing to export")
     if model.config.data.tiling != "none":
-        raise MoleflowError("data.tiling is on: the ONNX graph scores one square view per image and cannot cut "
-                            "tiles; export a run trained with data.tiling=none")
+        raise MoleflowError("data.tiling is on: the single ONNX graph scores one square view per image and "
+                            "cannot cut tiles; the onnx engine (`moleflow predict --engine onnx`, `moleflow serve`, "
+                            "moleflow.engine) runs tiled runs with ONNX Runtime, or export a run trained with "
+                            "data.tiling=none")
     if not model.config.router.enabled:
         raise MoleflowError("router.enabled is false (oracle mode): the ONNX export routes every image itself, "
                             "so it needs the router")
@@ -189,9 +191,12 @@ def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path
 OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
 
 
-def onnx_session(onnx_path: str | Path, threads: int | None = None, optimization: str = "all"):
+def onnx_session(onnx_path: str | Path, threads: int | None = None, optimization: str = "all",
+                 spinning: bool = True):
     """An onnxruntime CPU session for an exported model: `threads` intra-op threads (default: onnxruntime's
-    choice, one per core), graph optimisation level `optimization` (disable, basic, extended, all)."""
+    choice, one per core), graph optimisation level `optimization` (disable, basic, extended, all);
+    `spinning=False`: idle intra-op threads sleep instead of spin-waiting (better when other threads, e.g. a
+    server's request threads, need the cores between model calls)."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -211,6 +216,8 @@ def onnx_session(onnx_path: str | Path, threads: int | None = None, optimization
     options.inter_op_num_threads = 1
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types

@@ -43,7 +43,8 @@ def add_parser(sub) -> None:
     speed.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
                        help="onnxruntime graph optimisation level (onnx engine)")
     speed.add_argument("--quantize", default="none", choices=["none", "int8"],
-                       help="onnx engine: dynamic int8 weights for the backbone graph")
+                       help="onnx engine: dynamic int8 weights for the backbone graph (measured slower and less "
+                            "exact on x86 CPUs, see BENCHMARKS.md; not offered by predict or serve)")
     speed.add_argument("--run", type=Path, dest="run_dir",
                        help="measure inference on this run's model (no training measurements)")
     speed.add_argument("--json", type=Path, required=True, help="output JSON")

@@ -52,8 +52,6 @@ def add_parser(sub) -> None:
                         "same answers up to float rounding, faster on the CPU")
     p.add_argument("--engine-cache", type=Path,
                    help="folder for the onnx engine's graphs (default RUN_DIR/export/engine; reused next time)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="onnx engine: int8: the backbone graph with dynamic int8 weights (see BENCHMARKS.md)")
     add_runtime_options(p)
     p.set_defaults(run=run)
 
@@ -145,12 +143,10 @@ def build_engine(model: MoleFlow, args: argparse.Namespace):
 
     kind = getattr(args, "engine", "torch")
     if kind == "torch":
-        if getattr(args, "quantize", "none") != "none":
-            raise MoleflowError("--quantize needs --engine onnx")
         return make_engine(model, "torch", batch_size=args.batch_size)
     cache = getattr(args, "engine_cache", None) or find_model(args.run_dir).parent / "export" / "engine"
     return make_engine(model, "onnx", cache_dir=check_writable(cache), threads=getattr(args, "threads", None),
-                       quantize=getattr(args, "quantize", "none"), batch_size=args.batch_size)
+                       batch_size=args.batch_size)
 
 
 def write_summary(out: Path, rows: list[dict], failed: list[dict]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 from pathlib import Path
 
 from ..errors import MoleflowError
@@ -42,8 +43,6 @@ def add_parser(sub) -> None:
     g.add_argument("--threads", type=int, help="intra-op threads per worker (default: one per core)")
     g.add_argument("--optimization", default="all", choices=["disable", "basic", "extended", "all"],
                    help="onnxruntime graph optimisation level (default all)")
-    g.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: dynamic int8 weights for the backbone graph (onnx engine; see BENCHMARKS.md)")
     g.add_argument("--cache-dir", type=Path, help="where the onnx engine keeps its graphs (default RUN/export/engine)")
     g.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
     g = p.add_argument_group("batching and limits")
@@ -70,7 +69,7 @@ def settings_from_args(args: argparse.Namespace):
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_images=args.max_images,
                          max_pixels=args.max_pixels, max_body_mb=args.max_body_mb,
                          watch_interval=args.watch_interval, threads=args.threads, optimization=args.optimization,
-                         quantize=args.quantize, cache_dir=str(args.cache_dir) if args.cache_dir else None,
+                         cache_dir=str(args.cache_dir) if args.cache_dir else None,
                          backbone_weights=args.backbone_weights, recent=args.recent)
 
 
@@ -104,10 +103,14 @@ def run(args: argparse.Namespace) -> int:
             from ..serve.holder import ModelHolder
 
             model = MoleFlow.load(settings.run, backbone_weights=settings.backbone_weights)
-            export_graphs(model, ModelHolder(settings).cache_dir(), quantize=settings.quantize)
+            export_graphs(model, ModelHolder(settings).cache_dir())
             del model
 
         os.environ[ENV_VAR] = settings.to_json()
-        uvicorn.run("moleflow.serve.app:app_from_env", factory=True, host=args.host, port=args.port,
-                    workers=args.workers, log_level=args.log_level)
+        # uvicorn's own command line starts the workers (its spawned children cannot re-run the `moleflow`
+        # console script as their main module); this process becomes that uvicorn
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "uvicorn", "moleflow.serve.app:app_from_env", "--factory",
+                                  "--host", args.host, "--port", str(args.port), "--workers", str(args.workers),
+                                  "--log-level", args.log_level])
     return 0

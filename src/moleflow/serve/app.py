@@ -224,17 +224,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 message = " ".join(str(result).split()) or type(result).__name__
                 return _error(500, f"{item.decoded.name}: inference failed ({type(result).__name__}: {message})")
 
-        def build() -> list[dict[str, Any]]:
-            rows = []
-            for item, result in zip(items, results):
-                row = verdict(result, item.decoded.name, item.decoded.width, item.decoded.height)
-                recent.appendleft({**row, "at": time.time()})
-                if maps:
-                    row.update(heat_images(result, item.decoded.image))
-                rows.append(row)
-            return rows
-
-        rows = await run_in_threadpool(build)
+        rows = [verdict(result, item.decoded.name, item.decoded.width, item.decoded.height)
+                for item, result in zip(items, results)]
+        now = time.time()
+        recent.extendleft({**row, "at": now} for row in rows)  # in the event loop: no lock needed
+        if maps:
+            pictures = await run_in_threadpool(lambda: [heat_images(r, i.decoded.image) for i, r in zip(items, results)])
+            rows = [{**row, **picture} for row, picture in zip(rows, pictures)]
         return {"model": results[0].served.version, "engine": settings.engine,
                 "elapsed_ms": 1000 * (time.perf_counter() - start), "results": rows}
 

@@ -10,6 +10,7 @@ One asyncio task collects: it waits for a first item, then takes whatever else i
 (the event loop keeps accepting requests meanwhile, so under load the next batch is full at once). If a
 batch raises, its items are run one by one, so one bad item fails only its own request. A full queue
 (`max_queue` items) refuses new work at once (`QueueFull`) instead of letting latency grow without bound.
+`stop` drains: what was accepted is answered, what comes later is refused (`BatcherStopped`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ class QueueFull(Exception):
 
 class BatcherStopped(Exception):
     """The batcher is not running (the service is starting or shutting down)."""
+
+
+_STOP = object()  # put on the queue by `stop`: the collector runs what it has gathered, then returns
 
 
 @dataclass
@@ -64,34 +68,36 @@ class Batcher(Generic[Item, Result]):
         self._queue: asyncio.Queue | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._stopping = False
 
     @property
     def running(self) -> bool:
-        return self._task is not None and not self._task.done()
+        return self._task is not None and not self._task.done() and not self._stopping
 
     @property
     def queued(self) -> int:
         return self._queue.qsize() if self._queue is not None else 0
 
     async def start(self) -> None:
+        self._stopping = False
         self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moleflow-model")
         self._task = asyncio.create_task(self._collect(), name="moleflow-batcher")
 
     async def stop(self) -> None:
-        """Stop collecting; items still queued fail with `BatcherStopped`; a running batch finishes."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        while self._queue is not None and not self._queue.empty():
-            _, future = self._queue.get_nowait()
-            if not future.done():
-                future.set_exception(BatcherStopped("the service is shutting down"))
+        """Stop accepting items; everything accepted before is still run (the queue is drained in order),
+        then the model thread ends. `submit` raises `BatcherStopped` from now on."""
+        if self._task is None or self._queue is None:
+            return
+        self._stopping = True
+        self._queue.put_nowait(_STOP)
+        await self._task
+        while not self._queue.empty():
+            entry = self._queue.get_nowait()
+            if entry is not _STOP and not entry[1].done():
+                entry[1].set_exception(BatcherStopped("the service is shutting down"))
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            await asyncio.get_running_loop().run_in_executor(None, self._executor.shutdown)
         self._task = None
 
     async def submit(self, items: list[Item]) -> list[Result | BaseException]:
@@ -109,20 +115,28 @@ class Batcher(Generic[Item, Result]):
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
         assert self._queue is not None
-        while True:
-            batch = [await self._queue.get()]
+        stop = False
+        while not stop:
+            first = await self._queue.get()
+            if first is _STOP:
+                return
+            batch = [first]
             deadline = loop.time() + self.max_wait
             while len(batch) < self.max_batch:
                 if not self._queue.empty():
-                    batch.append(self._queue.get_nowait())
-                    continue
-                left = deadline - loop.time()
-                if left <= 0:
+                    entry = self._queue.get_nowait()
+                else:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        entry = await asyncio.wait_for(self._queue.get(), left)
+                    except asyncio.TimeoutError:
+                        break
+                if entry is _STOP:
+                    stop = True
                     break
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), left))
-                except asyncio.TimeoutError:
-                    break
+                batch.append(entry)
             live = [(item, future) for item, future in batch if not future.done()]  # a caller may have gone
             if not live:
                 continue

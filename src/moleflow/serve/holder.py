@@ -106,7 +106,7 @@ class ModelHolder:
         options: dict[str, Any] = {"batch_size": self.settings.max_batch}
         if self.settings.engine == "onnx":
             options.update(cache_dir=self.cache_dir(), threads=self.settings.threads,
-                           optimization=self.settings.optimization, quantize=self.settings.quantize)
+                           optimization=self.settings.optimization)
         elif self.settings.threads:
             torch.set_num_threads(self.settings.threads)
         engine = make_engine(model, self.settings.engine, **options)

@@ -27,13 +27,12 @@ class ServeSettings:
     watch_interval: float = 2.0  # seconds between checks of RUN/model/manifest.json; 0 = no watching
     threads: int | None = None  # intra-op threads of the engine (default: one per core)
     optimization: str = "all"  # onnxruntime graph optimisation level
-    quantize: str = "none"  # "int8": the backbone graph with dynamic int8 weights
     cache_dir: str | None = None
     backbone_weights: str | None = None
     recent: int = 100  # verdicts kept for GET /verdicts and the review page
 
     def __post_init__(self) -> None:
-        from ..engine import ENGINES, QUANTIZE
+        from ..engine import ENGINES
         from ..export import OPTIMIZATION_LEVELS
 
         checks = [(self.engine in ENGINES, f"engine {self.engine!r}: use one of {', '.join(ENGINES)}"),
@@ -47,13 +46,10 @@ class ServeSettings:
                   (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
                   (self.optimization in OPTIMIZATION_LEVELS,
                    f"--optimization {self.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}"),
-                  (self.quantize in QUANTIZE, f"--quantize {self.quantize!r}: use one of {', '.join(QUANTIZE)}"),
                   (self.recent >= 0, "--recent must be 0 or more")]
         for ok, message in checks:
             if not ok:
                 raise MoleflowError(message)
-        if self.quantize != "none" and self.engine != "onnx":
-            raise MoleflowError("--quantize needs --engine onnx")
 
     @property
     def max_body_bytes(self) -> int:

@@ -1,0 +1,70 @@
+"""The command line around the service: `serve`, `predict --engine`, `bench speed --engine`, `bench serve`."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from moleflow.cli import main
+from serve_support import shared_run
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    return shared_run(tmp_path_factory)
+
+
+def test_serve_help_and_a_missing_run(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    text = capsys.readouterr().out
+    for option in ("--host", "--port", "--workers", "--engine", "--max-batch", "--max-wait-ms", "--max-pixels",
+                   "--max-images", "--watch-interval", "--optimization", "/predict"):
+        assert option in text, option
+    assert main(["serve", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no moleflow model here" in err and "\n" not in err
+
+
+def test_predict_with_the_onnx_engine_writes_the_torch_rows(run, tmp_path):
+    data, run_dir = run
+    inputs = [str(data / "brick" / "test"), str(data / "grass" / "test" / "good")]
+    rows = {}
+    for engine in ("torch", "onnx"):
+        out = tmp_path / engine
+        assert main(["predict", str(run_dir), *inputs, "--out", str(out), "--engine", engine, "--csv-only",
+                     "--no-progress", "--engine-cache", str(tmp_path / "graphs")]) == 0
+        rows[engine] = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows["onnx"]) == len(rows["torch"]) == 6
+    for a, b in zip(rows["torch"], rows["onnx"]):
+        assert (a["file"], a["nearest_product"], a["decision"]) == (b["file"], b["nearest_product"], b["decision"])
+        assert float(b["score"]) == pytest.approx(float(a["score"]), rel=1e-4, abs=1e-4)
+    assert any(p.name.startswith("features-") for p in (tmp_path / "graphs").iterdir())
+
+
+def test_bench_speed_with_the_onnx_engine_on_a_saved_run(run, tmp_path):
+    _, run_dir = run
+    out = tmp_path / "speed.json"
+    assert main(["bench", "speed", "--run", str(run_dir), "--engine", "onnx", "--batch-size", "4",
+                 "--latency-runs", "2", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    inference = result["inference"]
+    assert inference["engine"] == "onnx" and inference["images_per_second"] > 0
+    assert inference["single_image_latency_ms_median"] > 0 and inference["export_seconds"] > 0
+    assert "train" not in result and result["config"]["tiling"] == "aspect"
+
+
+def test_bench_serve_measures_a_real_server(run, tmp_path):
+    _, run_dir = run
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", str(run_dir), "--clients", "1", "3", "--requests", "6",
+                 "--serve-args", "--max-wait-ms 20", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [level["clients"] for level in result["levels"]] == [1, 3]
+    for level in result["levels"]:
+        assert level["requests"] == 6 and level["requests_per_second"] > 0
+        assert 0 < level["latency_ms_p50"] <= level["latency_ms_p99"]
+    assert result["levels"][0]["mean_batch_size"] == 1.0
+    assert result["serve_args"] == [str(run_dir), "--max-wait-ms", "20"]
