@@ -143,7 +143,7 @@ class ScoreConfig:
     # training images held out for calibration: calibration_fraction of them, or more, up to what
     # false_alarm_rate needs (1/rate - 1 images: 99 at 1 %), as long as calibration_keep_train images remain to
     # train the expert (a small product keeps its images for training: holding out 25 % of 28 generated images
-    # cost 11 points of image AUROC in tests/test_end_to_end.py). 0: nothing held out, thresholds from the
+    # dropped image AUROC from above 90 to 86 in tests/test_end_to_end.py). 0: nothing held out, thresholds from the
     # training images, optimistic (the reference)
     calibration_fraction: float = 0.1
     calibration_keep_train: int = 200
