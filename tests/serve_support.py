@@ -3,8 +3,8 @@
 The run is the `tiny` preset with the default `cpu` preset's tiling and patch memory (`data.tiling=aspect`,
 `score.source=flow+memory`), one training epoch, products brick and grass of `write_mvtec_layout` (hubble is
 written too, for adding a product), learned with `MoleFlow.fit_task` and saved with `MoleFlow.save` (what
-`moleflow train` does, without its evaluation, to keep the tests short). It is built once per pytest session under the session's temporary
-folder and must not be changed by tests: copy it (`copy_run`) first.
+`moleflow train` does, without its evaluation, to keep the tests short). It is built once per pytest
+session under the session's temporary folder and must not be changed by tests: copy it (`copy_run`) first.
 """
 
 from __future__ import annotations

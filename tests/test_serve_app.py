@@ -125,7 +125,8 @@ def test_bad_input_gets_a_one_line_4xx_and_the_service_keeps_serving(run, client
     huge = io.BytesIO()
     Image.new("L", (6000, 6000)).save(huge, format="PNG")  # 36 MP, a few kB compressed
     cases = [
-        (dict(files=[("files", ("notes.txt", b"not an image at all", "text/plain"))]), 422, "notes.txt", "not an image"),
+        (dict(files=[("files", ("notes.txt", b"not an image at all", "text/plain"))]), 422, "notes.txt",
+         "not an image"),
         (dict(content=b"", headers={"content-type": "image/png"}), 400, "empty"),
         (dict(files=files(("empty.png", b""))), 400, "empty.png", "empty"),
         (dict(content=good[: len(good) // 2], headers={"content-type": "image/png"}), 422, "truncated"),

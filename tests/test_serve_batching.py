@@ -112,8 +112,8 @@ def test_batched_requests_get_the_scores_of_single_requests(run):
 
         async def together():
             async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-                replies = await asyncio.gather(*(client.post("/predict", content=b, headers={"content-type": "image/png"})
-                                                 for b in bodies))
+                replies = await asyncio.gather(*(client.post("/predict", content=b,
+                                                             headers={"content-type": "image/png"}) for b in bodies))
                 return [r.json()["results"][0] for r in replies]
 
         batched = asyncio.run(together())

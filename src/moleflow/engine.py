@@ -208,10 +208,12 @@ class OnnxEngine:
 
     def __init__(self, model: "MoleFlow", cache_dir: str | Path | None = None, threads: int | None = None,
                  optimization: str = "all", quantize: str = "none", batch_size: int = 32, opset: int = 17,
-                 expert_batch: int = 4, spinning: bool = True) -> None:
+                 expert_batch: int = 4, spinning: bool = False) -> None:
         from .export import onnx_session
 
         self.model, self.batch_size, self.quantize = model, batch_size, quantize
+        # idle onnxruntime threads sleep rather than spin (`spinning=False`): measured faster when other threads
+        # (a server's request threads, other processes) share the cores, see BENCHMARKS.md
         # tiles per expert call: with a patch memory, one call holds a (tiles * h * w, memory size) distance
         # matrix (4 tiles at 28 x 28 against 20,000 tokens: 250 MB); larger calls are no faster
         self.expert_batch = expert_batch

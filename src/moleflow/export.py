@@ -12,7 +12,9 @@ data-dependent control flow and dynamic batch size is trivial. That costs T time
 (the backbone, usually the bulk of the time, runs once), in exchange for a single file that any
 ONNX runtime runs without a custom runner, and outputs that match `MoleFlow.predict` (routed,
 task-agnostic) to float32 rounding. The alternative, one graph per expert plus a router graph,
-only pays off with many tasks and needs moleflow-specific glue on the consumer's side.
+only pays off with many tasks and needs moleflow-specific glue on the consumer's side: that is what
+`engine.py` does for `moleflow serve` and `moleflow predict --engine onnx` (the backbone and each expert as
+their own graphs, moleflow's routing, tiling and stitching in between), which also serves tiled runs.
 
 Outputs, per image:
     scores          float32 (N,)        image score (the model's `score.mode` aggregation)

@@ -33,7 +33,8 @@ def find_chromium() -> tuple[str, dict[str, str]] | str:
     else:
         exe = UNPACKED / "usr" / "lib" / "chromium" / "chromium-headless-shell"
         if not exe.is_file():
-            return f"no headless Chromium: run {FETCH} (apt-get download + dpkg -x into .browser/) or set MOLEFLOW_CHROMIUM"
+            return (f"no headless Chromium: run {FETCH} (apt-get download + dpkg -x into .browser/) "
+                    "or set MOLEFLOW_CHROMIUM")
         env["LD_LIBRARY_PATH"] = ":".join(_library_dirs(UNPACKED) + [env.get("LD_LIBRARY_PATH", "")]).rstrip(":")
     try:
         out = subprocess.run([str(exe), "--version"], env=env, capture_output=True, text=True, timeout=60)

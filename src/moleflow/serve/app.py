@@ -229,7 +229,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         now = time.time()
         recent.extendleft({**row, "at": now} for row in rows)  # in the event loop: no lock needed
         if maps:
-            pictures = await run_in_threadpool(lambda: [heat_images(r, i.decoded.image) for i, r in zip(items, results)])
+            pictures = await run_in_threadpool(
+                lambda: [heat_images(result, item.decoded.image) for item, result in zip(items, results)])
             rows = [{**row, **picture} for row, picture in zip(rows, pictures)]
         return {"model": results[0].served.version, "engine": settings.engine,
                 "elapsed_ms": 1000 * (time.perf_counter() - start), "results": rows}

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 from ..errors import MoleflowError
 
@@ -14,7 +13,8 @@ ENV_VAR = "MOLEFLOW_SERVE_SETTINGS"  # JSON of a ServeSettings, read by `app.app
 
 @dataclass
 class ServeSettings:
-    """What `moleflow serve` was asked for. `cache_dir` defaults to RUN/export/engine (the ONNX graphs)."""
+    """What `moleflow serve` was asked for. `cache_dir` (the onnx engine's graphs) defaults to
+    RUN/export/engine (`holder.ModelHolder.cache_dir`)."""
 
     run: str
     engine: str = "onnx"  # "onnx" (onnxruntime, CPU) or "torch"
@@ -54,10 +54,6 @@ class ServeSettings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 2**20)
-
-    @property
-    def engine_cache(self) -> Path:
-        return Path(self.cache_dir) if self.cache_dir else Path(self.run) / "export" / "engine"
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
