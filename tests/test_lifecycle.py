@@ -52,7 +52,7 @@ def test_predict_writes_decisions_overlays_and_a_summary(run_dir, tmp_path):
     assert by_file[str(noise)]["decision"] == "unknown product"
     for r in inspected:
         assert (pred_dir / r["overlay"]).is_file()
-        assert float(r["threshold"]) > 0
+        assert float(r["threshold"]) > 0 and r["threshold_source"].startswith("conformal")
     summary = json.loads((pred_dir / "summary.json").read_text())
     assert summary["failed"][0]["file"] == str(bad) and summary["not_inspected"] == 1
     assert main(args + ["--allow-unreadable", "--csv-only"]) == 0

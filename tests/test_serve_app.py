@@ -12,6 +12,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from moleflow.calibration import threshold_source
 from moleflow import MoleFlow
 from moleflow.cli import main
 from moleflow.serve.app import create_app
@@ -69,7 +70,7 @@ def test_predict_routes_scores_and_decides_like_the_model(run, client):
     for row, known, anomalous in zip(rows, pred.known.tolist(), pred.anomalous.tolist()):
         info = thresholds[row["nearest_product"]]
         assert row["threshold"] == pytest.approx(info.threshold)
-        assert row["threshold_source"] == (info.calibration.get("rule") or info.calibration.get("source"))
+        assert row["threshold_source"] == threshold_source(info.calibration)
         assert row["unknown_product"] is (not known)
         assert row["decision"] == (UNKNOWN if not known else "anomalous" if anomalous else "normal")
         assert row["product"] == (UNKNOWN if not known else row["nearest_product"])

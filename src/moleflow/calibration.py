@@ -93,3 +93,10 @@ def calibration_record(result: Threshold, scores) -> dict:
             "false_alarm_interval": list(result.interval), "warning": result.warning,
             "score_mean": float(s.mean()) if len(s) else None,
             "score_std": float(s.std(ddof=1)) if len(s) > 1 else 0.0, "scores": [float(v) for v in s]}
+
+
+def threshold_source(calibration: dict) -> str:
+    """How a task's threshold was set, in words: its rule and images (`calibration_record`), for predict,
+    the service and the review page."""
+    rule, source = calibration.get("rule"), calibration.get("source")
+    return "; ".join(str(v) for v in (rule, source) if v) or "unknown"

@@ -12,6 +12,7 @@ import numpy as np
 from matplotlib.colors import Normalize
 from PIL import Image
 
+from ..calibration import threshold_source
 from ..data.datasets import IMAGE_EXTENSIONS
 from ..data.transforms import load_rgb
 from ..store.atomic import atomic_write_bytes, atomic_write_json, check_writable
@@ -100,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                 log.warning("%s", exc)
                 failed.append({"file": str(path), "error": str(exc)})
                 rows.append({"file": str(path), "product": "", "nearest_product": "", "score": float("nan"),
-                             "threshold": float("nan"), "decision": UNREADABLE, "router_distance": float("nan"),
+                             "threshold": float("nan"), "threshold_source": "", "decision": UNREADABLE,
+                             "router_distance": float("nan"),
                              "overlay": "", "reason": str(exc)})
         if not pil:
             continue
@@ -110,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
             known = bool(pred.known[i])
             decision = UNKNOWN if not known else ("anomalous" if bool(pred.anomalous[i]) else "normal")
             row = {"file": str(path), "product": info.name if known else UNKNOWN, "nearest_product": info.name,
-                   "score": float(pred.scores[i]), "threshold": float(pred.thresholds[i]), "decision": decision,
+                   "score": float(pred.scores[i]), "threshold": float(pred.thresholds[i]),
+                   "threshold_source": threshold_source(info.calibration), "decision": decision,
                    "router_distance": float(pred.router_distance[i]), "overlay": "", "reason": ""}
             if not args.csv_only:
                 cal = info.calibration
@@ -150,8 +153,8 @@ def build_engine(model: MoleFlow, args: argparse.Namespace):
 
 
 def write_summary(out: Path, rows: list[dict], failed: list[dict]) -> None:
-    fields = ["file", "product", "nearest_product", "score", "threshold", "decision", "router_distance", "overlay",
-              "reason"]
+    fields = ["file", "product", "nearest_product", "score", "threshold", "threshold_source", "decision",
+              "router_distance", "overlay", "reason"]
 
     def write_csv(fh) -> None:
         import io

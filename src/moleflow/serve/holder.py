@@ -25,16 +25,12 @@ import torch
 
 from ..data.batch import Prepared
 from ..engine import Engine, make_engine
+from ..calibration import threshold_source
 from ..errors import MoleflowError
 from ..store.checkpoint import MANIFEST, find_model
 from .settings import ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-def threshold_source(calibration: dict[str, Any]) -> str:
-    """How a task's threshold was set: the calibration rule, else where its images came from."""
-    return str(calibration.get("rule") or calibration.get("source") or "unknown")
 
 
 @dataclass

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .holder import Served, threshold_source
+from ..calibration import threshold_source
+from .holder import Served
 
 UNKNOWN = "unknown product"
 
