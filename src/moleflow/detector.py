@@ -293,11 +293,12 @@ class MoleFlow:
             raise MoleflowError(f"no good images were given to calibrate {name}")
         scores, distances = [], []
         for start in range(0, len(normals), batch_size):
-            prep = self.prepare(normals[start:start + batch_size])
-            out = self.inspector.inspect(prep, torch.full((prep.n_images,), info.task_id), None, batch_size)
+            # routed among this product alone: one backbone pass gives its expert's scores and the distances
+            # to its prototype (tiles of an image grouped, as in routing)
+            out = self.inspector.inspect(self.prepare(normals[start:start + batch_size]), None, [info.task_id],
+                                         batch_size)
             scores.append(out.scores.double())
-            _, routing = self.inspector.extract(prep.pixels, batch_size)
-            distances.append(self.router(routing, [info.task_id], prep.owner.to(routing.device))[1].cpu())
+            distances.append(out.router_distance)
         new_scores, new_distances = torch.cat(scores).numpy(), torch.cat(distances)
         pooled = new_scores if replace else np.concatenate([np.asarray(old.get("scores", []), dtype=np.float64),
                                                             new_scores])

@@ -34,8 +34,9 @@ from .router import PrototypeRouter
 from .scoring import MapMaker, image_scores
 
 # a state_dict key owned by one task: an entry of a per-task container, or a per-task buffer `<name>_<t>`
+_TASK_BUFFER = re.compile(r"(mean|precision|unknown|bank|norm|threshold)_(\d+)")  # router, memory, inspector
 _TASK_KEY = re.compile(r"(?:^|\.)(?:adapters|dias|flows|lora_A|lora_B|task_bias)\.(\d+)(?:\.|$)"
-                       r"|(?:^|\.)(?:mean|precision|unknown|bank|norm|threshold)_(\d+)$")
+                       rf"|(?:^|\.){_TASK_BUFFER.pattern}$")
 _BACKBONE_PREFIX = "extractor."
 
 
@@ -47,7 +48,7 @@ def key_owner(key: str) -> int | None:
     match = _TASK_KEY.search(key)
     if match is None:
         return None
-    return int(match.group(1) or match.group(2))
+    return int(match.group(1) or match.group(3))
 
 
 def key_part(key: str) -> str:
@@ -158,7 +159,7 @@ class Inspector(nn.Module):
             self.flow.add_task(task)
         for key, value in state.items():  # per-task buffers are created from the saved values
             owner, name = key_owner(key), key.rsplit(".", 1)[-1]
-            if owner is None or not re.fullmatch(r"(mean|precision|unknown|bank|norm|threshold)_\d+", name):
+            if owner is None or not _TASK_BUFFER.fullmatch(name):
                 continue
             if key.startswith("router."):
                 if name.startswith("mean_"):

@@ -26,10 +26,10 @@ def add_parser(sub) -> None:
 
 def task_table(model: MoleFlow) -> list[dict]:
     rows = []
+    parts = model.inspector.state_by_part()
     for info in model.tasks:
         params = model.flow.task_parameters(info.task_id)
         n_params = sum(p.numel() for p in params)
-        parts = model.inspector.state_by_part()
         bytes_ = sum(v.numel() * v.element_size() for part in (f"task{info.task_id}", f"task{info.task_id}-calibration")
                      for v in parts[part].values())
         cal = info.calibration
