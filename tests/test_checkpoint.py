@@ -50,7 +50,7 @@ def test_round_trip_after_removing_the_first_task(tmp_path):
     loaded = MoleFlow.load(model.save(tmp_path / "run"))
     probe = random_images(2, 3)
     assert torch.equal(loaded.predict(probe).scores, model.predict(probe).scores)
-    assert loaded.flow.base_task == 0
+    assert loaded.flow.base_tasks == [0]
 
 
 def test_removing_the_last_task_is_refused():
@@ -165,7 +165,7 @@ def _legacy_payload(model: MoleFlow) -> dict:
         "config": model.config.to_dict(),
         "backbone": {"name": model.extractor.name, "weights_sha256": model.extractor.weights_sha256,
                      "weights_source": model.extractor.weights_source},
-        "task_ids": list(model.flow.task_ids), "base_task": model.flow.base_task,
+        "task_ids": list(model.flow.task_ids), "base_task": model.flow.base_tasks[0],
         "flow": {k: v.detach().cpu() for k, v in model.flow.state_dict().items()},
         "router": {t: {"mean": model.router.prototype(t)[0], "precision": model.router.prototype(t)[1],
                        "unknown_threshold": model.router.unknown_threshold(t)} for t in model.flow.task_ids},

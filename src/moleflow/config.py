@@ -72,6 +72,10 @@ class ModelConfig:
     dia_hidden_ratio: float = 0.5
     freeze_base: bool = True  # False: "sequential" fine-tuning of every shared parameter
     task_separated: bool = False  # every task gets its own full flow
+    # a learning step with several products: one expert (adapter, LoRA, task bias, DIA), prototype and threshold
+    # per "product" (default), or one per "task" for all its products as in the spec (§12.14: what makes 3-3,
+    # 5-5 and 14-1 collapse; the `repo` preset keeps it)
+    experts: Literal["product", "task"] = "product"
 
 
 @dataclass
@@ -437,6 +441,7 @@ def _repo() -> Config:
     cfg.model.whitening_identity_init = False
     cfg.router.covariance = "ridge"
     cfg.router.statistic = "mean"
+    cfg.model.experts = "task"
     cfg.train.drop_last = True
     cfg.data.resize_mode = "resize_crop"
     cfg.score.cluster_top_k_ratio = cfg.train.tail_ratio

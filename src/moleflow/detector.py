@@ -28,7 +28,7 @@ from .errors import MoleflowError
 from .inspector import Inspection, Inspector
 from .calibration import calibration_record, calibration_split, conformal_threshold
 from .store.checkpoint import read_model, write_model
-from .trainer import TrainReport, fit_task
+from .trainer import ExpertJob, TrainReport, fit_experts, fit_task
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,30 @@ class TaskInfo:
     calibration: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # where its images came from (root, dataset), if known
+    step: int = -1  # the learning step that learned it (several products may share one); -1: not known yet
+
+
+@dataclass
+class _ExpertData:
+    """One product's images while its expert is learned: split, and its training features."""
+
+    task: int
+    name: str
+    rate: float
+    n_train: int
+    n_tiles: int
+    n_cal: int
+    train_prep: Prepared
+    cal_prep: Prepared
+    tokens: Any  # (N, H, W, D) tensor or memory-mapped array, or None without a feature cache
+    routing: torch.Tensor  # (N, D) routing features of the training images
+    batch_features: Any  # indices (B,) -> tokens (B, H, W, D)
+
+
+def _as_list(images: Images) -> list:
+    if isinstance(images, torch.Tensor):
+        return list(images.unbind(0))
+    return list(images)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -144,56 +168,111 @@ class MoleFlow:
     def fit_task(self, images: Images, name: str | None = None, classes: Sequence[str] | None = None,
                  progress: bool = False, source: dict[str, Any] | None = None,
                  false_alarm_rate: float | None = None) -> TaskInfo:
-        """Learn a new task from its normal training images; earlier tasks are not touched.
+        """Learn a new task (one expert) from its normal training images; earlier tasks are not touched.
 
         Some images are held out (seeded) to calibrate the decision threshold for `false_alarm_rate` (default
         `score.false_alarm_rate`): enough to guarantee it, within `score.calibration_fraction` ..
         `score.calibration_keep_train` images for training (calibration.py); the rest trains the expert. The router
-        prototype uses all the images.
+        prototype uses all the images. Several classes given here share the one expert and prototype (the
+        spec's multi-class task); `fit_step` gives each product its own.
         """
-        rate = self.config.score.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
-        if not 0.0 < rate < 1.0:
-            raise MoleflowError(f"false-alarm rate {rate}: must be between 0 and 1 (e.g. 0.01 for 1 %)")
+        name = name or f"task{len(self.tasks)}"
+        return self.fit_step({name: images}, {name: list(classes or [name])}, progress, source, false_alarm_rate)[0]
+
+    def fit_step(self, products: dict[str, Images], classes: dict[str, list[str]] | None = None,
+                 progress: bool = False, source: dict[str, Any] | None = None,
+                 false_alarm_rate: float | None = None, rates: dict[str, float] | None = None) -> list[TaskInfo]:
+        """Learn one step of the sequence: the products `products` (name -> normal training images), one expert
+        (adapter, LoRA, task bias, DIA), prototype and threshold each. In the first step of a model they train
+        the shared flow together, side by side (`trainer.fit_experts`), before it is frozen; in later steps each
+        trains its own expert alone, exactly as if learned one per step. With `model.experts="task"` (the
+        spec's behaviour, `repo` preset) the step's products are pooled into one expert instead.
+
+        `classes` gives a product's class names (default its name); `false_alarm_rate` the rate of every product
+        (default `score.false_alarm_rate`) and `rates` some products' own. Returns the new tasks, in order; on
+        any error the model is left as it was.
+        """
+        rates = dict(rates or {})
+        default = self.config.score.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
+        classes = dict(classes or {})
+        if not products:
+            raise MoleflowError("a learning step needs at least one product")
+        if self.config.model.experts == "task" and len(products) > 1:  # one expert for the whole step (§12.14)
+            name = "+".join(products)
+            pooled = [image for images in products.values() for image in _as_list(images)]
+            default = min(float(rates.get(p, default)) for p in products)  # the strictest of its products
+            classes = {name: [c for p in products for c in classes.get(p, [p])]}
+            products, rates = {name: pooled}, {}
+        for name in products:
+            if any(t.name == name for t in self.tasks):
+                raise MoleflowError(f"a task named {name!r} is already learned; remove it first or choose another name")
+        step = max((t.step for t in self.tasks), default=-1) + 1
+        base = not self.flow.base_tasks  # the first step trains the shared flow
+        new: list[int] = []
+        try:
+            data = []
+            for name, images in products.items():
+                rate = float(rates.get(name, default))
+                if not 0.0 < rate < 1.0:
+                    raise MoleflowError(f"false-alarm rate {rate} for {name}: must be between 0 and 1 (e.g. 0.01)")
+                task = self.inspector.add_expert(base=base)
+                new.append(task)
+                data.append(self._expert_data(task, name, images, rate))
+                if not base:  # later steps: each expert alone (holds one product's features at a time)
+                    report = fit_task(self.flow, task, data[-1].n_train, data[-1].batch_features,
+                                      self.config.train, self.device, progress)
+                    data[-1] = self._finish_expert(data[-1], report, classes.get(name, [name]), step, source)
+            if base:
+                reports = fit_experts(self.flow, [ExpertJob(d.task, d.n_train, d.batch_features) for d in data],
+                                      self.config.train, self.device, progress)
+                data = [self._finish_expert(d, r, classes.get(d.name, [d.name]), step, source)
+                        for d, r in zip(data, reports)]
+        except BaseException:
+            for task in new:
+                self.inspector.remove_task(task)  # leave the model as it was
+            if base:
+                self.flow.base_tasks = []
+            raise
+        self.tasks.extend(data)
+        return data
+
+    def _expert_data(self, task: int, name: str, images: Images, rate: float) -> "_ExpertData":
+        """Split a product's images into training and calibration (seeded by its task id) and compute the
+        training features (cached, or served from the backbone on the fly)."""
         prep = self.prepare(images)
         x, n = prep.pixels, prep.n_images
-        name = name or f"task{len(self.tasks)}"
-        if any(t.name == name for t in self.tasks):
-            raise MoleflowError(f"a task named {name!r} is already learned; remove it first or choose another name")
-        task = self.inspector.add_expert()
-        try:
-            gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
-            perm = torch.randperm(n, generator=gen)
-            score_cfg = self.config.score
-            n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_keep_train)
-            cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
-            train_prep, cal_prep = prep.select(train_idx), prep.select(cal_idx)
-            train_x = train_prep.pixels
-            if self.config.train.feature_cache:
-                tokens, routing = self.extract_cached(train_x)
+        gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
+        perm = torch.randperm(n, generator=gen)
+        score_cfg = self.config.score
+        n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_keep_train)
+        cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
+        train_prep, cal_prep = prep.select(train_idx), prep.select(cal_idx)
+        train_x = train_prep.pixels
+        if self.config.train.feature_cache:
+            tokens, routing = self.extract_cached(train_x)
 
-                def batch_features(idx: torch.Tensor) -> torch.Tensor:
-                    return torch.as_tensor(tokens[idx.numpy()] if isinstance(tokens, np.memmap) else tokens[idx])
-            else:
-                tokens, routing = None, self.extract(train_x)[1]
+            def batch_features(idx: torch.Tensor) -> torch.Tensor:
+                return torch.as_tensor(tokens[idx.numpy()] if isinstance(tokens, np.memmap) else tokens[idx])
+        else:
+            tokens, routing = None, self.extract(train_x)[1]
 
-                def batch_features(idx: torch.Tensor) -> torch.Tensor:
-                    return self.extractor.tokens(train_x[idx].to(self.device))
+            def batch_features(idx: torch.Tensor) -> torch.Tensor:
+                return self.extractor.tokens(train_x[idx].to(self.device))
 
-            report = fit_task(self.flow, task, len(train_x), batch_features, self.config.train,
-                              self.device, progress)
-            if self.memory is not None:
-                self.memory.add_task(task, tokens if tokens is not None else self.extract_cached(train_x)[0])
-            cal_tokens, cal_routing = self.extract(cal_prep.pixels) if n_cal else (None, None)
-            self.router.add_task(task, routing if cal_routing is None else torch.cat([routing, cal_routing]))
-            self.inspector.to(self.device)
-            info = self._calibrate(task, name, list(classes or [name]), len(train_idx), cal_tokens, cal_prep,
-                                   tokens, train_prep, report, rate)
-            info.n_tiles = int(len(x))
-        except BaseException:
-            self.inspector.remove_task(task)  # leave the model as it was
-            raise
-        info.source = dict(source or {})
-        self.tasks.append(info)
+        return _ExpertData(task, name, rate, len(train_idx), int(len(x)), n_cal, train_prep, cal_prep, tokens, routing,
+                           batch_features)
+
+    def _finish_expert(self, d: "_ExpertData", report: TrainReport, classes: list[str], step: int,
+                       source: dict[str, Any] | None) -> TaskInfo:
+        """After training: the expert's patch memory, router prototype and calibrated threshold."""
+        if self.memory is not None:
+            self.memory.add_task(d.task, d.tokens if d.tokens is not None else self.extract_cached(d.train_prep.pixels)[0])
+        cal_tokens, cal_routing = self.extract(d.cal_prep.pixels) if d.n_cal else (None, None)
+        self.router.add_task(d.task, d.routing if cal_routing is None else torch.cat([d.routing, cal_routing]))
+        self.inspector.to(self.device)
+        info = self._calibrate(d.task, d.name, classes, d.n_train, cal_tokens, d.cal_prep, d.tokens, d.train_prep,
+                               report, d.rate)
+        info.n_tiles, info.step, info.source = d.n_tiles, step, dict(source or {})
         return info
 
     def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, cal_tokens: torch.Tensor | None,
@@ -351,7 +430,7 @@ class MoleFlow:
         meta = {"config": self.config.to_dict(),
                 "backbone": {"name": extractor.name, "weights_sha256": extractor.weights_sha256,
                              "weights_source": extractor.weights_source},
-                "task_ids": list(self.flow.task_ids), "base_task": self.flow.base_task,
+                "task_ids": list(self.flow.task_ids), "base_tasks": list(self.flow.base_tasks),
                 "tasks": self.task_info_dicts()}
         return write_model(path, self.inspector.state_by_part(), meta)
 
@@ -370,11 +449,16 @@ class MoleFlow:
             raise MoleflowError(
                 f"{found}: the backbone weights found here ({model.extractor.weights_source}) differ from the ones "
                 f"the run was trained with (sha256 {saved_hash[:12]}...); pass the same weights file")
-        model.inspector.load_model_state(list(manifest["task_ids"]), manifest["base_task"], state)
+        base = manifest.get("base_tasks")
+        if base is None:  # runs saved before several products could share the first step
+            base = [] if manifest.get("base_task") is None else [manifest["base_task"]]
+        model.inspector.load_model_state(list(manifest["task_ids"]), base, state)
         known = set(TaskInfo.__dataclass_fields__)
         model.tasks = [TaskInfo(**{k: v for k, v in t.items() if k in known}) for t in manifest["tasks"]]
-        for info in model.tasks:  # the tensor is the truth; the metadata copy is for people and tools
+        for i, info in enumerate(model.tasks):  # the tensor is the truth; the metadata copy is for people and tools
             info.threshold = model.inspector.threshold(info.task_id)
+            if info.step < 0:  # saved before steps were recorded: one task per step
+                info.step = i
         return model
 
     def task_info_dicts(self) -> list[dict[str, Any]]:

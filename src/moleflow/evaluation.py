@@ -263,10 +263,28 @@ def evaluate_classes(model: MoleFlow, splits: dict[str, ClassSplit], class_task:
             for c, t in class_task.items()}
 
 
-def step_record(step: int, info: Any, evals: dict[str, ClassEvaluation]) -> dict[str, Any]:
-    return {"step": step, "task_name": info.name, "classes": list(info.classes),
-            "train_seconds": info.train.get("seconds"), "skipped_batches": info.train.get("skipped_batches"),
-            "threshold": info.threshold, "calibration": info.calibration,
+def learned_steps(model: MoleFlow) -> list[list[Any]]:
+    """The model's tasks (TaskInfo) grouped by the learning step that learned them, in step order."""
+    steps: dict[int, list[Any]] = {}
+    for info in model.tasks:
+        steps.setdefault(info.step, []).append(info)
+    return [steps[k] for k in sorted(steps)]
+
+
+def step_classes(infos: list[Any]) -> list[str]:
+    return [c for info in infos for c in info.classes]
+
+
+def step_record(step: int, infos: list[Any], evals: dict[str, ClassEvaluation],
+                learn_seconds: float | None = None) -> dict[str, Any]:
+    """One learning step: its experts (name, classes, threshold, calibration, training) and the results of every
+    class learned so far. `train_seconds`: the step's wall time to learn (features, training, calibration)."""
+    experts = [{"name": i.name, "task_id": i.task_id, "classes": list(i.classes), "threshold": i.threshold,
+                "calibration": i.calibration, "train_seconds": i.train.get("seconds"),
+                "skipped_batches": i.train.get("skipped_batches")} for i in infos]
+    return {"step": step, "task_name": "+".join(i.name for i in infos), "classes": step_classes(infos),
+            "experts": experts, "train_seconds": learn_seconds,
+            "skipped_batches": sum(e["skipped_batches"] or 0 for e in experts),
             "results": {c: e.metrics for c, e in evals.items()}}
 
 
@@ -274,7 +292,7 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
                   meta: dict[str, Any], progress: bool = True, batch_size: int = 32, examples_per_kind: int = 2,
                   num_workers: int = 0, rates: dict[str, float] | None = None) -> dict[str, Any]:
     """Learn `tasks` one after another into `model`, evaluating all learned classes after each task.
-    `rates` gives some products their own false-alarm rate (a task takes the lowest of its classes').
+    `rates` gives some products their own false-alarm rate (an expert of several classes takes the lowest).
 
     Writes the checkpoint (after every task), results.json, the matrices and per-class score files into
     `run_dir` and returns the results dictionary.
@@ -285,10 +303,13 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
     class_task: dict[str, int] = {}
     steps: list[dict[str, Any]] = []
     eval_seconds = 0.0
-    done = len(model.tasks)  # tasks a resumed run has already learned: their steps are re-scored, not re-learned
-    if [t.classes for t in model.tasks] != [list(c) for c in tasks[:done]]:
-        raise MoleflowError(f"{run_dir}: the saved run learned {[t.name for t in model.tasks]}, which is not the start "
-                            f"of the requested sequence {['+'.join(c) for c in tasks]}; use --overwrite or another --out")
+    learn_seconds: dict[int, float] = {}
+    learned = learned_steps(model)  # steps a resumed run has already learned: re-scored, not re-learned
+    done = len(learned)
+    if [step_classes(infos) for infos in learned] != [list(c) for c in tasks[:done]]:
+        raise MoleflowError(f"{run_dir}: the saved run learned {['+'.join(step_classes(i)) for i in learned]}, which "
+                            f"is not the start of the requested sequence {['+'.join(c) for c in tasks]}; use "
+                            "--overwrite or another --out")
     if done and not model.config.model.freeze_base:
         raise MoleflowError("--resume needs model.freeze_base=true (the earlier steps are re-scored from the saved "
                             "model, which is exact only when the shared flow is frozen)")
@@ -297,25 +318,24 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
             splits[c] = load_split(c)
         last = step == len(tasks) - 1
         if step < done:
-            info = model.tasks[step]
-            log.info("step %d/%d: %s already learned (resumed run); re-scoring", step + 1, len(tasks), info.name)
+            infos = learned[step]
+            log.info("step %d/%d: %s already learned (resumed run); re-scoring", step + 1, len(tasks),
+                     "+".join(classes))
         else:
-            name = "+".join(classes)
-            log.info("step %d/%d: learning %s", step + 1, len(tasks), name)
-            images = [s.image for c in classes for s in splits[c].train]
+            log.info("step %d/%d: learning %s", step + 1, len(tasks), "+".join(classes))
             source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
-            own = [rates[c] for c in classes if c in (rates or {})]
-            info = model.fit_task(images, name=name, classes=classes, progress=progress, source=source,
-                                  false_alarm_rate=min(own) if own else None)
-            del images
+            t0 = time.perf_counter()
+            infos = model.fit_step({c: [s.image for s in splits[c].train] for c in classes}, progress=progress,
+                                   source=source, rates=rates)
+            learn_seconds[step] = time.perf_counter() - t0
             model.save(run_dir)
-        class_task.update({c: info.task_id for c in classes})
+        class_task.update({c: info.task_id for info in infos for c in info.classes})
         t0 = time.perf_counter()
-        among = [t.task_id for t in model.tasks[: step + 1]]
+        among = [t.task_id for t in model.tasks if t.step <= step]
         evals = evaluate_classes(model, splits, class_task, among=among, batch_size=batch_size,
                                  num_workers=num_workers, examples_per_kind=examples_per_kind if last else 0)
         eval_seconds += time.perf_counter() - t0
-        steps.append(step_record(step, info, evals))
+        steps.append(step_record(step, infos, evals, learn_seconds.get(step)))
         log.info("after step %d: %s", step + 1, summary_line(mean_metrics(steps[-1]["results"])))
     return finish_run(model, run_dir, splits, class_task, steps, evals, meta, eval_seconds, start,
                       batch_size, num_workers)
@@ -332,17 +352,19 @@ def reevaluate_run(model: MoleFlow, load_split: Callable[[str], ClassSplit], run
     class_task = {c: t.task_id for t in model.tasks for c in t.classes}
     structural = model.config.model.freeze_base
     steps: list[dict[str, Any]] = []
-    for j, info in enumerate(model.tasks):
-        last = j == len(model.tasks) - 1
+    by_step = learned_steps(model)
+    for j, infos in enumerate(by_step):
+        last = j == len(by_step) - 1
         if not (structural or last):
             steps.append(previous["steps"][j] if previous and j < len(previous.get("steps", [])) else
-                         {"step": j, "task_name": info.name, "classes": info.classes, "results": {}})
+                         {**step_record(j, infos, {}), "results": {}})
             continue
-        among = [t.task_id for t in model.tasks[: j + 1]]
+        among = [t.task_id for i in by_step[: j + 1] for t in i]
         learned = {c: t for c, t in class_task.items() if t in among}
         evals = evaluate_classes(model, splits, learned, among=among, batch_size=batch_size,
                                  examples_per_kind=examples_per_kind if last else 0, num_workers=num_workers)
-        steps.append(step_record(j, info, evals))
+        old = previous["steps"][j] if previous and j < len(previous.get("steps", [])) else {}
+        steps.append(step_record(j, infos, evals, old.get("train_seconds")))
     return finish_run(model, run_dir, splits, class_task, steps, evals, meta, time.perf_counter() - start, start,
                       batch_size, num_workers)
 

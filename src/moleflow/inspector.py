@@ -102,9 +102,10 @@ class Inspector(nn.Module):
     def task_ids(self) -> list[int]:
         return list(self.flow.task_ids)
 
-    def add_expert(self, task: int | None = None) -> int:
-        """Create a new task's expert (on the module's device) and return its id; no prototype or threshold yet."""
-        task = self.flow.add_task(task)
+    def add_expert(self, task: int | None = None, base: bool | None = None) -> int:
+        """Create a new task's expert (on the module's device) and return its id; no prototype or threshold yet.
+        `base`: it trains the shared weights with its own (default: only the first task)."""
+        task = self.flow.add_task(task, base)
         self.flow.to(self.device)
         return task
 
@@ -152,11 +153,12 @@ class Inspector(nn.Module):
             parts[part][key] = value.detach().cpu()
         return parts
 
-    def load_model_state(self, task_ids: list[int], base_task: int | None, state: dict[str, torch.Tensor]) -> None:
-        """Rebuild the experts of `task_ids` and load `state` (as written by `model_state`), strictly."""
-        self.flow.base_task = base_task
+    def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor]) -> None:
+        """Rebuild the experts of `task_ids` (`base_tasks`: those that trained the shared weights, removed ones
+        included) and load `state` (as written by `model_state`), strictly."""
         for task in task_ids:
-            self.flow.add_task(task)
+            self.flow.add_task(task, base=task in base_tasks)
+        self.flow.base_tasks = list(base_tasks)
         for key, value in state.items():  # per-task buffers are created from the saved values
             owner, name = key_owner(key), key.rsplit(".", 1)[-1]
             if owner is None or not _TASK_BUFFER.fullmatch(name):

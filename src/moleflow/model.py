@@ -90,12 +90,17 @@ class ExpertFlow(nn.Module):
         self.adapters = nn.ModuleDict()
         self.dias = nn.ModuleDict()
         self.task_ids: list[int] = []
-        self.base_task: int | None = None  # the task that trained the shared weights (the first one added)
+        # the tasks that trained the shared weights with them: the first one added, or every product of a first
+        # learning step that holds several (`add_task(base=True)`); the shared weights are frozen after them
+        self.base_tasks: list[int] = []
 
     # ------------------------------------------------------------------------------ tasks
-    def add_task(self, task: int | None = None) -> int:
-        """Create the expert of a new task (LoRA, task biases, adapter, DIA) and return its id."""
-        task = (max(self.task_ids) + 1 if self.task_ids else 0) if task is None else task
+    def add_task(self, task: int | None = None, base: bool | None = None) -> int:
+        """Create the expert of a new task (LoRA, task biases, adapter, DIA) and return its id. `base`: the task
+        trains the shared weights with its own (default: only when it is the first task)."""
+        # a removed base task's id is never given again: `base_tasks` keeps it so that the shared weights stay frozen
+        used = self.task_ids + self.base_tasks
+        task = (max(used) + 1 if used else 0) if task is None else task
         if task in self.task_ids:
             raise ValueError(f"task {task} already exists")
         cfg, key = self.cfg, str(task)
@@ -105,7 +110,7 @@ class ExpertFlow(nn.Module):
         if reference is None:
             reference = next(self.buffers(), None)
         gen = _generator(self.seed, task + 1)
-        first = self.base_task is None or task == self.base_task
+        first = (not self.base_tasks) if base is None else base
         if cfg.task_separated and not first:
             self.flows[key] = FlowStack(cfg, self.dim, gen)
         for layer in self._flow(task).lora_layers():
@@ -121,7 +126,7 @@ class ExpertFlow(nn.Module):
             self.to(device=reference.device, dtype=reference.dtype)
         self.task_ids.append(task)
         if first:
-            self.base_task = task
+            self.base_tasks.append(task)
         return task
 
     def remove_task(self, task: int) -> None:
@@ -168,10 +173,12 @@ class ExpertFlow(nn.Module):
         owned = {id(p) for t in self.task_ids for p in self.task_parameters(t)}
         return [p for p in self.parameters() if id(p) not in owned]
 
-    def set_trainable(self, task: int) -> list[nn.Parameter]:
-        """Freeze everything, then unfreeze what task `task` trains (spec §2.7.3, §4); return those."""
-        own = self.task_parameters(task)
-        if task == self.base_task or not self.cfg.freeze_base and not self.cfg.task_separated:
+    def set_trainable(self, tasks: int | list[int]) -> list[nn.Parameter]:
+        """Freeze everything, then unfreeze what task(s) `tasks` train (spec §2.7.3, §4); return those: their
+        own parameters, and the shared ones when they are base tasks (or without `freeze_base`)."""
+        tasks = [tasks] if isinstance(tasks, int) else list(tasks)
+        own = [p for t in tasks for p in self.task_parameters(t)]
+        if any(t in self.base_tasks for t in tasks) or not self.cfg.freeze_base and not self.cfg.task_separated:
             trainable = self.shared_parameters() + own
         else:
             trainable = own

@@ -88,52 +88,88 @@ def batch_order(n: int, cfg: TrainConfig, generator: torch.Generator) -> list[to
     return batches
 
 
+@dataclass
+class ExpertJob:
+    """One expert to train: its task id, its number of training images, and their features."""
+
+    task: int
+    n_samples: int
+    batch_features: BatchFeatures
+
+
 def fit_task(model: ExpertFlow, task: int, n_samples: int, batch_features: BatchFeatures, cfg: TrainConfig,
              device: torch.device | str = "cpu", progress: bool = False) -> TrainReport:
     """Train task `task` (already added to `model`) on `n_samples` images served by `batch_features`."""
+    return fit_experts(model, [ExpertJob(task, n_samples, batch_features)], cfg, device, progress)[0]
+
+
+def _schedule(job: ExpertJob, cfg: TrainConfig) -> list[tuple[int, torch.Tensor]]:
+    """(epoch, indices) of every batch `job` trains on, in order: `task_epochs` shuffled epochs, drawn from the
+    job's own seeded generator (so an expert sees the same batches alone or trained beside others)."""
+    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + job.task)
+    return [(epoch, indices) for epoch in range(task_epochs(job.n_samples, cfg))
+            for indices in batch_order(job.n_samples, cfg, generator)]
+
+
+def fit_experts(model: ExpertFlow, jobs: list[ExpertJob], cfg: TrainConfig, device: torch.device | str = "cpu",
+                progress: bool = False) -> list[TrainReport]:
+    """Train several experts (already added to `model`) side by side, one report each.
+
+    Every expert gets exactly the batches, epochs and learning-rate schedule it would get alone (`_schedule`);
+    their batches are interleaved evenly over the run (batch k of an expert with K batches sits at (k + 1/2) / K),
+    one optimiser step per batch, updating that expert and, for base tasks, the shared weights. So the shared
+    flow of a first step with several products learns from all of them, in proportion to their batches, while
+    each product keeps its own adapter, LoRA, task bias and DIA. One job is plain single-task training.
+    """
     from tqdm.auto import tqdm
 
-    if n_samples < 1:
-        raise MoleflowError(f"task {task} has no training images")
-    params = model.set_trainable(task)
+    for job in jobs:
+        if job.n_samples < 1:
+            raise MoleflowError(f"task {job.task} has no training images")
+    params = model.set_trainable([job.task for job in jobs])
     optimizer = make_optimizer(params, cfg)
-    generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + task)
-    base = task == model.base_task
+    schedules = [_schedule(job, cfg) for job in jobs]
+    order = sorted((((k + 0.5) / len(sched), j, k) for j, sched in enumerate(schedules) for k in range(len(sched))))
+    reports, sums = [], []
+    for job in jobs:
+        epochs = task_epochs(job.n_samples, cfg)
+        reports.append(TrainReport(task=job.task, epochs=epochs, steps=0, skipped_batches=0, seconds=0.0,
+                                   optimizer=type(optimizer).__name__,
+                                   trainable_parameters=sum(p.numel() for p in params)))
+        sums.append([[0.0, 0] for _ in range(epochs)])
     model.train()
-    epochs = task_epochs(n_samples, cfg)
-    report = TrainReport(task=task, epochs=epochs, steps=0, skipped_batches=0, seconds=0.0,
-                         optimizer=type(optimizer).__name__, trainable_parameters=sum(p.numel() for p in params))
     start = time.perf_counter()
-    bar = tqdm(range(epochs), desc=f"task {task}", unit="epoch", disable=not progress, leave=False)
-    for epoch in bar:
-        lr = learning_rate(epoch, base, cfg, epochs)
+    label = f"task {jobs[0].task}" if len(jobs) == 1 else f"tasks {'+'.join(str(j.task) for j in jobs)}"
+    for _, j, k in tqdm(order, desc=label, unit="batch", disable=not progress, leave=False):
+        job, report = jobs[j], reports[j]
+        epoch, indices = schedules[j][k]
+        lr = learning_rate(epoch, job.task in model.base_tasks, cfg, report.epochs)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        total, count = 0.0, 0
-        for indices in batch_order(n_samples, cfg, generator):
-            tokens = batch_features(indices).to(device, non_blocking=True)
-            out = model(tokens, task)
-            loss = tail_aware_loss(out.nll, cfg.tail_weight, cfg.tail_ratio) + logdet_regularisation(
-                out.logdet, cfg.lambda_logdet)
-            if not torch.isfinite(loss) or loss.item() > cfg.max_loss:
-                report.skipped_batches += 1
-                log.warning("task %d epoch %d: skipped a batch with loss %s", task, epoch, loss.item())
-                continue
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            optimizer.step()
-            report.steps += 1
-            total += loss.item() * len(indices)
-            count += len(indices)
-        report.epoch_losses.append(total / count if count else float("nan"))
-        bar.set_postfix(loss=f"{report.epoch_losses[-1]:.3f}", lr=f"{lr:.2e}")
+        tokens = job.batch_features(indices).to(device, non_blocking=True)
+        out = model(tokens, job.task)
+        loss = tail_aware_loss(out.nll, cfg.tail_weight, cfg.tail_ratio) + logdet_regularisation(
+            out.logdet, cfg.lambda_logdet)
+        if not torch.isfinite(loss) or loss.item() > cfg.max_loss:
+            report.skipped_batches += 1
+            log.warning("task %d epoch %d: skipped a batch with loss %s", job.task, epoch, loss.item())
+            continue
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        report.steps += 1
+        sums[j][epoch][0] += loss.item() * len(indices)
+        sums[j][epoch][1] += len(indices)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    report.seconds = time.perf_counter() - start
-    if report.skipped_batches:
-        log.warning("task %d: %d batches skipped (non-finite or > %g loss)", task, report.skipped_batches,
-                    cfg.max_loss)
-    return report
+    seconds = time.perf_counter() - start
+    for report, per_epoch in zip(reports, sums):
+        report.epoch_losses = [total / count if count else float("nan") for total, count in per_epoch]
+        report.seconds = seconds  # the whole side-by-side run
+        if report.skipped_batches:
+            log.warning("task %d: %d batches skipped (non-finite or > %g loss)", report.task, report.skipped_batches,
+                        cfg.max_loss)
+    return reports

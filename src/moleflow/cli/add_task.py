@@ -25,14 +25,14 @@ EXAMPLES = """examples:
 def add_parser(sub) -> None:
     p = sub.add_parser("add-task", help="learn new products into an existing run", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                       description="Learn each new class as a new task (or all as one with --one-task). "
+                       description="Learn each new class as a new step (or all in one step with --one-task). "
                                    "Afterwards every earlier parameter and the earlier tasks' scores on a sample "
                                    "are checked to be bit-identical; the run is saved only if they are.")
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", type=Path, required=True, help="dataset root of the new classes")
     p.add_argument("--dataset", default="folder", choices=DATASETS)
     p.add_argument("--classes", nargs="+", required=True)
-    p.add_argument("--one-task", action="store_true", help="learn all given classes as a single task")
+    p.add_argument("--one-task", action="store_true", help="learn all given classes in one step (each keeps its own expert unless model.experts=task)")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
     add_rate_option(p)
     add_runtime_options(p)
@@ -84,13 +84,12 @@ def _run(args: argparse.Namespace) -> int:
     state, scores = snapshot(model, probe)
     default_rate, per_product = parse_rates(args.false_alarm_rate)
     for group in groups:
-        images = [s.image for c in group for s in splits[c].train]
-        own = [per_product[c] for c in group if c in per_product]
-        info = model.fit_task(images, name="+".join(group), classes=group, progress=not args.no_progress,
-                              source={"root": str(args.data), "name": args.dataset},
-                              false_alarm_rate=min(own) if own else default_rate)
-        print(f"learned task {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "
-              f"({info.train['seconds']:.0f} s)")
+        infos = model.fit_step({c: [s.image for s in splits[c].train] for c in group}, progress=not args.no_progress,
+                               source={"root": str(args.data), "name": args.dataset},
+                               false_alarm_rate=default_rate, rates=per_product)
+        for info in infos:
+            print(f"learned {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "
+                  f"({info.train['seconds']:.0f} s)")
     checked = verify_unchanged(model, probe, state, scores)
     path = model.save(args.run_dir)
     print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks on "

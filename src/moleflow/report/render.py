@@ -283,10 +283,20 @@ class RunData:
         return None
 
     def threshold(self, cls: str) -> float | None:
-        """Decision threshold of the task that learned `cls` (None if unknown)."""
+        """Decision threshold of the expert that learned `cls` (None if unknown)."""
         j = self.first_step(cls)
-        thr = None if j is None else self.results["steps"][j].get("threshold")
+        experts = [] if j is None else step_experts(self.results["steps"][j])
+        thr = next((e.get("threshold") for e in experts if cls in (e.get("classes") or [])), None)
         return float(thr) if _finite(thr) else None
+
+
+def step_experts(step: dict) -> list[dict]:
+    """The experts a results.json step learned (name, classes, threshold, calibration, ...); results written
+    before steps could hold several experts have one, described by the step itself."""
+    if "experts" in step:
+        return list(step["experts"])
+    return [{"name": step.get("task_name"), "classes": step.get("classes") or [], "threshold": step.get("threshold"),
+             "calibration": step.get("calibration") or {}, "skipped_batches": step.get("skipped_batches")}]
 
 
 def read_scores(path: Path) -> dict[str, np.ndarray]:
@@ -538,7 +548,8 @@ def _decision_section(run: RunData) -> list[Block]:
                            "given its calibration images. Realised: good test images of the product flagged "
                            "(anomalous or unknown product).", small=True))
     warnings = [(name, v.get("warning")) for name, v in thresholds.items()] or \
-        [(step.get("task_name"), (step.get("calibration") or {}).get("warning")) for step in run.results.get("steps") or []]
+        [(e.get("name"), (e.get("calibration") or {}).get("warning"))
+         for step in run.results.get("steps") or [] for e in step_experts(step)]
     warnings = [(name, text) for name, text in warnings if text]
     if warnings:
         blocks.append(Para("Thresholds the calibration data cannot support: " + "; ".join(
@@ -733,15 +744,16 @@ def _timing_section(run: RunData) -> list[Block]:
     train_s = timing.get("train_seconds") or []
     rows = []
     for j, s in enumerate(steps):
-        cal = s.get("calibration") or {}
         secs = s.get("train_seconds", train_s[j] if j < len(train_s) else None)
-        products = ", ".join(md_escape(c) for c in s.get("classes") or [])
-        rows.append([str(j), md_escape(s.get("task_name", "")), products, fmt_num(secs, ".1f"),
-                     str(s.get("skipped_batches", "n/a")), fmt_num(s.get("threshold")),
-                     md_escape(cal.get("source", "n/a")), str(cal.get("n", "n/a")),
-                     fmt_pct(cal.get("false_alarm_rate"))])
+        for k, e in enumerate(step_experts(s)):
+            cal = e.get("calibration") or {}
+            products = ", ".join(md_escape(c) for c in e.get("classes") or [])
+            rows.append([str(j) if k == 0 else "", md_escape(str(e.get("name", ""))), products,
+                         fmt_num(secs, ".1f") if k == 0 else "", str(e.get("skipped_batches", "n/a")),
+                         fmt_num(e.get("threshold")), md_escape(cal.get("source", "n/a")), str(cal.get("n", "n/a")),
+                         fmt_pct(cal.get("false_alarm_rate"))])
     blocks: list[Block] = [Heading(2, "Training time and threshold calibration", "timing"),
-                           Table(["Step", "Task", "Products", "Train (s)", "Skipped batches", "Threshold",
+                           Table(["Step", "Expert", "Products", "Learn (s)", "Skipped batches", "Threshold",
                                   "Calibration source", "n", "Target false alarms (%)"], rows,
                                  align="rllrrrlrr")]
     blocks.append(Para(f"Evaluation: {fmt_num(timing.get('eval_seconds'), '.1f')} s; total: "
