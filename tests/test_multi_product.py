@@ -120,8 +120,27 @@ def test_scenarios_report_every_expert_and_route_per_product(tmp_path):
     markdown, _ = write_report(out)
     timing = markdown.read_text().split("Training time and threshold calibration")[1]
     assert "| brick |" in timing and "| coins |" in timing  # one row per expert of the first step
+    # a product can be renamed; only the manifest changes
+    before = model.inspector.model_state()
+    assert main(["rename-task", str(out), "coins", "coins_v2"]) == 0
+    renamed = MoleFlow.load(out)
+    assert [t.name for t in renamed.tasks] == ["brick", "coins_v2", "grass"] and renamed.tasks[1].classes == ["coins_v2"]
+    after = renamed.inspector.model_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(Exception, match="a task has that name"):
+        renamed.rename_task("brick", "grass")
 
 
 def test_scenario_parsing_of_all_in_one_task():
     assert parse_scenario("4-4", list("abcd")) == [list("abcd")]
     assert parse_scenario("3-1", list("abcd")) == [list("abc"), ["d"]]
+
+
+def test_a_balanced_first_step_gives_every_product_as_many_steps_as_the_largest():
+    from moleflow.trainer import ExpertJob, job_epochs
+
+    balanced = tiny_config(**{"train.first_step_sampling": "balanced"}).train  # 2 epochs of batches of 8
+    jobs = [ExpertJob(0, 80, None), ExpertJob(1, 16, None)]  # 10 and 2 batches per epoch
+    assert job_epochs(jobs, balanced, base=True) == [2, 10]  # 20 steps each
+    assert job_epochs(jobs, tiny_config().train, base=True) == [2, 2]  # proportional: as alone
+    assert job_epochs(jobs, balanced, base=False) == [2, 2]  # later steps: always as alone

@@ -102,6 +102,11 @@ class TrainConfig:
     feature_cache: bool = True  # compute backbone features once per task, not once per epoch
     cache_memory_gb: float = 4.0  # a larger cache goes to a memory-mapped file (see cache_dir)
     cache_dir: str | None = None  # folder for memory-mapped caches (default: the system temp folder)
+    # a first step of several products trains the shared flow on their batches side by side: each product with
+    # the epochs it would get alone ("proportional": the shared flow sees products in proportion to their
+    # images), or every product with as many steps as the largest ("balanced"). Chosen by `moleflow tune`
+    # (BENCHMARKS.md, "Several products in one step")
+    first_step_sampling: Literal["proportional", "balanced"] = "proportional"
 
 
 @dataclass

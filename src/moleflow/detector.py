@@ -142,6 +142,18 @@ class MoleFlow:
         return torch.cat(tokens), torch.cat(routing)
 
     @torch.no_grad()
+    def image_features(self, images: Images, batch_size: int = 32) -> torch.Tensor:
+        """Routing features (N, D) float64 per image (the mean over an image's tiles), loaded `batch_size` at a time:
+        what product discovery clusters."""
+        out = []
+        for start in range(0, len(images), batch_size):
+            prep = self.prepare(images[start:start + batch_size])
+            routing = self.extract(prep.pixels, batch_size)[1].double()
+            total = routing.new_zeros(prep.n_images, routing.shape[1]).index_add_(0, prep.owner, routing)
+            out.append(total / torch.bincount(prep.owner, minlength=prep.n_images).unsqueeze(1))
+        return torch.cat(out)
+
+    @torch.no_grad()
     def extract_cached(self, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor | np.memmap, torch.Tensor]:
         """Like `extract`, but tokens that would exceed `train.cache_memory_gb` go to a memory-mapped file
         (deleted when the array is freed); the backbone runs exactly once per image."""
@@ -410,6 +422,17 @@ class MoleFlow:
             if info.name == name:
                 return info
         raise MoleflowError(f"no task named {name!r}; tasks: {', '.join(t.name for t in self.tasks) or 'none'}")
+
+    def rename_task(self, name: str, new_name: str) -> TaskInfo:
+        """Give task `name` a new name (its class list follows when it was just its name); tensors are untouched."""
+        info = self.task_by_name(name)
+        if not new_name or any(t.name == new_name for t in self.tasks):
+            raise MoleflowError(f"cannot rename {name} to {new_name!r}: "
+                                f"{'a task has that name' if new_name else 'the name is empty'}")
+        if info.classes == [name]:
+            info.classes = [new_name]
+        info.name = new_name
+        return info
 
     def remove_task(self, name: str) -> TaskInfo:
         """Delete one task's expert, prototype, memory and threshold; the other tasks are unaffected.

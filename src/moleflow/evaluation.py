@@ -263,6 +263,29 @@ def evaluate_classes(model: MoleFlow, splits: dict[str, ClassSplit], class_task:
             for c, t in class_task.items()}
 
 
+def learn_discovered(model: MoleFlow, splits: dict[str, ClassSplit], classes: list[str], out_dir: Path,
+                     max_products: int, progress: bool, source: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
+    """Learn one step from the pooled training images of `classes` with their names hidden: products are
+    discovered (contact sheets in `out_dir`), one expert each. The class names are used afterwards only to
+    score the discovery (purity) and to say which expert a class's test images should go to."""
+    from .discover import purity, split_products
+
+    images = [s.image for c in classes for s in splits[c].train]
+    truth = [c for c in classes for _ in splits[c].train]
+    step = max((t.step for t in model.tasks), default=-1) + 1
+    groups, labels, summary = split_products(model, images, out_dir, prefix=f"step{step}-product",
+                                             max_products=max_products, seed=model.config.train.seed)
+    names = list(groups)
+    majority = {c: names[int(np.bincount(labels[[i for i, t in enumerate(truth) if t == c]],
+                                         minlength=len(names)).argmax())] for c in classes}
+    owned = {name: [c for c in classes if majority[c] == name] for name in names}
+    infos = model.fit_step(groups, owned, progress=progress, source=source)
+    summary.update({"purity": purity(labels, truth), "classes": majority,
+                    "composition": {name: {c: int(sum(1 for i, t in enumerate(truth) if t == c and labels[i] == k))
+                                           for c in classes} for k, name in enumerate(names)}})
+    return infos, summary
+
+
 def learned_steps(model: MoleFlow) -> list[list[Any]]:
     """The model's tasks (TaskInfo) grouped by the learning step that learned them, in step order."""
     steps: dict[int, list[Any]] = {}
@@ -290,9 +313,14 @@ def step_record(step: int, infos: list[Any], evals: dict[str, ClassEvaluation],
 
 def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], tasks: list[list[str]], run_dir: Path,
                   meta: dict[str, Any], progress: bool = True, batch_size: int = 32, examples_per_kind: int = 2,
-                  num_workers: int = 0, rates: dict[str, float] | None = None) -> dict[str, Any]:
+                  num_workers: int = 0, rates: dict[str, float] | None = None,
+                  discover: int | None = None) -> dict[str, Any]:
     """Learn `tasks` one after another into `model`, evaluating all learned classes after each task.
     `rates` gives some products their own false-alarm rate (an expert of several classes takes the lowest).
+
+    `discover` (the most products a step may hold): each step's training images are pooled without their
+    class names and split into products by `discover.split_products`; for scoring, a class counts as routed
+    correctly when it goes to the cluster holding most of its training images.
 
     Writes the checkpoint (after every task), results.json, the matrices and per-class score files into
     `run_dir` and returns the results dictionary.
@@ -304,9 +332,10 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
     steps: list[dict[str, Any]] = []
     eval_seconds = 0.0
     learn_seconds: dict[int, float] = {}
+    discovered: dict[int, dict[str, Any]] = {}
     learned = learned_steps(model)  # steps a resumed run has already learned: re-scored, not re-learned
     done = len(learned)
-    if [step_classes(infos) for infos in learned] != [list(c) for c in tasks[:done]]:
+    if [sorted(step_classes(infos)) for infos in learned] != [sorted(c) for c in tasks[:done]]:
         raise MoleflowError(f"{run_dir}: the saved run learned {['+'.join(step_classes(i)) for i in learned]}, which "
                             f"is not the start of the requested sequence {['+'.join(c) for c in tasks]}; use "
                             "--overwrite or another --out")
@@ -325,8 +354,13 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
             log.info("step %d/%d: learning %s", step + 1, len(tasks), "+".join(classes))
             source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
             t0 = time.perf_counter()
-            infos = model.fit_step({c: [s.image for s in splits[c].train] for c in classes}, progress=progress,
-                                   source=source, rates=rates)
+            if discover:
+                infos, found = learn_discovered(model, splits, classes, run_dir / "discover" / f"step{step}",
+                                                discover, progress, source)
+                discovered[step] = found
+            else:
+                infos = model.fit_step({c: [s.image for s in splits[c].train] for c in classes}, progress=progress,
+                                       source=source, rates=rates)
             learn_seconds[step] = time.perf_counter() - t0
             model.save(run_dir)
         class_task.update({c: info.task_id for info in infos for c in info.classes})
@@ -336,6 +370,8 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
                                  num_workers=num_workers, examples_per_kind=examples_per_kind if last else 0)
         eval_seconds += time.perf_counter() - t0
         steps.append(step_record(step, infos, evals, learn_seconds.get(step)))
+        if step in discovered:
+            steps[-1]["discovery"] = discovered[step]
         log.info("after step %d: %s", step + 1, summary_line(mean_metrics(steps[-1]["results"])))
     return finish_run(model, run_dir, splits, class_task, steps, evals, meta, eval_seconds, start,
                       batch_size, num_workers)

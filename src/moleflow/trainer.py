@@ -103,19 +103,29 @@ def fit_task(model: ExpertFlow, task: int, n_samples: int, batch_features: Batch
     return fit_experts(model, [ExpertJob(task, n_samples, batch_features)], cfg, device, progress)[0]
 
 
-def _schedule(job: ExpertJob, cfg: TrainConfig) -> list[tuple[int, torch.Tensor]]:
-    """(epoch, indices) of every batch `job` trains on, in order: `task_epochs` shuffled epochs, drawn from the
-    job's own seeded generator (so an expert sees the same batches alone or trained beside others)."""
+def _schedule(job: ExpertJob, cfg: TrainConfig, epochs: int) -> list[tuple[int, torch.Tensor]]:
+    """(epoch, indices) of every batch `job` trains on, in order: `epochs` shuffled epochs, drawn from the job's
+    own seeded generator (so an expert sees the same batches alone or trained beside others)."""
     generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + job.task)
-    return [(epoch, indices) for epoch in range(task_epochs(job.n_samples, cfg))
-            for indices in batch_order(job.n_samples, cfg, generator)]
+    return [(epoch, indices) for epoch in range(epochs) for indices in batch_order(job.n_samples, cfg, generator)]
+
+
+def job_epochs(jobs: list[ExpertJob], cfg: TrainConfig, base: bool) -> list[int]:
+    """Epochs of each job: its own `task_epochs`; with `first_step_sampling="balanced"` a base step of several
+    products gives every product as many optimiser steps as the one with the most (smaller ones repeat epochs)."""
+    epochs = [task_epochs(job.n_samples, cfg) for job in jobs]
+    if base and len(jobs) > 1 and cfg.first_step_sampling == "balanced":
+        most = max(e * steps_per_epoch(job.n_samples, cfg) for e, job in zip(epochs, jobs))
+        epochs = [max(e, math.ceil(most / steps_per_epoch(job.n_samples, cfg))) for e, job in zip(epochs, jobs)]
+    return epochs
 
 
 def fit_experts(model: ExpertFlow, jobs: list[ExpertJob], cfg: TrainConfig, device: torch.device | str = "cpu",
                 progress: bool = False) -> list[TrainReport]:
     """Train several experts (already added to `model`) side by side, one report each.
 
-    Every expert gets exactly the batches, epochs and learning-rate schedule it would get alone (`_schedule`);
+    Every expert gets exactly the batches, epochs and learning-rate schedule it would get alone (`_schedule`;
+    unless a first step asks for `train.first_step_sampling="balanced"`, `job_epochs`);
     their batches are interleaved evenly over the run (batch k of an expert with K batches sits at (k + 1/2) / K),
     one optimiser step per batch, updating that expert and, for base tasks, the shared weights. So the shared
     flow of a first step with several products learns from all of them, in proportion to their batches, while
@@ -128,11 +138,11 @@ def fit_experts(model: ExpertFlow, jobs: list[ExpertJob], cfg: TrainConfig, devi
             raise MoleflowError(f"task {job.task} has no training images")
     params = model.set_trainable([job.task for job in jobs])
     optimizer = make_optimizer(params, cfg)
-    schedules = [_schedule(job, cfg) for job in jobs]
+    epochs_of = job_epochs(jobs, cfg, any(job.task in model.base_tasks for job in jobs))
+    schedules = [_schedule(job, cfg, e) for job, e in zip(jobs, epochs_of)]
     order = sorted((((k + 0.5) / len(sched), j, k) for j, sched in enumerate(schedules) for k in range(len(sched))))
     reports, sums = [], []
-    for job in jobs:
-        epochs = task_epochs(job.n_samples, cfg)
+    for job, epochs in zip(jobs, epochs_of):
         reports.append(TrainReport(task=job.task, epochs=epochs, steps=0, skipped_batches=0, seconds=0.0,
                                    optimizer=type(optimizer).__name__,
                                    trainable_parameters=sum(p.numel() for p in params)))

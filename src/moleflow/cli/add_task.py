@@ -8,10 +8,11 @@ from pathlib import Path
 
 import torch
 
-from ..data.datasets import DATASETS, load_class, load_images, validate_split
+from ..data.datasets import DATASETS, Sample, load_class, load_images, validate_samples, validate_split
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..store import run_lock
+from ..store.atomic import atomic_write_json
 from .common import add_lock_option, add_rate_option, add_runtime_options, apply_runtime, parse_rates
 
 log = logging.getLogger(__name__)
@@ -19,6 +20,9 @@ log = logging.getLogger(__name__)
 EXAMPLES = """examples:
   moleflow add-task runs/real --data /data/new_line --classes bracket_v2
   moleflow add-task runs/real --data /data/mvtec --dataset mvtec --classes screw tile --one-task
+  # a folder of good parts of several new products, no names: find the products, one expert each
+  moleflow add-task runs/real --discover --data /data/line4_good/ --name line4-
+  moleflow rename-task runs/real line4-2 bracket_v2      # after looking at RUN/discover/<step>/line4-2.png
 """
 
 
@@ -31,7 +35,15 @@ def add_parser(sub) -> None:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--data", type=Path, required=True, help="dataset root of the new classes")
     p.add_argument("--dataset", default="folder", choices=DATASETS)
-    p.add_argument("--classes", nargs="+", required=True)
+    p.add_argument("--classes", nargs="+", help="the new classes (folders with train/good) to learn")
+    p.add_argument("--discover", action="store_true",
+                   help="--data is a folder of good images of one or more products, without names: cluster them "
+                        "into products on the router's features (the number chosen by BIC), learn one expert "
+                        "each in one step, and write a sheet of sample thumbnails per product to "
+                        "RUN/discover/step<k>/ so a person can name them (`moleflow rename-task`)")
+    p.add_argument("--max-products", type=int, default=10, help="with --discover: at most this many (default 10)")
+    p.add_argument("--name", default="product-", help="with --discover: prefix of the found products' names "
+                                                      "(default product-: product-1, product-2, ...)")
     p.add_argument("--one-task", action="store_true", help="learn all given classes in one step (each keeps its own expert unless model.experts=task)")
     p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
     add_rate_option(p)
@@ -70,7 +82,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    if args.discover == bool(args.classes):
+        raise MoleflowError("give either --classes (named products) or --discover (a folder of unnamed good images)")
     model = MoleFlow.load(args.run_dir, device=args.device, backbone_weights=args.backbone_weights)
+    if args.discover:
+        return _discover(args, model)
     existing = {c for t in model.tasks for c in t.classes} | {t.name for t in model.tasks}
     clash = [c for c in args.classes if c in existing]
     if clash:
@@ -95,4 +111,39 @@ def _run(args: argparse.Namespace) -> int:
     print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks on "
           f"{len(probe)} sample images are bit-identical; saved {path}")
     print(f"run `moleflow evaluate {args.run_dir}` to score all classes again")
+    return 0
+
+
+def _discover(args: argparse.Namespace, model: MoleFlow) -> int:
+    """Find the products in a folder of unnamed good images and learn one expert each, in one step."""
+    from ..data.datasets import images_under
+    from ..discover import split_products
+
+    default_rate, per_product = parse_rates(args.false_alarm_rate)
+    if per_product:
+        raise MoleflowError("--discover: products found have no names yet; give one --false-alarm-rate for all")
+    files = images_under(args.data)
+    samples = [Sample(f, 0, None, "discover", "good") for f in files]
+    validate_samples(samples)
+    step = max(t.step for t in model.tasks) + 1
+    out_dir = args.run_dir / "discover" / f"step{step}"
+    groups, _, summary = split_products(model, files, out_dir, prefix=args.name, max_products=args.max_products,
+                                        seed=model.config.train.seed)
+    clash = [name for name in groups if any(t.name == name for t in model.tasks)]
+    if clash:
+        raise MoleflowError(f"{', '.join(clash)} already learned in {args.run_dir}; choose another --name prefix")
+    print(f"found {len(groups)} product(s) in {len(files)} images ({summary['method']}):")
+    for cluster in summary["clusters"]:
+        print(f"  {cluster['name']}: {cluster['n']} images, samples in {cluster['sheet']}")
+    probe = load_images(samples[: min(8, len(samples))], model.transform)
+    state, scores = snapshot(model, probe)
+    infos = model.fit_step(groups, progress=not args.no_progress, source={"root": str(args.data), "name": "discover"},
+                           false_alarm_rate=default_rate)
+    for info in infos:
+        print(f"learned {info.name}: {info.n_train} training images, threshold {info.threshold:.3f}")
+    checked = verify_unchanged(model, probe, state, scores)
+    path = model.save(args.run_dir)
+    atomic_write_json(out_dir / "clusters.json", summary)
+    print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks are bit-identical; "
+          f"saved {path}; rename products with `moleflow rename-task {args.run_dir} OLD NEW`")
     return 0

@@ -27,6 +27,9 @@ EXAMPLES = """examples:
   moleflow train --data /data/mvtec --dataset mvtec --preset main --backbone-weights wrn50.pth --out runs/mvtec
   # continue a run that was interrupted after some tasks (same command plus --resume)
   moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --out runs/real --resume
+  # the four products learned in one step (each keeps its own expert), or with their names hidden
+  moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --scenario 4-4 --out runs/s44
+  moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --scenario 4-4 --discover --out runs/d44
   # three seeds, 5-5 scenario, 20 epochs
   moleflow train --data /data/mvtec --dataset mvtec --scenario 5-5 --seeds 0 1 2 --set train.epochs=20 --out runs/s55
 """
@@ -42,7 +45,13 @@ def add_parser(sub) -> None:
     p.add_argument("--dataset", default="folder", choices=DATASETS,
                    help="layout: mvtec/mpdd/folder (MVTec AD folders) or visa (split_csv/1cls.csv); default folder")
     p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
-    p.add_argument("--scenario", default="1-1", help="a-b: first task a classes, then b per task (default 1-1)")
+    p.add_argument("--scenario", default="1-1",
+                   help="a-b: the first step learns a classes, each later step the next b (default 1-1); every "
+                        "class keeps its own expert and prototype unless model.experts=task")
+    p.add_argument("--discover", type=int, nargs="?", const=10, metavar="MAX_PRODUCTS",
+                   help="pool each step's training images WITHOUT their class names and find the products "
+                        "(at most MAX_PRODUCTS, default 10) by clustering; one expert per product found. The "
+                        "names are used only to score the discovery (purity) and the routing")
     p.add_argument("--seeds", type=int, nargs="+", help="run once per seed (mean and std are reported)")
     p.add_argument("--out", type=Path, required=True, help="run directory")
     p.add_argument("--no-report", action="store_true", help="skip report.md / report.html")
@@ -60,7 +69,7 @@ def add_parser(sub) -> None:
 
 def dataset_meta(args: argparse.Namespace, classes: list[str], tasks: list[list[str]]) -> dict:
     return {"dataset": {"root": str(args.data), "name": args.dataset, "scenario": args.scenario,
-                        "classes": classes, "tasks": tasks}}
+                        "classes": classes, "tasks": tasks, "discover": getattr(args, "discover", None)}}
 
 
 def print_final_table(results: dict) -> None:
@@ -110,7 +119,8 @@ def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], 
                           **dataset_meta(args, classes, tasks)})
     results = run_continual(model, lambda c: load_class(args.data, c, args.dataset), tasks, run_dir, meta,
                             progress=not args.no_progress, batch_size=args.batch_size, num_workers=args.workers,
-                            rates=parse_rates(getattr(args, "false_alarm_rate", None))[1])
+                            rates=parse_rates(getattr(args, "false_alarm_rate", None))[1],
+                            discover=getattr(args, "discover", None))
     if not args.no_report:
         from ..report import write_report
 
@@ -142,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise MoleflowError(f"--false-alarm-rate names {', '.join(unknown)}, which is not among the classes "
                             f"({', '.join(classes)})")
+    if args.discover is not None and (args.discover < 1 or per_product):
+        raise MoleflowError("--discover needs MAX_PRODUCTS >= 1 and one --false-alarm-rate for all products "
+                            "(products found by discovery have no names to give rates to)")
     seeds = args.seeds or [cfg.train.seed]
     if not (args.overwrite or args.resume):  # refuse before any work, and before taking the lock
         for seed in seeds:

@@ -101,6 +101,18 @@ def _is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") and path.is_file()
 
 
+def images_under(folder: str | Path) -> list[Path]:
+    """Every image file under `folder`, at any depth, sorted by path (hidden files skipped); a clear error when
+    the folder is missing or holds none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise MoleflowError(f"{root}: {'not a folder' if root.exists() else 'not found'}; give a folder of images")
+    found = sorted(p for p in root.rglob("*") if _is_image(p))
+    if not found:
+        raise MoleflowError(f"{root}: no images found (looked for {' '.join(IMAGE_EXTENSIONS)} at any depth)")
+    return found
+
+
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly in `folder`, sorted by name (hidden files skipped)."""
     if not folder.is_dir():
