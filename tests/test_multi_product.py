@@ -139,8 +139,19 @@ def test_scenario_parsing_of_all_in_one_task():
 def test_a_balanced_first_step_gives_every_product_as_many_steps_as_the_largest():
     from moleflow.trainer import ExpertJob, job_epochs
 
-    balanced = tiny_config(**{"train.first_step_sampling": "balanced"}).train  # 2 epochs of batches of 8
+    balanced = tiny_config(**{"train.first_step": "balanced"}).train  # 2 epochs of batches of 8
     jobs = [ExpertJob(0, 80, None), ExpertJob(1, 16, None)]  # 10 and 2 batches per epoch
     assert job_epochs(jobs, balanced, base=True) == [2, 10]  # 20 steps each
     assert job_epochs(jobs, tiny_config().train, base=True) == [2, 2]  # proportional: as alone
     assert job_epochs(jobs, balanced, base=False) == [2, 2]  # later steps: always as alone
+
+
+def test_first_only_learns_a_first_step_exactly_as_one_product_per_step(images):
+    cfg = _config(**{"train.first_step": "first_only"})
+    together, serial = MoleFlow(cfg), MoleFlow(cfg)
+    together.fit_step({p: images[p][0] for p in PRODUCTS[:2]})
+    for p in PRODUCTS[:2]:
+        serial.fit_task(images[p][0], name=p)
+    assert together.flow.base_tasks == [0] == serial.flow.base_tasks
+    a, b = together.inspector.model_state(), serial.inspector.model_state()
+    assert all(torch.equal(a[k], b[k]) for k in a)

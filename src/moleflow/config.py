@@ -102,11 +102,12 @@ class TrainConfig:
     feature_cache: bool = True  # compute backbone features once per task, not once per epoch
     cache_memory_gb: float = 4.0  # a larger cache goes to a memory-mapped file (see cache_dir)
     cache_dir: str | None = None  # folder for memory-mapped caches (default: the system temp folder)
-    # a first step of several products trains the shared flow on their batches side by side: each product with
-    # the epochs it would get alone ("proportional": the shared flow sees products in proportion to their
-    # images), or every product with as many steps as the largest ("balanced"). Chosen by `moleflow tune`
-    # (BENCHMARKS.md, "Several products in one step")
-    first_step_sampling: Literal["proportional", "balanced"] = "proportional"
+    # how a first step of several products trains the shared flow before it is frozen: "side_by_side", their
+    # batches interleaved, each product with the epochs it would get alone (the shared flow sees products in
+    # proportion to their batches); "balanced", the same with every product given as many steps as the largest;
+    # "first_only", the first product alone trains it and the others learn their experts on it frozen (exactly
+    # what learning them one per step gives). Chosen by `moleflow tune` (BENCHMARKS.md, "Several products in one step")
+    first_step: Literal["side_by_side", "balanced", "first_only"] = "side_by_side"
 
 
 @dataclass

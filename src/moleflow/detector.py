@@ -196,8 +196,8 @@ class MoleFlow:
                  false_alarm_rate: float | None = None, rates: dict[str, float] | None = None) -> list[TaskInfo]:
         """Learn one step of the sequence: the products `products` (name -> normal training images), one expert
         (adapter, LoRA, task bias, DIA), prototype and threshold each. In the first step of a model they train
-        the shared flow together, side by side (`trainer.fit_experts`), before it is frozen; in later steps each
-        trains its own expert alone, exactly as if learned one per step. With `model.experts="task"` (the
+        the shared flow together, side by side (`trainer.fit_experts`, `train.first_step`), before it is frozen; later
+        steps train each expert alone, exactly as if learned one per step. With `model.experts="task"` (the
         spec's behaviour, `repo` preset) the step's products are pooled into one expert instead.
 
         `classes` gives a product's class names (default its name); `false_alarm_rate` the rate of every product
@@ -219,22 +219,23 @@ class MoleFlow:
             if any(t.name == name for t in self.tasks):
                 raise MoleflowError(f"a task named {name!r} is already learned; remove it first or choose another name")
         step = max((t.step for t in self.tasks), default=-1) + 1
-        base = not self.flow.base_tasks  # the first step trains the shared flow
+        first = not self.flow.base_tasks  # the first step trains the shared flow
+        together = first and self.config.train.first_step != "first_only"  # its products side by side
         new: list[int] = []
         try:
             data = []
-            for name, images in products.items():
+            for i, (name, images) in enumerate(products.items()):
                 rate = float(rates.get(name, default))
                 if not 0.0 < rate < 1.0:
                     raise MoleflowError(f"false-alarm rate {rate} for {name}: must be between 0 and 1 (e.g. 0.01)")
-                task = self.inspector.add_expert(base=base)
+                task = self.inspector.add_expert(base=together or (first and i == 0))
                 new.append(task)
                 data.append(self._expert_data(task, name, images, rate))
-                if not base:  # later steps: each expert alone (holds one product's features at a time)
+                if not together:  # each expert alone (holds one product's features at a time)
                     report = fit_task(self.flow, task, data[-1].n_train, data[-1].batch_features,
                                       self.config.train, self.device, progress)
                     data[-1] = self._finish_expert(data[-1], report, classes.get(name, [name]), step, source)
-            if base:
+            if together:
                 reports = fit_experts(self.flow, [ExpertJob(d.task, d.n_train, d.batch_features) for d in data],
                                       self.config.train, self.device, progress)
                 data = [self._finish_expert(d, r, classes.get(d.name, [d.name]), step, source)
@@ -242,7 +243,7 @@ class MoleFlow:
         except BaseException:
             for task in new:
                 self.inspector.remove_task(task)  # leave the model as it was
-            if base:
+            if first:
                 self.flow.base_tasks = []
             raise
         self.tasks.extend(data)

@@ -111,10 +111,10 @@ def _schedule(job: ExpertJob, cfg: TrainConfig, epochs: int) -> list[tuple[int, 
 
 
 def job_epochs(jobs: list[ExpertJob], cfg: TrainConfig, base: bool) -> list[int]:
-    """Epochs of each job: its own `task_epochs`; with `first_step_sampling="balanced"` a base step of several
+    """Epochs of each job: its own `task_epochs`; with `train.first_step="balanced"` a base step of several
     products gives every product as many optimiser steps as the one with the most (smaller ones repeat epochs)."""
     epochs = [task_epochs(job.n_samples, cfg) for job in jobs]
-    if base and len(jobs) > 1 and cfg.first_step_sampling == "balanced":
+    if base and len(jobs) > 1 and cfg.first_step == "balanced":
         most = max(e * steps_per_epoch(job.n_samples, cfg) for e, job in zip(epochs, jobs))
         epochs = [max(e, math.ceil(most / steps_per_epoch(job.n_samples, cfg))) for e, job in zip(epochs, jobs)]
     return epochs
@@ -125,7 +125,7 @@ def fit_experts(model: ExpertFlow, jobs: list[ExpertJob], cfg: TrainConfig, devi
     """Train several experts (already added to `model`) side by side, one report each.
 
     Every expert gets exactly the batches, epochs and learning-rate schedule it would get alone (`_schedule`;
-    unless a first step asks for `train.first_step_sampling="balanced"`, `job_epochs`);
+    unless a first step asks for `train.first_step="balanced"`, `job_epochs`);
     their batches are interleaved evenly over the run (batch k of an expert with K batches sits at (k + 1/2) / K),
     one optimiser step per batch, updating that expert and, for base tasks, the shared weights. So the shared
     flow of a first step with several products learns from all of them, in proportion to their batches, while

@@ -737,6 +737,27 @@ def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "class"
 
 
+def _discovery_section(run: RunData) -> list[Block]:
+    """Products found by `--discover`: per step the clusters, their make-up by (hidden) class, and samples."""
+    found = [(j, s["discovery"]) for j, s in enumerate(run.results.get("steps") or []) if s.get("discovery")]
+    if not found:
+        return []
+    blocks: list[Block] = [Heading(2, "Products found without names", "discovery")]
+    for j, d in found:
+        classes = sorted({c for comp in (d.get("composition") or {}).values() for c in comp})
+        rows = [[md_escape(c["name"]), str(c["n"])] + [str((d.get("composition") or {}).get(c["name"], {}).get(k, ""))
+                                                     for k in classes] for c in d.get("clusters") or []]
+        blocks.append(Para(f"Step {j}: {d.get('k')} products found by {md_escape(str(d.get('method', '')))}; "
+                           f"purity against the hidden class names {fmt_pct(d.get('purity'))} %."))
+        blocks.append(Table(["Product found", "images"] + [f"of {md_escape(k)}" for k in classes], rows))
+        for c in d.get("clusters") or []:
+            sheet = run.run_dir / str(c.get("sheet", ""))
+            if c.get("sheet") and sheet.is_file():
+                blocks.append(Image(f"discover_step{j}_{_slug(c['name'])}", sheet.read_bytes(),
+                                    f"{c['name']}: sample training images ({c['n']} in all)."))
+    return blocks
+
+
 def _timing_section(run: RunData) -> list[Block]:
     """Per-task training time and the threshold calibration (training data only)."""
     steps = run.results.get("steps") or []
@@ -785,7 +806,8 @@ def build_report(run: RunData, title: str | None = None) -> list[Block]:
     """All report blocks, in order."""
     title = title or default_title(run)
     sections = [_header(run, title), _protocol(), _summary(run), _final_section(run), _defect_type_section(run),
-                _decision_section(run), _continual_section(run), _routing_section(run), _curves_section(run),
+                _decision_section(run), _continual_section(run), _routing_section(run), _discovery_section(run),
+                _curves_section(run),
                 _examples_section(run), _timing_section(run), _config_section(run), _notes_section(run)]
     return [b for s in sections for b in s]
 
