@@ -155,3 +155,47 @@ def test_first_only_learns_a_first_step_exactly_as_one_product_per_step(images):
     assert together.flow.base_tasks == [0] == serial.flow.base_tasks
     a, b = together.inspector.model_state(), serial.inspector.model_state()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_discovery_finds_unnamed_products_and_learns_one_expert_each(tmp_path):
+    root = tmp_path / "data"
+    names = ["brick", "coins", "grass"]
+    write_mvtec_layout(root, names, n_train=16, n_test_good=3, n_test_defect=3, size=112, seed=0)
+    out = tmp_path / "run"
+    tiny = ["--preset", "tiny", "--set", "train.epochs=2", "--no-progress"]
+    assert main(["train", "--data", str(root), "--classes", "brick", "--out", str(out), "--no-report"] + tiny) == 0
+    # a folder of good images of two new products, mixed, without names
+    mixed = tmp_path / "line4"
+    for name in ("coins", "grass"):
+        for i, f in enumerate(sorted((root / name / "train" / "good").iterdir())):
+            (mixed / f"sub{i % 2}").mkdir(parents=True, exist_ok=True)
+            (mixed / f"sub{i % 2}" / f"{name[0]}{i}.png").write_bytes(f.read_bytes())
+    before = MoleFlow.load(out).inspector.model_state()
+    assert main(["add-task", str(out), "--discover", "--data", str(mixed), "--name", "line4-", "--no-progress"]) == 0
+    model = MoleFlow.load(out)
+    assert [t.name for t in model.tasks] == ["brick", "line4-1", "line4-2"]
+    assert [t.step for t in model.tasks] == [0, 1, 1]
+    after = model.inspector.model_state()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # the earlier product is untouched
+    clusters = json.loads((out / "discover" / "step1" / "clusters.json").read_text())
+    assert clusters["k"] == 2 and [c["n"] for c in clusters["clusters"]] == [16, 16]
+    assert all((out / "discover" / "step1" / f"line4-{i}.png").is_file() for i in (1, 2))
+    # each found product holds one real product: its images route to one expert
+    for name in ("coins", "grass"):
+        routed = model.predict(sorted((root / name / "test" / "good").iterdir())).task_ids.tolist()
+        assert len(set(routed)) == 1 and routed[0] in (1, 2)
+    assert main(["add-task", str(out), "--discover", "--classes", "x", "--data", str(mixed)]) == 2  # one or the other
+
+
+def test_train_with_names_hidden_scores_the_discovery(tmp_path):
+    root = tmp_path / "data"
+    write_mvtec_layout(root, list(PRODUCTS[:3]), n_train=16, n_test_good=3, n_test_defect=3, size=112, seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--classes", *PRODUCTS[:3], "--scenario", "3-3", "--discover",
+                 "--out", str(out), "--preset", "tiny", "--set", "train.epochs=2", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    found = results["steps"][0]["discovery"]
+    assert found["k"] == 3 and found["purity"] == 1.0
+    assert sorted(found["classes"]) == sorted(PRODUCTS[:3])
+    assert results["final_mean"]["routing_accuracy"] == 1.0
+    assert "Products found without names" in (out / "report.md").read_text()

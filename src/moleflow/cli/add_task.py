@@ -38,7 +38,7 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", nargs="+", help="the new classes (folders with train/good) to learn")
     p.add_argument("--discover", action="store_true",
                    help="--data is a folder of good images of one or more products, without names: cluster them "
-                        "into products on the router's features (the number chosen by BIC), learn one expert "
+                        "into products on the router's features (k-means; the number by silhouette), learn one expert "
                         "each in one step, and write a sheet of sample thumbnails per product to "
                         "RUN/discover/step<k>/ so a person can name them (`moleflow rename-task`)")
     p.add_argument("--max-products", type=int, default=10, help="with --discover: at most this many (default 10)")
@@ -123,7 +123,7 @@ def _discover(args: argparse.Namespace, model: MoleFlow) -> int:
     if per_product:
         raise MoleflowError("--discover: products found have no names yet; give one --false-alarm-rate for all")
     files = images_under(args.data)
-    samples = [Sample(f, 0, None, "discover", "good") for f in files]
+    samples = [Sample(f, 0, None, "discover", "good", "train") for f in files]
     validate_samples(samples)
     step = max(t.step for t in model.tasks) + 1
     out_dir = args.run_dir / "discover" / f"step{step}"

@@ -7,7 +7,7 @@ import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -72,6 +72,26 @@ def add_rate_option(p: argparse.ArgumentParser) -> None:
 def add_lock_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                    help="if another moleflow process is changing the run, wait up to this long (default: stop)")
+
+
+def add_edit_options(p: argparse.ArgumentParser) -> None:
+    """The run folder and options of a command that edits one learned product of a saved run."""
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("name", help="task name (see `moleflow tasks`)")
+    p.add_argument("--backbone-weights", help="backbone weights file, if the run's is not found here")
+    add_lock_option(p)
+
+
+def edit_run(args: argparse.Namespace, change: Callable[[Any], Any]) -> Any:
+    """Load the run of `args` under its lock, apply `change(model)`, save it; return what `change` returned."""
+    from ..detector import MoleFlow
+    from ..store import run_lock
+
+    with run_lock(args.run_dir, args.wait):
+        model = MoleFlow.load(args.run_dir, backbone_weights=args.backbone_weights)
+        out = change(model)
+        model.save(args.run_dir)
+    return out
 
 
 def apply_runtime(args: argparse.Namespace) -> None:

@@ -35,7 +35,8 @@ def task_table(model: MoleFlow) -> list[dict]:
         cal = info.calibration
         rate = cal.get("false_alarm_rate")
         n_cal = int(cal.get("n", 0))
-        rows.append({"task_id": info.task_id, "name": info.name, "classes": info.classes, "parameters": n_params,
+        rows.append({"task_id": info.task_id, "step": info.step, "name": info.name, "classes": info.classes,
+                     "parameters": n_params, "trained_shared_flow": info.task_id in model.flow.base_tasks,
                      "bytes": bytes_, "n_train": info.n_train, "threshold": info.threshold,
                      "false_alarm_rate": rate, "calibration": cal.get("source"), "n_calibration": cal.get("n"),
                      "rule": cal.get("rule", "quantile (moleflow 0.1)"),
@@ -55,11 +56,11 @@ def run(args: argparse.Namespace) -> int:
         low, high = r["false_alarm_interval"] or (None, None)
         return "n/a" if low is None else f"{low:.1%}-{high:.1%}"
 
-    table = [[r["task_id"], r["name"], ",".join(r["classes"]), f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f} MB",
+    table = [[r["task_id"], r["step"], r["name"], ",".join(r["classes"]), f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f} MB",
               r["n_train"], f"{r['threshold']:.3f}" + (" (!)" if r["warning"] else ""),
               f"{r['false_alarm_rate']:.1%}", f"{r['supported_rate']:.1%}", interval(r), r["n_calibration"]]
              for r in rows]
-    print(format_table(table, ["id", "name", "classes", "parameters", "size", "train imgs", "threshold",
+    print(format_table(table, ["id", "step", "name", "classes", "parameters", "size", "train imgs", "threshold",
                                "FAR asked", "FAR supported", "FAR 95% interval", "calibration images"]))
     for r in rows:
         if r["warning"]:
