@@ -177,6 +177,11 @@ class MoleFlow:
         return tokens, torch.cat(routing)
 
     # ------------------------------------------------------------------------------ training
+    @property
+    def next_step(self) -> int:
+        """The number of the next learning step (0 for a new model)."""
+        return max((t.step for t in self.tasks), default=-1) + 1
+
     def fit_task(self, images: Images, name: str | None = None, classes: Sequence[str] | None = None,
                  progress: bool = False, source: dict[str, Any] | None = None,
                  false_alarm_rate: float | None = None) -> TaskInfo:
@@ -218,7 +223,7 @@ class MoleFlow:
         for name in products:
             if any(t.name == name for t in self.tasks):
                 raise MoleflowError(f"a task named {name!r} is already learned; remove it first or choose another name")
-        step = max((t.step for t in self.tasks), default=-1) + 1
+        step = self.next_step
         first = not self.flow.base_tasks  # the first step trains the shared flow
         together = first and self.config.train.first_step != "first_only"  # its products side by side
         new: list[int] = []

@@ -272,22 +272,22 @@ def learn_discovered(model: MoleFlow, splits: dict[str, ClassSplit], classes: li
 
     images = [s.image for c in classes for s in splits[c].train]
     truth = [c for c in classes for _ in splits[c].train]
-    step = max((t.step for t in model.tasks), default=-1) + 1
+    step = model.next_step
     groups, labels, summary = split_products(model, images, out_dir, prefix=f"step{step}-product",
                                              max_products=max_products, seed=model.config.train.seed)
     names = list(groups)
     log.info("step %d: found %d products in %d images without names (%s); sample sheets in %s", step, len(names),
              len(images), summary["method"], out_dir)
-    majority = {c: names[int(np.bincount(labels[[i for i, t in enumerate(truth) if t == c]],
-                                         minlength=len(names)).argmax())] for c in classes}
+    counts = np.zeros((len(names), len(classes)), dtype=np.int64)  # images of class c in found product k
+    np.add.at(counts, (labels, [classes.index(t) for t in truth]), 1)
+    majority = {c: names[int(counts[:, j].argmax())] for j, c in enumerate(classes)}
     owned = {name: [c for c in classes if majority[c] == name] for name in names}
     infos = model.fit_step(groups, owned, progress=progress, source=source)
     for cluster in summary["clusters"]:  # sheets relative to the run folder, for the report
         if "sheet" in cluster:
             cluster["sheet"] = str(Path(cluster["sheet"]).relative_to(out_dir.parent.parent))
     summary.update({"purity": purity(labels, truth), "classes": majority,
-                    "composition": {name: {c: int(sum(1 for i, t in enumerate(truth) if t == c and labels[i] == k))
-                                           for c in classes} for k, name in enumerate(names)}})
+                    "composition": {name: dict(zip(classes, counts[k].tolist())) for k, name in enumerate(names)}})
     return infos, summary
 
 

@@ -95,23 +95,30 @@ def _run(args: argparse.Namespace) -> int:
     for split in splits.values():  # every image and mask readable before any training
         validate_split(split)
     groups = [list(args.classes)] if args.one_task else [[c] for c in args.classes]
-    first = splits[args.classes[0]].train[: min(8, len(splits[args.classes[0]].train))]
-    probe = load_images(first, model.transform)
-    state, scores = snapshot(model, probe)
     default_rate, per_product = parse_rates(args.false_alarm_rate)
-    for group in groups:
-        infos = model.fit_step({c: [s.image for s in splits[c].train] for c in group}, progress=not args.no_progress,
-                               source={"root": str(args.data), "name": args.dataset},
-                               false_alarm_rate=default_rate, rates=per_product)
-        for info in infos:
+    learn_checked(args, model, splits[args.classes[0]].train,
+                  [{c: [s.image for s in splits[c].train] for c in group} for group in groups],
+                  {"root": str(args.data), "name": args.dataset}, default_rate, per_product)
+    print(f"run `moleflow evaluate {args.run_dir}` to score all classes again")
+    return 0
+
+
+def learn_checked(args: argparse.Namespace, model: MoleFlow, probe_samples: list[Sample],
+                  steps: list[dict[str, list]], source: dict[str, str], rate: float | None,
+                  rates: dict[str, float] | None = None) -> None:
+    """Learn `steps` (each: product name -> training images), prove on up to 8 of `probe_samples` that every
+    earlier tensor and score is bit-identical, and only then save the run."""
+    probe = load_images(probe_samples[:8], model.transform)
+    state, scores = snapshot(model, probe)
+    for products in steps:
+        for info in model.fit_step(products, progress=not args.no_progress, source=source, false_alarm_rate=rate,
+                                   rates=rates):
             print(f"learned {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "
                   f"({info.train['seconds']:.0f} s)")
     checked = verify_unchanged(model, probe, state, scores)
     path = model.save(args.run_dir)
     print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks on "
           f"{len(probe)} sample images are bit-identical; saved {path}")
-    print(f"run `moleflow evaluate {args.run_dir}` to score all classes again")
-    return 0
 
 
 def _discover(args: argparse.Namespace, model: MoleFlow) -> int:
@@ -125,8 +132,7 @@ def _discover(args: argparse.Namespace, model: MoleFlow) -> int:
     files = images_under(args.data)
     samples = [Sample(f, 0, None, "discover", "good", "train") for f in files]
     validate_samples(samples)
-    step = max(t.step for t in model.tasks) + 1
-    out_dir = args.run_dir / "discover" / f"step{step}"
+    out_dir = args.run_dir / "discover" / f"step{model.next_step}"
     groups, _, summary = split_products(model, files, out_dir, prefix=args.name, max_products=args.max_products,
                                         seed=model.config.train.seed)
     clash = [name for name in groups if any(t.name == name for t in model.tasks)]
@@ -135,15 +141,7 @@ def _discover(args: argparse.Namespace, model: MoleFlow) -> int:
     print(f"found {len(groups)} product(s) in {len(files)} images ({summary['method']}):")
     for cluster in summary["clusters"]:
         print(f"  {cluster['name']}: {cluster['n']} images, samples in {cluster['sheet']}")
-    probe = load_images(samples[: min(8, len(samples))], model.transform)
-    state, scores = snapshot(model, probe)
-    infos = model.fit_step(groups, progress=not args.no_progress, source={"root": str(args.data), "name": "discover"},
-                           false_alarm_rate=default_rate)
-    for info in infos:
-        print(f"learned {info.name}: {info.n_train} training images, threshold {info.threshold:.3f}")
-    checked = verify_unchanged(model, probe, state, scores)
-    path = model.save(args.run_dir)
+    learn_checked(args, model, samples, [groups], {"root": str(args.data), "name": "discover"}, default_rate)
     atomic_write_json(out_dir / "clusters.json", summary)
-    print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks are bit-identical; "
-          f"saved {path}; rename products with `moleflow rename-task {args.run_dir} OLD NEW`")
+    print(f"rename products with `moleflow rename-task {args.run_dir} OLD NEW`")
     return 0
