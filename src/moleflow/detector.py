@@ -25,7 +25,8 @@ from .config import Config
 from .data.batch import Images, Prepared, prepare_images
 from .data.transforms import ImageTransform
 from .errors import MoleflowError
-from .inspector import Inspection, Inspector
+from .inspector import Inspection, Inspector, key_owner
+from .parallel import Parallel
 from .calibration import calibration_record, calibration_split, conformal_threshold
 from .store.checkpoint import read_model, write_model
 from .trainer import ExpertJob, TrainReport, fit_experts, fit_task
@@ -50,6 +51,18 @@ class TaskInfo:
     train: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # where its images came from (root, dataset), if known
     step: int = -1  # the learning step that learned it (several products may share one); -1: not known yet
+
+
+@dataclass
+class _AloneJob:
+    """One expert to learn on its own (after the shared flow is frozen): what `learn_expert_remotely` gets."""
+
+    task: int
+    name: str
+    images: Any  # Images
+    rate: float
+    classes: list[str]
+    step: int
 
 
 @dataclass
@@ -198,61 +211,126 @@ class MoleFlow:
 
     def fit_step(self, products: dict[str, Images], classes: dict[str, list[str]] | None = None,
                  progress: bool = False, source: dict[str, Any] | None = None,
-                 false_alarm_rate: float | None = None, rates: dict[str, float] | None = None) -> list[TaskInfo]:
+                 false_alarm_rate: float | None = None, rates: dict[str, float] | None = None,
+                 parallel: Parallel | None = None) -> list[TaskInfo]:
         """Learn one step of the sequence: the products `products` (name -> normal training images), one expert
         (adapter, LoRA, task bias, DIA), prototype and threshold each. In the first step of a model they train
         the shared flow together, side by side (`trainer.fit_experts`, `train.first_step`), before it is frozen; later
-        steps train each expert alone, exactly as if learned one per step. With `model.experts="task"` (the
-        spec's behaviour, `repo` preset) the step's products are pooled into one expert instead.
+        steps train each expert alone, exactly as if learned one per step (on Ray with `parallel`). With
+        `model.experts="task"` (the spec's behaviour, `repo` preset) the step's products are pooled into one expert.
 
         `classes` gives a product's class names (default its name); `false_alarm_rate` the rate of every product
         (default `score.false_alarm_rate`) and `rates` some products' own. Returns the new tasks, in order; on
         any error the model is left as it was.
         """
+        return self.fit_steps([products], classes, progress, source, false_alarm_rate, rates, parallel)[0]
+
+    def fit_steps(self, steps: list[dict[str, Images]], classes: dict[str, list[str]] | None = None,
+                  progress: bool = False, source: dict[str, Any] | None = None,
+                  false_alarm_rate: float | None = None, rates: dict[str, float] | None = None,
+                  parallel: Parallel | None = None) -> list[list[TaskInfo]]:
+        """Learn several steps one after another (each as `fit_step`); returns the new tasks of each step.
+
+        Once the shared flow is frozen every later expert is independent of the others, so with `parallel`
+        (parallel.Parallel) the experts of all steps after the first train at the same time as Ray tasks, each
+        in its own process from the same shared weights: bit-identical to learning them one by one with as
+        many torch threads as `parallel.cpus_per_expert`. On any error the model is left as it was."""
         rates = dict(rates or {})
         default = self.config.score.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
         classes = dict(classes or {})
-        if not products:
-            raise MoleflowError("a learning step needs at least one product")
-        if self.config.model.experts == "task" and len(products) > 1:  # one expert for the whole step (§12.14)
-            name = "+".join(products)
-            pooled = [image for images in products.values() for image in _as_list(images)]
-            default = min(float(rates.get(p, default)) for p in products)  # the strictest of its products
-            classes = {name: [c for p in products for c in classes.get(p, [p])]}
-            products, rates = {name: pooled}, {}
-        for name in products:
-            if any(t.name == name for t in self.tasks):
-                raise MoleflowError(f"a task named {name!r} is already learned; remove it first or choose another name")
-        step = self.next_step
+        if parallel is not None and not self.config.model.freeze_base:
+            raise MoleflowError("parallel experts need model.freeze_base=true: with a shared flow that keeps "
+                                "learning, every step depends on the one before")
+        plans = [self._plan_step(products, classes, rates, default) for products in steps]
+        names = [name for products, _, _ in plans for name in products]
+        for name in names:
+            if any(t.name == name for t in self.tasks) or names.count(name) > 1:
+                raise MoleflowError(f"a task named {name!r} is already learned or given twice; remove it first or "
+                                    "choose another name")
         first = not self.flow.base_tasks  # the first step trains the shared flow
         together = first and self.config.train.first_step != "first_only"  # its products side by side
+        start = self.next_step
         new: list[int] = []
+        out: list[list[TaskInfo]] = [[] for _ in plans]
+        alone: list[_AloneJob] = []  # experts trained alone, after the shared flow is frozen
         try:
-            data = []
-            for i, (name, images) in enumerate(products.items()):
-                rate = float(rates.get(name, default))
-                if not 0.0 < rate < 1.0:
-                    raise MoleflowError(f"false-alarm rate {rate} for {name}: must be between 0 and 1 (e.g. 0.01)")
-                task = self.inspector.add_expert(base=together or (first and i == 0))
-                new.append(task)
-                data.append(self._expert_data(task, name, images, rate))
-                if not together:  # each expert alone (holds one product's features at a time)
-                    report = fit_task(self.flow, task, data[-1].n_train, data[-1].batch_features,
-                                      self.config.train, self.device, progress)
-                    data[-1] = self._finish_expert(data[-1], report, classes.get(name, [name]), step, source)
-            if together:
+            for k, (products, owned, own_rates) in enumerate(plans):
+                for i, (name, images) in enumerate(products.items()):
+                    base = first and k == 0 and (together or i == 0)
+                    task = self.inspector.add_expert(base=base)
+                    new.append(task)
+                    job = _AloneJob(task, name, images, own_rates[name], owned.get(name, [name]), start + k)
+                    if base and together:
+                        continue
+                    if base:  # the first product of a first_only first step: trains the shared flow, alone
+                        out[k].append(self._learn_alone(job, progress, source))
+                    else:
+                        alone.append(job)
+            if together:  # the first step's products train the shared flow side by side
+                products, owned, own_rates = plans[0]
+                data = [self._expert_data(task, name, images, own_rates[name])
+                        for task, (name, images) in zip(new, products.items())]
                 reports = fit_experts(self.flow, [ExpertJob(d.task, d.n_train, d.batch_features) for d in data],
                                       self.config.train, self.device, progress)
-                data = [self._finish_expert(d, r, classes.get(d.name, [d.name]), step, source)
-                        for d, r in zip(data, reports)]
+                out[0] = [self._finish_expert(d, r, owned.get(d.name, [d.name]), start, source)
+                          for d, r in zip(data, reports)]
+            if parallel is not None and alone:
+                infos = self._learn_on_ray(alone, parallel, source)
+            else:
+                infos = [self._learn_alone(job, progress, source) for job in alone]
+            for job, info in zip(alone, infos):
+                out[job.step - start].append(info)
         except BaseException:
             for task in new:
                 self.inspector.remove_task(task)  # leave the model as it was
             if first:
                 self.flow.base_tasks = []
             raise
-        self.tasks.extend(data)
-        return data
+        for infos in out:
+            infos.sort(key=lambda info: info.task_id)
+            self.tasks.extend(infos)
+        return out
+
+    def _plan_step(self, products: dict[str, Images], classes: dict[str, list[str]], rates: dict[str, float],
+                   default: float) -> tuple[dict[str, Images], dict[str, list[str]], dict[str, float]]:
+        """A step's products, class names and rates, as experts: pooled into one with `model.experts="task"`."""
+        if not products:
+            raise MoleflowError("a learning step needs at least one product")
+        if self.config.model.experts == "task" and len(products) > 1:  # one expert for the whole step (§12.14)
+            name = "+".join(products)
+            pooled = [image for images in products.values() for image in _as_list(images)]
+            return ({name: pooled}, {name: [c for p in products for c in classes.get(p, [p])]},
+                    {name: min(float(rates.get(p, default)) for p in products)})  # the strictest of its products
+        own = {name: float(rates.get(name, default)) for name in products}
+        for name, rate in own.items():
+            if not 0.0 < rate < 1.0:
+                raise MoleflowError(f"false-alarm rate {rate} for {name}: must be between 0 and 1 (e.g. 0.01)")
+        return dict(products), {name: classes.get(name, [name]) for name in products}, own
+
+    def _learn_alone(self, job: "_AloneJob", progress: bool, source: dict[str, Any] | None) -> TaskInfo:
+        """Train one expert (already added) on its own, then its memory, prototype and threshold."""
+        data = self._expert_data(job.task, job.name, job.images, job.rate)
+        report = fit_task(self.flow, job.task, data.n_train, data.batch_features, self.config.train, self.device,
+                          progress)
+        return self._finish_expert(data, report, job.classes, job.step, source)
+
+    def _learn_on_ray(self, jobs: list["_AloneJob"], spec: Parallel, source: dict[str, Any] | None) -> list[TaskInfo]:
+        """Train experts (already added, shared flow frozen) as Ray tasks and install what they learned."""
+        from .parallel import ray_session, run_remote
+
+        shared = {k: v for k, v in self.inspector.model_state().items() if key_owner(k) is None}
+        package = {"config": self.config.to_dict(), "backbone_sha256": self.extractor.weights_sha256,
+                   "base_tasks": list(self.flow.base_tasks), "shared": shared, "threads": spec.cpus_per_expert,
+                   "device": spec.device, "source": dict(source or {})}
+        with ray_session(spec) as ray:
+            ref = ray.put(package)
+            results = run_remote(ray, learn_expert_remotely, [(ref, job) for job in jobs], spec,
+                                 [f"expert of {job.name}" for job in jobs])
+        infos = []
+        for job, (info, state) in zip(jobs, results):
+            self.inspector.install_expert(job.task, state)
+            infos.append(TaskInfo(**info))
+        return infos
 
     def _expert_data(self, task: int, name: str, images: Images, rate: float) -> "_ExpertData":
         """Split a product's images into training and calibration (seeded by its task id) and compute the
@@ -507,3 +585,23 @@ def concat_inspections(parts: list[Inspection]) -> Inspection:
         anomalous=torch.cat([p.anomalous for p in parts]),
         router_distance=torch.cat([p.router_distance for p in parts]),
         thresholds=torch.cat([p.thresholds for p in parts]))
+
+
+def learn_expert_remotely(package: dict[str, Any], job: _AloneJob) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A Ray task: rebuild the model's shared part from `package` (config, backbone hash, frozen shared tensors,
+    base tasks), learn `job`'s expert exactly as `MoleFlow._learn_alone` does, and return its TaskInfo (as a dict)
+    and its tensors (expert and calibration parts)."""
+    torch.set_num_threads(int(package["threads"]))
+    model = MoleFlow(Config.from_dict(package["config"]), device=package["device"])
+    if model.extractor.weights_sha256 != package["backbone_sha256"]:
+        raise MoleflowError(f"this Ray worker's backbone weights ({model.extractor.weights_source}) differ from the "
+                            "driver's; every node needs the same weights file at the same path")
+    model.flow.base_tasks = list(package["base_tasks"])
+    model.inspector.load_state_dict(package["shared"], strict=False)
+    missing = [k for k in model.inspector.model_state() if k not in package["shared"]]
+    if missing:
+        raise MoleflowError(f"the shared state sent to the worker lacks {missing[:3]}")
+    model.inspector.add_expert(job.task, base=False)
+    info = model._learn_alone(job, False, package["source"])
+    return asdict(info), {k: v.detach().cpu() for k, v in model.inspector.model_state().items()
+                          if key_owner(k) == job.task}

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from .data.datasets import ClassSplit, ImageDataset
 from .detector import MoleFlow
 from .errors import MoleflowError
+from .parallel import Parallel
 from .store.atomic import atomic_write_json, atomic_write_text
 from .metrics import auroc, backward_transfer, forgetting_measure, image_metrics, pixel_metrics
 
@@ -319,9 +320,13 @@ def step_record(step: int, infos: list[Any], evals: dict[str, ClassEvaluation],
 def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], tasks: list[list[str]], run_dir: Path,
                   meta: dict[str, Any], progress: bool = True, batch_size: int = 32, examples_per_kind: int = 2,
                   num_workers: int = 0, rates: dict[str, float] | None = None,
-                  discover: int | None = None) -> dict[str, Any]:
+                  discover: int | None = None, parallel: Parallel | None = None) -> dict[str, Any]:
     """Learn `tasks` one after another into `model`, evaluating all learned classes after each task.
     `rates` gives some products their own false-alarm rate (an expert of several classes takes the lowest).
+
+    `parallel` (parallel.Parallel): learn every step up front, those after the first with their experts trained
+    at the same time on Ray (`MoleFlow.fit_steps`), then evaluate each step among the tasks learned up to it.
+    With the shared flow frozen this is the same matrix as learning and evaluating step by step.
 
     `discover` (the most products a step may hold): each step's training images are pooled without their
     class names and split into products by `discover.split_products`; for scoring, a class counts as routed
@@ -347,14 +352,32 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
     if done and not model.config.model.freeze_base:
         raise MoleflowError("--resume needs model.freeze_base=true (the earlier steps are re-scored from the saved "
                             "model, which is exact only when the shared flow is frozen)")
+    if parallel is not None and done < len(tasks):
+        if discover:
+            raise MoleflowError("--parallel and --discover cannot be combined yet: discovery needs each step's "
+                                "model before the next step's products are found")
+        for c in [c for classes in tasks[done:] for c in classes]:
+            splits[c] = load_split(c)
+        source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
+        log.info("learning steps %d-%d, experts after the first step %d at a time on Ray", done + 1, len(tasks),
+                 parallel.workers)
+        t0 = time.perf_counter()
+        model.fit_steps([{c: [s.image for s in splits[c].train] for c in classes} for classes in tasks[done:]],
+                        progress=progress, source=source, rates=rates, parallel=parallel)
+        meta = {**meta, "parallel": {"workers": parallel.workers, "address": parallel.address,
+                                     "cpus_per_expert": parallel.cpus_per_expert,
+                                     "gpus_per_expert": parallel.gpus_per_expert, "steps_learned": len(tasks) - done,
+                                     "learn_seconds": time.perf_counter() - t0}}
+        model.save(run_dir)
+        learned, done = learned_steps(model), len(tasks)
     for step, classes in enumerate(tasks):
         for c in classes:
-            splits[c] = load_split(c)
+            if c not in splits:
+                splits[c] = load_split(c)
         last = step == len(tasks) - 1
         if step < done:
             infos = learned[step]
-            log.info("step %d/%d: %s already learned (resumed run); re-scoring", step + 1, len(tasks),
-                     "+".join(classes))
+            log.info("step %d/%d: %s already learned; scoring", step + 1, len(tasks), "+".join(classes))
         else:
             log.info("step %d/%d: learning %s", step + 1, len(tasks), "+".join(classes))
             source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}

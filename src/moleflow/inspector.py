@@ -153,12 +153,8 @@ class Inspector(nn.Module):
             parts[part][key] = value.detach().cpu()
         return parts
 
-    def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor]) -> None:
-        """Rebuild the experts of `task_ids` (`base_tasks`: those that trained the shared weights, removed ones
-        included) and load `state` (as written by `model_state`), strictly."""
-        for task in task_ids:
-            self.flow.add_task(task, base=task in base_tasks)
-        self.flow.base_tasks = list(base_tasks)
+    def _create_task_buffers(self, state: dict[str, torch.Tensor]) -> None:
+        """Create the per-task buffers (prototypes, unknown limits, memories, thresholds) that `state` holds."""
         for key, value in state.items():  # per-task buffers are created from the saved values
             owner, name = key_owner(key), key.rsplit(".", 1)[-1]
             if owner is None or not _TASK_BUFFER.fullmatch(name):
@@ -174,6 +170,26 @@ class Inspector(nn.Module):
                 self.memory.register_buffer(name, value.clone())
             else:
                 self.register_buffer(name, value.clone())
+
+    def install_expert(self, task: int, state: dict[str, torch.Tensor]) -> None:
+        """Load task `task`'s tensors (expert, prototype, memory, threshold; as learned elsewhere, e.g. by a Ray
+        worker) into its expert, already added here; every other tensor is untouched."""
+        self._create_task_buffers(state)
+        expected = {k for k in self.model_state() if key_owner(k) == task}
+        if set(state) != expected or any(key_owner(k) != task for k in state):
+            raise MoleflowError(f"the tensors learned for task {task} do not fit this model: missing "
+                                f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}")
+        self.load_state_dict(state, strict=False)
+        self.to(self.device)
+        self.eval()
+
+    def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor]) -> None:
+        """Rebuild the experts of `task_ids` (`base_tasks`: those that trained the shared weights, removed ones
+        included) and load `state` (as written by `model_state`), strictly."""
+        for task in task_ids:
+            self.flow.add_task(task, base=task in base_tasks)
+        self.flow.base_tasks = list(base_tasks)
+        self._create_task_buffers(state)
         expected = set(self.model_state())
         missing, unexpected = expected - set(state), set(state) - expected
         if missing or unexpected:

@@ -7,13 +7,16 @@ import platform
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
 from .. import __version__
 from ..config import Config
 from ..errors import MoleflowError
+
+if TYPE_CHECKING:
+    from ..parallel import Parallel
 
 
 def add_config_options(p: argparse.ArgumentParser, default_preset: str = "cpu") -> None:
@@ -38,6 +41,30 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
     g.add_argument("--batch-size", type=int, default=32, help="inference batch size (default 32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def add_parallel_options(p: argparse.ArgumentParser) -> None:
+    """Experts of products learned after the shared flow is frozen, trained at the same time on Ray."""
+    g = p.add_argument_group("parallel experts (Ray; pip install 'moleflow[ray]')")
+    g.add_argument("--parallel", type=int, metavar="N",
+                   help="train up to N new experts at the same time as Ray tasks (products after the first step; "
+                        "bit-identical to serial learning with --threads equal to --cpus-per-expert)")
+    g.add_argument("--ray-address", metavar="ADDRESS",
+                   help="a running Ray cluster (ray://HEAD:10001 or HEAD:6379); default: start a local Ray")
+    g.add_argument("--cpus-per-expert", type=int, default=1, help="CPUs (and torch threads) per expert (default 1)")
+    g.add_argument("--gpus-per-expert", type=float, default=0.0,
+                   help="GPUs per expert (e.g. 0.25 shares a GPU between 4; default 0: train on CPUs)")
+
+
+def parallel_spec(args: argparse.Namespace) -> "Parallel | None":
+    """The `--parallel` options as a parallel.Parallel, or None when not asked for."""
+    from ..parallel import Parallel
+
+    if getattr(args, "parallel", None) is None:
+        if getattr(args, "ray_address", None):
+            raise MoleflowError("--ray-address needs --parallel N (how many experts to train at once)")
+        return None
+    return Parallel(args.parallel, args.ray_address, args.cpus_per_expert, args.gpus_per_expert)
 
 
 def parse_rate(text: str) -> float:

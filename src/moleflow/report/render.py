@@ -769,14 +769,21 @@ def _timing_section(run: RunData) -> list[Block]:
         for k, e in enumerate(step_experts(s)):
             cal = e.get("calibration") or {}
             products = ", ".join(md_escape(c) for c in e.get("classes") or [])
+            # steps learned on Ray have no wall time of their own: each expert's training time instead
+            own = fmt_num(e.get("train_seconds"), ".1f") + " (expert)" if secs is None else ""
             rows.append([str(j) if k == 0 else "", md_escape(str(e.get("name", ""))), products,
-                         fmt_num(secs, ".1f") if k == 0 else "", str(e.get("skipped_batches", "n/a")),
+                         own or (fmt_num(secs, ".1f") if k == 0 else ""), str(e.get("skipped_batches", "n/a")),
                          fmt_num(e.get("threshold")), md_escape(cal.get("source", "n/a")), str(cal.get("n", "n/a")),
                          fmt_pct(cal.get("false_alarm_rate"))])
     blocks: list[Block] = [Heading(2, "Training time and threshold calibration", "timing"),
                            Table(["Step", "Expert", "Products", "Learn (s)", "Skipped batches", "Threshold",
                                   "Calibration source", "n", "Target false alarms (%)"], rows,
                                  align="rllrrrlrr")]
+    parallel = run.results.get("parallel")
+    if parallel:
+        blocks.append(Para(f"Steps learned up front, experts after the first step {parallel['workers']} at a time on "
+                           f"Ray ({parallel.get('address') or 'local'}, {parallel['cpus_per_expert']} CPU per expert): "
+                           f"{fmt_num(parallel.get('learn_seconds'), '.1f')} s for {parallel['steps_learned']} steps."))
     blocks.append(Para(f"Evaluation: {fmt_num(timing.get('eval_seconds'), '.1f')} s; total: "
                        f"{fmt_num(timing.get('total_seconds'), '.1f')} s. Thresholds are set on held-out normal "
                        "training images at the target false-alarm rate; no test image is used."))
