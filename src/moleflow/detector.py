@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .config import Config
-from .data.batch import Images, Prepared, prepare_images
+from .data.batch import Images, Prepared, PreparedDataset, prepare_images, stream_prepared, tile_count
 from .data.transforms import ImageTransform
 from .errors import MoleflowError
 from .inspector import Inspection, Inspector, key_owner
@@ -72,14 +72,26 @@ class _ExpertData:
     task: int
     name: str
     rate: float
-    n_train: int
-    n_tiles: int
+    n_train: int  # training images
+    n_train_tiles: int  # their tiles: the samples the expert trains on
     n_cal: int
-    train_prep: Prepared
-    cal_prep: Prepared
+    train_images: Any  # Images
+    cal_images: Any  # Images
+    train_meta: Prepared  # owners and layouts of the training tiles (no pixels)
     tokens: Any  # (N, H, W, D) tensor or memory-mapped array, or None without a feature cache
     routing: torch.Tensor  # (N, D) routing features of the training images
     batch_features: Any  # indices (B,) -> tokens (B, H, W, D)
+
+
+def token_chunks(tokens: torch.Tensor | np.ndarray, batch_size: int):
+    """(B, H, W, D) tensors of consecutive rows of tokens held in memory or memory-mapped."""
+    for start in range(0, len(tokens), batch_size):
+        yield torch.as_tensor(np.asarray(tokens[start:start + batch_size]))
+
+
+def _subset(images: Images, index: torch.Tensor) -> Images:
+    """The images at `index` (sorted), of a tensor or a list."""
+    return images[index] if isinstance(images, torch.Tensor) else [images[i] for i in index.tolist()]
 
 
 def _as_list(images: Images) -> list:
@@ -110,6 +122,7 @@ class MoleFlow:
         self.precision = precision  # inference only; training always runs in fp32
         self.inspector = Inspector(config, self.device)
         self.tasks: list[TaskInfo] = []
+        self.loader_workers = 0  # image-loading worker processes while learning (torch DataLoader); 0: in this one
         self.transform = ImageTransform(config.data.image_size, config.data.resize_mode,
                                         self.extractor.mean, self.extractor.std)
 
@@ -159,35 +172,53 @@ class MoleFlow:
         """Routing features (N, D) float64 per image (the mean over an image's tiles), loaded `batch_size` at a time:
         what product discovery clusters."""
         out = []
-        for start in range(0, len(images), batch_size):
-            prep = self.prepare(images[start:start + batch_size])
+        for prep in stream_prepared(images, self.transform, self.config.data.tiling, batch_size, self.loader_workers):
             routing = self.extract(prep.pixels, batch_size)[1].double()
             total = routing.new_zeros(prep.n_images, routing.shape[1]).index_add_(0, prep.owner, routing)
             out.append(total / torch.bincount(prep.owner, minlength=prep.n_images).unsqueeze(1))
         return torch.cat(out)
 
     @torch.no_grad()
-    def extract_cached(self, images: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor | np.memmap, torch.Tensor]:
-        """Like `extract`, but tokens that would exceed `train.cache_memory_gb` go to a memory-mapped file
-        (deleted when the array is freed); the backbone runs exactly once per image."""
+    def stream_features(self, images: Images, batch_size: int = 32, keep_tokens: bool = True
+                        ) -> tuple[torch.Tensor | np.ndarray | None, torch.Tensor, Prepared]:
+        """Backbone tokens (M, H, W, D) and routing features (M, D) of the tiles of `images`, plus their owners and
+        layouts (a Prepared without pixels). Images are loaded `batch_size` at a time by `loader_workers` worker
+        processes and never held all at once; the backbone runs once per tile. Tokens that would exceed
+        `train.cache_memory_gb` go to a memory-mapped file (deleted when the array is freed); `keep_tokens=False`
+        keeps none (routing features only)."""
+        tiling = self.config.data.tiling
+        n_tiles = len(images) if isinstance(images, torch.Tensor) else sum(tile_count(i, tiling) for i in images)
+        tokens = self._token_store(n_tiles) if keep_tokens else None
+        routing, metas, filled = [], [], 0
+        for prep in stream_prepared(images, self.transform, tiling, batch_size, self.loader_workers):
+            for chunk in prep.pixels.split(batch_size):
+                t, r = self.inspector.features(chunk.to(self.device))
+                if tokens is not None:
+                    tokens[filled:filled + len(t)] = t.cpu().numpy() if isinstance(tokens, np.memmap) else t.cpu()
+                routing.append(r.cpu())
+                filled += len(t)
+            metas.append(prep.without_pixels())
+        if filled != n_tiles:
+            raise MoleflowError(f"{filled} tiles were loaded where the image sizes gave {n_tiles}; did the images "
+                                "change while they were read?")
+        return tokens, torch.cat(routing), Prepared.concat(metas)
+
+    def _token_store(self, n: int) -> torch.Tensor | np.memmap:
+        """An empty (n, H, W, D) float32 array for tokens: in memory up to `train.cache_memory_gb`, else a
+        memory-mapped temporary file."""
         import tempfile
 
-        n = len(images)
         h, w = self.grid
-        nbytes = n * h * w * self.extractor.embed_dim * 4
+        shape = (n, h, w, self.extractor.embed_dim)
+        nbytes = 4 * n * h * w * self.extractor.embed_dim
         if nbytes <= self.config.train.cache_memory_gb * 1e9:
-            return self.extract(images, batch_size)
+            return torch.empty(shape)
         folder = self.config.train.cache_dir or tempfile.gettempdir()
         handle = tempfile.NamedTemporaryFile(prefix="moleflow-cache-", suffix=".f32", dir=folder)
-        tokens = np.memmap(handle, dtype=np.float32, mode="w+", shape=(n, h, w, self.extractor.embed_dim))
+        tokens = np.memmap(handle, dtype=np.float32, mode="w+", shape=shape)
         tokens._moleflow_file = handle  # keeps the file alive as long as the array
-        routing = []
-        for start in range(0, n, batch_size):
-            t, r = self.inspector.features(images[start:start + batch_size].to(self.device))
-            tokens[start:start + len(t)] = t.cpu().numpy()
-            routing.append(r.cpu())
         log.info("feature cache: %.1f GB memory-mapped in %s", nbytes / 1e9, folder)
-        return tokens, torch.cat(routing)
+        return tokens
 
     # ------------------------------------------------------------------------------ training
     @property
@@ -270,7 +301,7 @@ class MoleFlow:
                 products, owned, own_rates = plans[0]
                 data = [self._expert_data(task, name, images, own_rates[name])
                         for task, (name, images) in zip(new, products.items())]
-                reports = fit_experts(self.flow, [ExpertJob(d.task, d.n_train, d.batch_features) for d in data],
+                reports = fit_experts(self.flow, [ExpertJob(d.task, d.n_train_tiles, d.batch_features) for d in data],
                                       self.config.train, self.device, progress)
                 out[0] = [self._finish_expert(d, r, owned.get(d.name, [d.name]), start, source)
                           for d, r in zip(data, reports)]
@@ -310,7 +341,7 @@ class MoleFlow:
     def _learn_alone(self, job: "_AloneJob", progress: bool, source: dict[str, Any] | None) -> TaskInfo:
         """Train one expert (already added) on its own, then its memory, prototype and threshold."""
         data = self._expert_data(job.task, job.name, job.images, job.rate)
-        report = fit_task(self.flow, job.task, data.n_train, data.batch_features, self.config.train, self.device,
+        report = fit_task(self.flow, job.task, data.n_train_tiles, data.batch_features, self.config.train, self.device,
                           progress)
         return self._finish_expert(data, report, job.classes, job.step, source)
 
@@ -334,56 +365,63 @@ class MoleFlow:
 
     def _expert_data(self, task: int, name: str, images: Images, rate: float) -> "_ExpertData":
         """Split a product's images into training and calibration (seeded by its task id) and compute the
-        training features (cached, or served from the backbone on the fly)."""
-        prep = self.prepare(images)
-        x, n = prep.pixels, prep.n_images
+        training features (cached, or served from the backbone on the fly), streaming the images."""
+        n = len(images)
+        if n == 0:
+            raise MoleflowError(f"no images were given for {name}")
         gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
         perm = torch.randperm(n, generator=gen)
         score_cfg = self.config.score
         n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_keep_train)
         cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
-        train_prep, cal_prep = prep.select(train_idx), prep.select(cal_idx)
-        train_x = train_prep.pixels
-        if self.config.train.feature_cache:
-            tokens, routing = self.extract_cached(train_x)
-
+        train_images, cal_images = _subset(images, train_idx), _subset(images, cal_idx)
+        tokens, routing, train_meta = self.stream_features(train_images, keep_tokens=self.config.train.feature_cache)
+        if tokens is not None:
             def batch_features(idx: torch.Tensor) -> torch.Tensor:
                 return torch.as_tensor(tokens[idx.numpy()] if isinstance(tokens, np.memmap) else tokens[idx])
-        else:
-            tokens, routing = None, self.extract(train_x)[1]
+        else:  # the backbone on the fly: load the images of the batch's tiles
+            dataset = PreparedDataset(train_images, self.transform, self.config.data.tiling)
+            first = torch.searchsorted(train_meta.owner, torch.arange(len(train_meta.layouts)))  # each image's first tile
 
             def batch_features(idx: torch.Tensor) -> torch.Tensor:
-                return self.extractor.tokens(train_x[idx].to(self.device))
+                if isinstance(train_images, torch.Tensor):  # preprocessed already, one tile per image
+                    tiles = train_images[idx].float()
+                else:
+                    owners = train_meta.owner[idx]
+                    tiles = torch.stack([dataset[int(o)][0][int(j - first[o])] for j, o in zip(idx, owners)])
+                return self.extractor.tokens(tiles.to(self.device))
 
-        return _ExpertData(task, name, rate, len(train_idx), int(len(x)), n_cal, train_prep, cal_prep, tokens, routing,
-                           batch_features)
+        return _ExpertData(task, name, rate, len(train_idx), len(train_meta.owner), n_cal, train_images, cal_images,
+                           train_meta, tokens, routing, batch_features)
 
     def _finish_expert(self, d: "_ExpertData", report: TrainReport, classes: list[str], step: int,
                        source: dict[str, Any] | None) -> TaskInfo:
         """After training: the expert's patch memory, router prototype and calibrated threshold."""
+        train_tokens = d.tokens
         if self.memory is not None:
-            self.memory.add_task(d.task, d.tokens if d.tokens is not None else self.extract_cached(d.train_prep.pixels)[0])
-        cal_tokens, cal_routing = self.extract(d.cal_prep.pixels) if d.n_cal else (None, None)
+            if train_tokens is None:
+                train_tokens = self.stream_features(d.train_images)[0]
+            self.memory.add_task(d.task, train_tokens)
+        cal_tokens, cal_routing, cal_meta = self.stream_features(d.cal_images) if d.n_cal else (None, None, None)
         self.router.add_task(d.task, d.routing if cal_routing is None else torch.cat([d.routing, cal_routing]))
         self.inspector.to(self.device)
-        info = self._calibrate(d.task, d.name, classes, d.n_train, cal_tokens, d.cal_prep, d.tokens, d.train_prep,
-                               report, d.rate)
-        info.n_tiles, info.step, info.source = d.n_tiles, step, dict(source or {})
+        if cal_tokens is not None:
+            tokens, meta, where = cal_tokens, cal_meta, "held-out normal training images"
+        else:
+            tokens = train_tokens if train_tokens is not None else self.stream_features(d.train_images)[0]
+            meta, where = d.train_meta, "training images (none held out; optimistic)"
+        info = self._calibrate(d.task, d.name, classes, d.n_train, tokens, meta, where, report, d.rate)
+        info.n_calibration, info.step, info.source = d.n_cal, step, dict(source or {})
+        info.n_tiles = d.n_train_tiles + (len(cal_meta.owner) if cal_meta is not None else 0)
         return info
 
-    def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, cal_tokens: torch.Tensor | None,
-                   cal_prep: Prepared, train_tokens, train_prep: Prepared, report: TrainReport,
-                   rate: float) -> TaskInfo:
-        """Decision threshold from held-out normal training images (or, without any, the training images,
-        from the feature cache when there is one)."""
-        if cal_tokens is not None and len(cal_tokens):
-            tokens, prep, source = cal_tokens, cal_prep, "held-out normal training images"
-        else:
-            tokens = torch.as_tensor(train_tokens) if train_tokens is not None else self.extract(train_prep.pixels)[0]
-            prep, source = train_prep, "training images (none held out; optimistic)"
+    def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, tokens, meta: Prepared, source: str,
+                   report: TrainReport, rate: float) -> TaskInfo:
+        """Decision threshold from the scores of normal tiles' tokens (M, H, W, D) (`meta`: their owners and
+        layouts): held-out normal training images or, without any, the training images (`source` says which)."""
         if self.memory is not None:
             self._set_memory_norm(task, tokens)
-        scores, pixel_median, pixel_max = self._score_tokens(tokens, task, prep)
+        scores, pixel_median, pixel_max = self._score_tokens(tokens, task, meta)
         threshold = conformal_threshold(scores.numpy(), rate)
         self.inspector.set_threshold(task, threshold.threshold)
         calibration = {"source": source, **calibration_record(threshold, scores.numpy()),
@@ -391,15 +429,14 @@ class MoleFlow:
                        "normal_pixel_median": pixel_median, "normal_pixel_max": pixel_max, "history": []}
         if threshold.warning:
             log.warning("task %s: %s", name, threshold.warning)
-        return TaskInfo(task_id=task, name=name, classes=classes, n_train=n_train,
-                        n_calibration=int(cal_prep.n_images) if cal_tokens is not None else 0,
+        return TaskInfo(task_id=task, name=name, classes=classes, n_train=n_train, n_calibration=0,
                         threshold=threshold.threshold, calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
     def _set_memory_norm(self, task: int, tokens: torch.Tensor, batch_size: int = 64) -> None:
         """Standardise the flow NLL and the memory distance of `task` on normal tokens (N, H, W, D)."""
         nll, dist = [], []
-        for t in tokens.split(batch_size):
+        for t in token_chunks(tokens, batch_size):
             t = t.to(self.device)
             nll.append(self.flow(t, task).nll.cpu())
             dist.append(self.memory.distances(t, task).cpu())
@@ -411,7 +448,7 @@ class MoleFlow:
                       ) -> tuple[torch.Tensor, float, float]:
         """Image scores (N,) of normal tiles' tokens (M, H, W, D), and the median and max of their pixel maps."""
         patch = torch.cat([self.inspector.patch_scores(t.to(self.device), task).float()
-                           for t in tokens.split(batch_size)])
+                           for t in token_chunks(tokens, batch_size)])
         scores, maps, _ = self.inspector.outputs(patch, prep)
         flat = maps.flatten(1)
         return scores.cpu(), float(flat.median(1).values.median()), float(flat.max())

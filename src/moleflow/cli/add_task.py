@@ -89,6 +89,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.discover == bool(args.classes):
         raise MoleflowError("give either --classes (named products) or --discover (a folder of unnamed good images)")
     model = MoleFlow.load(args.run_dir, device=args.device, backbone_weights=args.backbone_weights)
+    model.loader_workers = args.workers
     if args.discover:
         return _discover(args, model)
     existing = {c for t in model.tasks for c in t.classes} | {t.name for t in model.tasks}

@@ -38,7 +38,8 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     g.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    g.add_argument("--workers", type=int, default=0, help="image-loading worker processes (default 0)")
+    g.add_argument("--workers", type=int, default=0, help="image-loading worker processes for learning and evaluation (default 0: "
+                                                      "load in this process)")
     g.add_argument("--batch-size", type=int, default=32, help="inference batch size (default 32)")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
 

@@ -2,17 +2,19 @@
 
     prep = prepare_images(["a.png", pil_image, uint8_array], transform, tiling="aspect")
     prep.pixels (M, 3, S, S)   prep.owner (M,) image of each tile   prep.layouts (N,) how each image was cut
+    for prep in stream_prepared(images, transform, "aspect", batch_size=32, num_workers=2): ...  # a batch at a time
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MoleflowError
 from .tiling import TileLayout, split_tiles, tile_layout
@@ -52,6 +54,20 @@ class Prepared:
         renumber[images] = torch.arange(len(images))
         return Prepared(self.pixels[keep], renumber[self.owner[keep]], [self.layouts[i] for i in images.tolist()])
 
+    def without_pixels(self) -> "Prepared":
+        """The same tiles' owners and layouts (all that stitching maps needs), pixels dropped."""
+        return Prepared(self.pixels.new_empty(0), self.owner, self.layouts)
+
+    @staticmethod
+    def concat(parts: Sequence["Prepared"]) -> "Prepared":
+        """The images of several, in order (pixels concatenated where present)."""
+        owners, offset = [], 0
+        for part in parts:
+            owners.append(part.owner + offset)
+            offset += part.n_images
+        return Prepared(torch.cat([p.pixels for p in parts]), torch.cat(owners),
+                        [layout for p in parts for layout in p.layouts])
+
 
 def as_rgb(item: ImageInput) -> Image.Image:
     """A file path, PIL image or array (H, W), (H, W, 3|4) of uint8/uint16 -> 8-bit RGB PIL image."""
@@ -64,23 +80,74 @@ def as_rgb(item: ImageInput) -> Image.Image:
     return to_rgb8(item, "<in-memory image>")
 
 
+class PreparedDataset(Dataset):
+    """Image i -> its preprocessed tiles (k, 3, S, S) and layout, loaded when asked (DataLoader workers)."""
+
+    def __init__(self, images: Sequence[ImageInput], transform: ImageTransform, tiling: str = "none") -> None:
+        self.images, self.transform, self.tiling = images, transform, tiling
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, TileLayout]:
+        item = as_rgb(self.images[index])
+        layout = tile_layout(*item.size, self.tiling)
+        return torch.stack([self.transform(tile) for tile in split_tiles(item, layout)]), layout
+
+
+def collate_prepared(items: Sequence[tuple[torch.Tensor, TileLayout]]) -> Prepared:
+    """Items of `PreparedDataset` -> one Prepared of those images, in order."""
+    if not items:
+        raise MoleflowError("no images were given")
+    counts = torch.tensor([len(tiles) for tiles, _ in items])
+    return Prepared(torch.cat([tiles for tiles, _ in items]), torch.repeat_interleave(torch.arange(len(items)), counts),
+                    [layout for _, layout in items])
+
+
+def _checked_tensor(images: torch.Tensor, transform: ImageTransform) -> torch.Tensor:
+    size = transform.size
+    if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
+        raise MoleflowError(f"an image tensor must be (N, 3, {size}, {size}), got {tuple(images.shape)}")
+    return images.float()
+
+
 def prepare_images(images: Images, transform: ImageTransform, tiling: str = "none") -> Prepared:
     """Preprocess images (cut into tiles when `tiling` says so) into normalised tiles (M, 3, S, S).
 
     A float tensor (N, 3, S, S) is taken as already preprocessed, one tile per image."""
     if isinstance(images, torch.Tensor):
-        size = transform.size
-        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (size, size):
-            raise MoleflowError(f"an image tensor must be (N, 3, {size}, {size}), got {tuple(images.shape)}")
-        return Prepared.square(images.float())
-    out, owner, layouts = [], [], []
-    for i, item in enumerate(images):
-        item = as_rgb(item)
-        layout = tile_layout(*item.size, tiling)
-        for tile in split_tiles(item, layout):
-            out.append(transform(tile))
-            owner.append(i)
-        layouts.append(layout)
-    if not out:
+        return Prepared.square(_checked_tensor(images, transform))
+    dataset = PreparedDataset(images, transform, tiling)
+    return collate_prepared([dataset[i] for i in range(len(dataset))])
+
+
+def stream_prepared(images: Images, transform: ImageTransform, tiling: str = "none", batch_size: int = 32,
+                    num_workers: int = 0) -> Iterator[Prepared]:
+    """`prepare_images` of `batch_size` images at a time, loaded by `num_workers` worker processes (torch
+    DataLoader): a task's images are never all in memory at once."""
+    if isinstance(images, torch.Tensor):
+        images = _checked_tensor(images, transform)
+        for chunk in images.split(batch_size):
+            yield Prepared.square(chunk)
+        return
+    if len(images) == 0:
         raise MoleflowError("no images were given")
-    return Prepared(torch.stack(out), torch.tensor(owner, dtype=torch.long), layouts)
+    yield from DataLoader(PreparedDataset(images, transform, tiling), batch_size=batch_size, shuffle=False,
+                          num_workers=num_workers, collate_fn=collate_prepared)
+
+
+def tile_count(item: ImageInput, tiling: str) -> int:
+    """How many tiles `item` is cut into under `tiling`, from its size alone (a file's header)."""
+    if tiling == "none":
+        return 1
+    if isinstance(item, (str, Path)):
+        try:
+            with Image.open(item) as img:
+                size = img.size
+        except (OSError, ValueError):
+            size = as_rgb(item).size  # raises the loader's clear error for an unreadable file
+    elif isinstance(item, np.ndarray):
+        size = (item.shape[1], item.shape[0])
+    else:
+        size = as_rgb(item).size
+    return tile_layout(*size, tiling).count
