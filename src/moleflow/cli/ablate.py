@@ -1,4 +1,5 @@
-"""`moleflow ablate`: the full method and each named ablation on the same data, seed and preset; one table."""
+"""`moleflow ablate`: the full method and each named ablation on the same data, seeds and preset; one table.
+Every (ablation, seed) is a trial (`moleflow.trials`): serially, or as Ray tasks with `--parallel N`."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from ..data.datasets import DATASETS, default_classes
 from ..errors import MoleflowError
 from ..evaluation import METRICS, parse_scenario, save_json
 from ..store import atomic_write_text, check_writable, run_lock
-from ..store.run import refuse_existing_run
+from ..trials import (LABELS, Outcome, ablation_configurations, build_trials, configuration_rows, describe,
+                      run_trials, write_trials_report)
 from .common import add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config
+from .sweep import add_trial_options, refuse_existing, trial_parallel
 
 log = logging.getLogger(__name__)
 
@@ -22,11 +25,11 @@ EXAMPLES = f"""examples:
   moleflow ablate --data ../shared/datasets --classes magnetic_tile kolektor cubes --ablations no_lora no_dia --out runs/abl
   moleflow ablate --data /data/mvtec --dataset mvtec --preset main --backbone-weights wrn50.pth \\
       --ablations no_tail_loss no_whitening_adapter no_logdet_reg no_spatial_context --out runs/mvtec_abl
-Every delta is against the "full" run of the same invocation (same preset, data, order and seed).
+  # three seeds each (mean ± std), four runs at once on a local Ray; --resume after an interruption
+  moleflow ablate --data ../shared/datasets --ablations no_lora no_dia --seeds 0 1 2 --parallel 4 --out runs/abl3
+Every delta is against the "full" run of the same invocation (same preset, data, order and seeds).
 ablations: {', '.join(ABLATIONS)}
 """
-LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1", "pixel_auroc": "P-AUROC",
-          "pixel_ap": "P-AP", "aupro": "AUPRO", "routing_accuracy": "routing"}
 
 
 def add_parser(sub) -> None:
@@ -37,30 +40,42 @@ def add_parser(sub) -> None:
     p.add_argument("--classes", nargs="+")
     p.add_argument("--scenario", default="1-1")
     p.add_argument("--ablations", nargs="+", required=True, choices=sorted(ABLATIONS), metavar="NAME")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run every ablation once per seed, in --out/NAME/seed_<s> (default: train.seed, in --out/NAME)")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--reports", action="store_true", help="also write a full report for every run")
     add_config_options(p)
     existing = p.add_mutually_exclusive_group()
     existing.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
-    existing.add_argument("--resume", action="store_true", help="keep the tasks runs in --out have learned")
+    existing.add_argument("--resume", action="store_true",
+                          help="reuse finished runs in --out; continue interrupted ones from their learned tasks")
+    add_trial_options(p)
     add_runtime_options(p)
     add_lock_option(p)
     p.set_defaults(run=run)
 
 
-def comparison_rows(results: dict[str, dict]) -> list[dict]:
-    """One row per run: final means, oracle image AUROC, and deltas (points) against `full`."""
-    base = results["full"]["final_mean"]
+def comparison_rows(outcomes: list[Outcome]) -> list[dict]:
+    """One row per ablation: final means (over seeds), oracle image AUROC, and deltas (points) against
+    `full`; with several seeds also the standard deviations (`std_<metric>`) and the seeds."""
+    configs = configuration_rows(outcomes)
+    base = next(c for c in configs if c["configuration"] == "full")["metrics"]
     rows = []
-    for name, res in results.items():
+    for c in configs:
+        name, several = c["configuration"], len(c["seeds"]) > 1
         row = {"run": name, "overrides": ABLATIONS.get(name, {})}
+        if several:
+            row["seeds"] = " ".join(map(str, c["seeds"]))
         for key in METRICS:
-            value = res["final_mean"].get(key)
+            stat = c["metrics"][key]
+            value = stat["mean"] if stat else None
             row[key] = value
+            if several:
+                row[f"std_{key}"] = stat["std"] if stat else None
             row[f"delta_{key}"] = None if value is None or base.get(key) is None or name == "full" else \
-                100 * (value - base[key])
-        row["oracle_image_auroc"] = res["oracle_mean"].get("image_auroc")
-        row["train_seconds"] = sum(s or 0 for s in res["timing"]["train_seconds"])
+                100 * (value - base[key]["mean"])
+        row["oracle_image_auroc"] = c["oracle_image_auroc"]["mean"] if c["oracle_image_auroc"] else None
+        row["train_seconds"] = c["train_seconds"]["mean"]
         rows.append(row)
     return rows
 
@@ -72,49 +87,51 @@ def comparison_markdown(rows: list[dict]) -> str:
     body = []
     for r in rows:
         delta = lambda k: "" if r[f"delta_{k}"] is None else f"{r[f'delta_{k}']:+.2f}"  # noqa: E731
-        body.append([r["run"]] + [fmt_pct(r[k]) for k in METRICS] + [delta("image_auroc"), delta("pixel_ap"),
-                                                                      f"{r['train_seconds']:.0f}"])
+        cell = lambda k: fmt_pct(r[k]) + ("" if r.get(f"std_{k}") is None else f" ± {100 * r[f'std_{k}']:.1f}")  # noqa: E731
+        body.append([r["run"]] + [cell(k) for k in METRICS] + [delta("image_auroc"), delta("pixel_ap"),
+                                                                f"{r['train_seconds']:.0f}"])
     return table_markdown(headers, body, bold_rows=[0])
 
 
 def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
+    parallel = trial_parallel(args)
     base = build_config(args)
     classes = args.classes or default_classes(args.dataset, args.data)
     tasks = parse_scenario(args.scenario, classes)
     if not classes:
         raise MoleflowError(f"{args.data}: no classes found")
-    names = ["full"] + [a for a in args.ablations if a != "full"]
-    if not (args.overwrite or args.resume):
-        for name in names:
-            refuse_existing_run(args.out / name)
+    seeds = args.seeds or [base.train.seed]
+    trials = build_trials(base, args.out, ablation_configurations(args.ablations), seeds)
+    refuse_existing(trials, args)
     check_writable(args.out)
     with run_lock(args.out, args.wait, create=True):
-        return _run(args, base, classes, tasks, names)
+        return _run(args, base, tasks, trials, classes, seeds, parallel)
 
 
-def _run(args: argparse.Namespace, base, classes: list[str], tasks: list[list[str]], names: list[str]) -> int:
-    from .train import train_one
-
-    results = {}
-    for name in names:
-        cfg = base.with_overrides(ABLATIONS.get(name, {}))
-        log.info("ablation %s: %s", name, ABLATIONS.get(name, "the full method"))
-        run_args = argparse.Namespace(**{**vars(args), "no_report": not args.reports})
-        results[name] = train_one(run_args, cfg, args.out / name, classes, tasks)
-    rows = comparison_rows(results)
+def _run(args: argparse.Namespace, base, tasks: list[list[str]], trials, classes: list[str], seeds: list[int],
+         parallel) -> int:
+    run_args = argparse.Namespace(**{**vars(args), "no_report": not args.reports})
+    outcomes = run_trials(trials, run_args, classes, tasks, parallel)
+    rows = comparison_rows(outcomes)
     table = comparison_markdown(rows)
-    text = (f"# Ablations\n\nPreset `{base.preset}`, backbone `{base.backbone.name}`, seed {base.train.seed}, "
+    several = len(seeds) > 1
+    seed_text = f"seeds {', '.join(map(str, seeds))} (mean ± std over seeds)" if several else f"seed {seeds[0]}"
+    text = (f"# Ablations\n\nPreset `{base.preset}`, backbone `{base.backbone.name}`, {seed_text}, "
             f"data `{args.data}`, tasks {' → '.join('+'.join(t) for t in tasks)}.\n"
             "Mean over classes after the last task, router on (%). Δ in points against `full` of this same run; "
             "nothing was tuned on test data.\n\n" + table + "\n")
     atomic_write_text(args.out / "ablation.md", text)
-    save_json(args.out / "ablation.json", {"rows": rows, "preset": base.preset, "tasks": tasks})
+    save_json(args.out / "ablation.json", {"rows": rows, "preset": base.preset, "tasks": tasks, "seeds": seeds})
     text_csv = io.StringIO()
     writer = csv.DictWriter(text_csv, fieldnames=[k for k in rows[0] if k != "overrides"], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(args.out / "ablation.csv", text_csv.getvalue())
+    write_trials_report(args.out, outcomes, describe(base, args.data, tasks, outcomes))
     print(table)
-    print(f"\ntable: {args.out / 'ablation.md'}")
+    reused = [o.trial.label for o in outcomes if o.status == "reused"]
+    if reused:
+        print(f"\nreused {len(reused)} finished runs: " + "; ".join(reused))
+    print(f"\ntable: {args.out / 'ablation.md'} (every run: {args.out / 'trials.md'})")
     return 0

@@ -6,8 +6,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from ..data.datasets import DATASETS, default_classes, load_class, validate_split
 from ..detector import MoleFlow
 from ..errors import MoleflowError
@@ -15,8 +13,10 @@ from ..evaluation import METRICS, parse_scenario, run_continual, save_json
 from ..store import check_writable, run_lock
 from ..store.checkpoint import run_has_model
 from ..store.run import clear_run, refuse_existing_run
-from .common import (add_config_options, add_lock_option, add_rate_option, add_runtime_options, apply_runtime,
+from .common import (add_config_options, add_lock_option, add_parallel_options, add_rate_option, add_runtime_options,
+                     apply_runtime, parallel_spec,
                      build_config, format_table, parse_rates, pct, run_meta, write_config)
+from .sweep import add_trial_options
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,8 @@ EXAMPLES = """examples:
   # the four products learned in one step (each keeps its own expert), or with their names hidden
   moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --scenario 4-4 --out runs/s44
   moleflow train --data ../shared/datasets --classes magnetic_tile kolektor pcb_deeppcb cubes --scenario 4-4 --discover --out runs/d44
+  # 15 classes: the first learns the shared flow, then 14 experts train 4 at a time on a local Ray
+  moleflow train --data /data/mvtec --dataset mvtec --parallel 4 --out runs/mvtec_ray
   # three seeds, 5-5 scenario, 20 epochs
   moleflow train --data /data/mvtec --dataset mvtec --scenario 5-5 --seeds 0 1 2 --set train.epochs=20 --out runs/s55
 """
@@ -63,6 +65,8 @@ def add_parser(sub) -> None:
     add_rate_option(p)
     add_config_options(p)
     add_runtime_options(p)
+    add_parallel_options(p)
+    add_trial_options(p, "--parallel-trials")  # the seeds as Ray tasks (--parallel: experts inside one run)
     add_lock_option(p)
     p.set_defaults(run=run)
 
@@ -113,6 +117,7 @@ def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], 
         elif not args.resume:
             refuse_existing_run(run_dir)
         model = MoleFlow(cfg, device=args.device)
+    model.loader_workers = args.workers
     write_config(run_dir / "config.yaml", cfg)
     meta = run_meta(cfg, {"backbone": {"name": model.extractor.name, "weights_sha256": model.extractor.weights_sha256,
                                        "weights_source": model.extractor.weights_source},
@@ -120,7 +125,7 @@ def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], 
     results = run_continual(model, lambda c: load_class(args.data, c, args.dataset), tasks, run_dir, meta,
                             progress=not args.no_progress, batch_size=args.batch_size, num_workers=args.workers,
                             rates=parse_rates(getattr(args, "false_alarm_rate", None))[1],
-                            discover=getattr(args, "discover", None))
+                            discover=getattr(args, "discover", None), parallel=parallel_spec(args))
     if not args.no_report:
         from ..report import write_report
 
@@ -129,11 +134,10 @@ def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], 
 
 
 def summarise_seeds(out: Path, seeds: list[int], runs: list[dict]) -> dict:
-    summary = {"seeds": seeds, "runs": [str(out / f"seed_{s}") for s in seeds], "final_mean": {}}
-    for key in METRICS:
-        values = [r["final_mean"][key] for r in runs if r["final_mean"].get(key) is not None]
-        summary["final_mean"][key] = ({"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1))
-                                       if len(values) > 1 else 0.0, "values": values} if values else None)
+    """summary.json: per metric, mean ± std (ddof=1) over the seeds' final means."""
+    from ..trials import seed_statistics
+
+    summary = {"seeds": seeds, "runs": [str(out / f"seed_{s}") for s in seeds], "final_mean": seed_statistics(runs)}
     save_json(out / "summary.json", summary)
     return summary
 
@@ -167,18 +171,25 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, cfg, classes: list[str], tasks: list[list[str]], seeds: list[int]) -> int:
-    runs = []
-    for seed in seeds:
-        seeded = cfg.with_overrides({"train.seed": seed})
-        run_dir = args.out if len(seeds) == 1 else args.out / f"seed_{seed}"
-        log.info("run %s: %d tasks, preset %s, backbone %s", run_dir, len(tasks), cfg.preset, cfg.backbone.name)
-        results = train_one(args, seeded, run_dir, classes, tasks)
-        size = seeded.data.image_size
-        print(f"\nseed {seed}: final results after {len(tasks)} tasks (%, router on; pixel metrics on whole "
-              f"images at {size}x{size}{', tiled' if seeded.data.tiling != 'none' else ''})")
-        print_final_table(results)
-        runs.append(results)
+    """One trial per seed (`moleflow.trials`): serially, or as Ray tasks with --parallel-trials."""
+    from ..trials import Configuration, build_trials, describe, run_trials, write_trials_report
+    from .sweep import trial_parallel
+
+    parallel = trial_parallel(args, "--parallel-trials")
+    trials = build_trials(cfg, args.out, [Configuration("base", {}, "")], seeds)
+    log.info("%s: %d tasks, preset %s, backbone %s", ", ".join(str(t.run_dir) for t in trials), len(tasks),
+             cfg.preset, cfg.backbone.name)
+
+    def show(outcome) -> None:
+        size, reused = cfg.data.image_size, " (reused: finished before)" if outcome.status == "reused" else ""
+        print(f"\nseed {outcome.trial.seed}: final results after {len(tasks)} tasks (%, router on; pixel metrics "
+              f"on whole images at {size}x{size}{', tiled' if cfg.data.tiling != 'none' else ''}){reused}")
+        print_final_table(outcome.results)
+
+    outcomes = run_trials(trials, args, classes, tasks, parallel, on_done=show)
+    runs = [o.results for o in outcomes]
     if len(seeds) > 1:
+        write_trials_report(args.out, outcomes, describe(cfg, args.data, tasks, outcomes))
         summary = summarise_seeds(args.out, seeds, runs)
         print(f"\nmean ± std over seeds {seeds}:")
         for key, v in summary["final_mean"].items():
