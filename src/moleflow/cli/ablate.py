@@ -16,8 +16,8 @@ from ..evaluation import METRICS, parse_scenario, save_json
 from ..store import atomic_write_text, check_writable, run_lock
 from ..trials import (LABELS, Outcome, ablation_configurations, build_trials, configuration_rows, describe,
                       run_trials, write_trials_report)
-from .common import add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config
-from .sweep import add_trial_options, refuse_existing, trial_parallel
+from .common import apply_runtime, build_config
+from .sweep import add_trial_run_options, refuse_existing, trial_parallel
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,7 @@ def add_parser(sub) -> None:
     p.add_argument("--ablations", nargs="+", required=True, choices=sorted(ABLATIONS), metavar="NAME")
     p.add_argument("--seeds", type=int, nargs="+",
                    help="run every ablation once per seed, in --out/NAME/seed_<s> (default: train.seed, in --out/NAME)")
-    p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--reports", action="store_true", help="also write a full report for every run")
-    add_config_options(p)
-    existing = p.add_mutually_exclusive_group()
-    existing.add_argument("--overwrite", action="store_true", help="replace runs already in --out")
-    existing.add_argument("--resume", action="store_true",
-                          help="reuse finished runs in --out; continue interrupted ones from their learned tasks")
-    add_trial_options(p)
-    add_runtime_options(p)
-    add_lock_option(p)
+    add_trial_run_options(p)
     p.set_defaults(run=run)
 
 

@@ -1,4 +1,5 @@
-"""`moleflow bench`: speed/footprint measurements and the real-data continual benchmark."""
+"""`moleflow bench`: speed/footprint measurements, how cost grows with the number of products, and the real-data
+continual benchmark."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ EXAMPLES = """examples:
   moleflow bench speed --run runs/real --engine onnx --quantize int8 --json speed_int8.json   # no training
   moleflow bench serve runs/real --clients 1 4 16 --json benchmarks/results/serve_cpu.json
   moleflow bench real --data ../shared/datasets --out runs/bench_real --json benchmarks/results/real_offline.json
+  moleflow bench scale --counts 1 10 50 100 --preset tiny --out runs/scale --json benchmarks/results/scale_tiny.json
 """
 REAL_SEQUENCE = ["magnetic_tile", "kolektor", "pcb_deeppcb", "cubes"]
 
@@ -74,6 +76,29 @@ def add_parser(sub) -> None:
     real.add_argument("--device", default="cpu")
     real.add_argument("--threads", type=int)
     real.set_defaults(run=run_real)
+
+    scale = kinds.add_parser("scale", help="checkpoint size, load, routing and predict time, memory at 1..100 tasks",
+                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                             description="Learn generated products one after another into one model and measure, "
+                                         "at each task count, the checkpoint size, load time, routing and predict "
+                                         "time of a mixed batch, resident memory and the time to add a task "
+                                         "(bench_scale.py).")
+    scale.add_argument("--counts", type=int, nargs="+", default=[1, 10, 50, 100],
+                       help="task counts to measure at, increasing (default 1 10 50 100; at most 105)")
+    scale.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    scale.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="config override on top of the preset and the benchmark's cheap training "
+                            "(train.epochs=2, train.min_steps=0)")
+    scale.add_argument("--n-train", type=int, default=12, help="generated normal images per product (default 12)")
+    scale.add_argument("--heldout", type=int, default=3,
+                       help="held-out generated normals per product for routing accuracy (default 3)")
+    scale.add_argument("--load-runs", type=int, default=3, help="loads timed per count (median; default 3)")
+    scale.add_argument("--predict-runs", type=int, default=5,
+                       help="predict batches timed per count (median; default 5)")
+    scale.add_argument("--threads", type=int, help="CPU threads for torch")
+    scale.add_argument("--out", type=Path, required=True, help="run directory for the model (must hold no model)")
+    scale.add_argument("--json", type=Path, required=True, help="output JSON")
+    scale.set_defaults(run=run_scale)
     p.set_defaults(run=lambda args: p.print_help() or 2)
 
 
@@ -167,4 +192,16 @@ def run_real(args: argparse.Namespace) -> int:
     save_json(args.json, bench)
     print_final_table(results)
     print(f"wall time {wall:.0f} s; JSON: {args.json}")
+    return 0
+
+
+def run_scale(args: argparse.Namespace) -> int:
+    from ..bench_scale import run_scale as scale_benchmark
+
+    result = scale_benchmark(args.counts, args.preset, args.n_train, args.out, args.threads, overrides=args.overrides,
+                             n_heldout=args.heldout, load_runs=args.load_runs, predict_runs=args.predict_runs)
+    result["command"] = "moleflow " + " ".join(__import__("sys").argv[1:])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    save_json(args.json, result)
+    print(f"wall time {result['wall_seconds']:.0f} s; JSON: {args.json}")
     return 0

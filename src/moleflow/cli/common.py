@@ -62,7 +62,7 @@ def parallel_spec(args: argparse.Namespace) -> "Parallel | None":
     from ..parallel import Parallel
 
     if getattr(args, "parallel", None) is None:
-        if getattr(args, "ray_address", None):
+        if getattr(args, "ray_address", None) and getattr(args, "parallel_trials", None) is None:
             raise MoleflowError("--ray-address needs --parallel N (how many experts to train at once)")
         return None
     return Parallel(args.parallel, args.ray_address, args.cpus_per_expert, args.gpus_per_expert)

@@ -90,6 +90,12 @@ def add_parser(sub) -> None:
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="config values to try, parsed like --set (repeatable: the cartesian product)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of every point (default: train.seed)")
+    add_trial_run_options(p)
+    p.set_defaults(run=run)
+
+
+def add_trial_run_options(p: argparse.ArgumentParser) -> None:
+    """What every command running trials takes: --out, --reports, --overwrite/--resume, config, Ray, runtime."""
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--reports", action="store_true", help="also write a full report for every trial")
     add_config_options(p)
@@ -100,7 +106,6 @@ def add_parser(sub) -> None:
     add_trial_options(p)
     add_runtime_options(p)
     add_lock_option(p)
-    p.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,6 +61,8 @@ class Prepared:
     @staticmethod
     def concat(parts: Sequence["Prepared"]) -> "Prepared":
         """The images of several, in order (pixels concatenated where present)."""
+        if len(parts) == 1:
+            return parts[0]
         owners, offset = [], 0
         for part in parts:
             owners.append(part.owner + offset)

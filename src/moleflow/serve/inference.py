@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..data.batch import Prepared
 from ..errors import MoleflowError
 from .holder import ModelHolder, Served
@@ -34,18 +32,6 @@ def prepare_item(decoded: Decoded, served: Served) -> Item:
     return Item(decoded, served.model.prepare([decoded.image]), served.version)
 
 
-def concat_prepared(parts: list[Prepared]) -> Prepared:
-    """One `Prepared` holding the images of `parts`, in order (tiles (M, 3, S, S), owners renumbered)."""
-    if len(parts) == 1:
-        return parts[0]
-    owners, offset = [], 0
-    for part in parts:
-        owners.append(part.owner + offset)
-        offset += part.n_images
-    return Prepared(torch.cat([p.pixels for p in parts]), torch.cat(owners),
-                    [layout for p in parts for layout in p.layouts])
-
-
 def run_batch(holder: ModelHolder, items: list[Item]) -> list[ImageResult]:
     """Inspect the images of `items` in one engine call on the current model; one result per item."""
     served = holder.current
@@ -53,7 +39,7 @@ def run_batch(holder: ModelHolder, items: list[Item]) -> list[ImageResult]:
         raise MoleflowError("no model is loaded")
     preps = [item.prep if item.version == served.version else served.model.prepare([item.decoded.image])
              for item in items]
-    out = served.engine.inspect(concat_prepared(preps))
+    out = served.engine.inspect(Prepared.concat(preps))
     return [ImageResult(task_id=int(out.task_ids[i]), score=float(out.scores[i]), threshold=float(out.thresholds[i]),
                         known=bool(out.known[i]), anomalous=bool(out.anomalous[i]),
                         router_distance=float(out.router_distance[i]), map=out.maps[i].numpy(), served=served)
