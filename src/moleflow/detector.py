@@ -446,12 +446,22 @@ class MoleFlow:
     @torch.no_grad()
     def _score_tokens(self, tokens: torch.Tensor, task: int, prep: Prepared, batch_size: int = 64
                       ) -> tuple[torch.Tensor, float, float]:
-        """Image scores (N,) of normal tiles' tokens (M, H, W, D), and the median and max of their pixel maps."""
-        patch = torch.cat([self.inspector.patch_scores(t.to(self.device), task).float()
-                           for t in token_chunks(tokens, batch_size)])
-        scores, maps, _ = self.inspector.outputs(patch, prep)
-        flat = maps.flatten(1)
-        return scores.cpu(), float(flat.median(1).values.median()), float(flat.max())
+        """Image scores (N,) of normal tiles' tokens (M, H, W, D) (`prep`: their owners, in image order, and
+        layouts), and the median of the images' median pixel values and the largest pixel value; `batch_size`
+        images at a time, so memory does not grow with the number of images."""
+        scores, medians, peak = [], [], float("-inf")
+        bounds = torch.searchsorted(prep.owner, torch.arange(prep.n_images + 1))  # each image's first tile
+        for start in range(0, prep.n_images, batch_size):
+            end = min(start + batch_size, prep.n_images)
+            lo, hi = int(bounds[start]), int(bounds[end])
+            patch = torch.cat([self.inspector.patch_scores(t.to(self.device), task).float()
+                               for t in token_chunks(tokens[lo:hi], batch_size)])
+            part = Prepared(prep.pixels, prep.owner[lo:hi] - start, prep.layouts[start:end])
+            image, maps, _ = self.inspector.outputs(patch, part)
+            scores.append(image.cpu())
+            medians.append(maps.flatten(1).median(1).values.cpu())
+            peak = max(peak, float(maps.max()))
+        return torch.cat(scores), float(torch.cat(medians).median()), peak
 
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
