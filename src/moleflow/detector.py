@@ -404,7 +404,7 @@ class MoleFlow:
             self.memory.add_task(d.task, train_tokens)
         cal_tokens, cal_routing, cal_meta = self.stream_features(d.cal_images) if d.n_cal else (None, None, None)
         self.router.add_task(d.task, d.routing if cal_routing is None else torch.cat([d.routing, cal_routing]))
-        self.inspector.to(self.device)
+        self.inspector.place()
         if cal_tokens is not None:
             tokens, meta, where = cal_tokens, cal_meta, "held-out normal training images"
         else:
@@ -441,7 +441,7 @@ class MoleFlow:
             nll.append(self.flow(t, task).nll.cpu())
             dist.append(self.memory.distances(t, task).cpu())
         self.memory.set_norm(task, torch.cat(nll), torch.cat(dist))
-        self.memory.to(self.device)
+        self.inspector.place()
 
     @torch.no_grad()
     def _score_tokens(self, tokens: torch.Tensor, task: int, prep: Prepared, batch_size: int = 64

@@ -106,8 +106,14 @@ class Inspector(nn.Module):
         """Create a new task's expert (on the module's device) and return its id; no prototype or threshold yet.
         `base`: it trains the shared weights with its own (default: only the first task)."""
         task = self.flow.add_task(task, base)
-        self.flow.to(self.device)
+        self.place()
         return task
+
+    def place(self) -> None:
+        """Move tensors just created (on the CPU) to the module's device; on the CPU nothing needs to move, and
+        walking every expert's tensors per new expert would make T experts cost O(T^2)."""
+        if self.device.type != "cpu":
+            self.to(self.device)
 
     def set_threshold(self, task: int, value: float) -> None:
         self.register_buffer(f"threshold_{task}", torch.tensor(float(value), dtype=torch.float64, device=self.device))
@@ -180,8 +186,8 @@ class Inspector(nn.Module):
             raise MoleflowError(f"the tensors learned for task {task} do not fit this model: missing "
                                 f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}")
         self.load_state_dict(state, strict=False)
-        self.to(self.device)
-        self.eval()
+        self.flow.eval()
+        self.place()
 
     def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor]) -> None:
         """Rebuild the experts of `task_ids` (`base_tasks`: those that trained the shared weights, removed ones

@@ -122,7 +122,9 @@ class ExpertFlow(nn.Module):
             self.adapters[key] = SoftLNAdapter(self.dim, first_task=first, generator=gen)
         if cfg.dia_blocks > 0:
             self.dias[key] = DIA(self.dim, cfg.dia_blocks, cfg.dia_hidden_ratio, cfg.clamp, gen)
-        if reference is not None:
+        # new tensors are made on the CPU in the default dtype; only a model elsewhere needs a move (moving the
+        # whole flow per new expert made learning and loading T experts O(T^2))
+        if reference is not None and (reference.device.type != "cpu" or reference.dtype != torch.get_default_dtype()):
             self.to(device=reference.device, dtype=reference.dtype)
         self.task_ids.append(task)
         if first:
