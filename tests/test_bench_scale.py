@@ -81,3 +81,16 @@ def test_bench_scale_cli_measures_each_count_and_the_checkpoint_loads(tmp_path):
     assert main(["bench", "scale", "--counts", "1", "--preset", "tiny", "--out", str(out),
                  "--json", str(tmp_path / "again.json")]) == 2
     assert not (tmp_path / "again.json").exists()
+
+
+def test_bench_memory_learns_each_size_in_its_own_process(tmp_path):
+    out = tmp_path / "memory.json"
+    assert main(["bench", "memory", "--sizes", "12", "24", "--set", "train.epochs=1", "--set", "train.min_steps=0",
+                 "--workers", "0", "--threads", "1", "--image-size", "112", "--images", str(tmp_path / "img"),
+                 "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["n_images"] for r in rows] == [12, 24]
+    assert all(r["n_train"] + r["n_calibration"] == r["n_images"] for r in rows)
+    assert rows[1]["cache_bytes"] > rows[0]["cache_bytes"] > 0
+    assert all(r["peak_rss_bytes"] >= r["rss_before_learning_bytes"] > 0 for r in rows)
+    assert len(list((tmp_path / "img").glob("*.png"))) == 24

@@ -39,7 +39,7 @@ def write_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
     return paths
 
 
-def measure_one(folder: Path, n: int, preset: str, overrides: dict[str, Any], workers: int,
+def measure_one(folder: Path, n: int, preset: str, overrides: dict[str, Any] | list[str], workers: int,
                 threads: int | None) -> dict[str, Any]:
     """Learn one task of the first n images in `folder` in this process; its peak memory and timing."""
     import torch
@@ -65,10 +65,12 @@ def measure_one(folder: Path, n: int, preset: str, overrides: dict[str, Any], wo
             "train_seconds": info.train["seconds"], "steps": info.train["steps"]}
 
 
-def run_memory(sizes: list[int], folder: Path, preset: str = "tiny", overrides: dict[str, Any] | None = None,
-               workers: int = 2, threads: int | None = None, image_size: int = 224) -> dict[str, Any]:
-    """Each size in a fresh process; generated images written once to `folder` (the largest size)."""
-    overrides = dict(overrides or {})
+def run_memory(sizes: list[int], folder: Path, preset: str = "tiny",
+               overrides: dict[str, Any] | list[str] | None = None, workers: int = 2, threads: int | None = None,
+               image_size: int = 224) -> dict[str, Any]:
+    """Each size in a fresh process; generated images written once to `folder` (the largest size).
+    `overrides`: `section.key=value` strings or a dict, applied to `preset`."""
+    overrides = overrides if overrides is not None else []
     write_images(folder, max(sizes), image_size)
     rows = []
     for n in sizes:

@@ -20,6 +20,8 @@ EXAMPLES = """examples:
   moleflow bench serve runs/real --clients 1 4 16 --json benchmarks/results/serve_cpu.json
   moleflow bench real --data ../shared/datasets --out runs/bench_real --json benchmarks/results/real_offline.json
   moleflow bench scale --counts 1 10 50 100 --preset tiny --out runs/scale --json benchmarks/results/scale_tiny.json
+  moleflow bench memory --sizes 500 5000 --preset tiny --set train.epochs=1 --set train.min_steps=0 --workers 2 \
+      --threads 1 --json benchmarks/results/memory_tiny.json
 """
 REAL_SEQUENCE = ["magnetic_tile", "kolektor", "pcb_deeppcb", "cubes"]
 
@@ -99,6 +101,23 @@ def add_parser(sub) -> None:
     scale.add_argument("--out", type=Path, required=True, help="run directory for the model (must hold no model)")
     scale.add_argument("--json", type=Path, required=True, help="output JSON")
     scale.set_defaults(run=run_scale)
+
+    memory = kinds.add_parser("memory", help="peak memory and time per image of learning one task of N images",
+                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                              description="Write generated PNGs to --images and learn one task of each size in a "
+                                          "fresh process (bench_memory.py): peak RSS, feature-cache bytes, seconds "
+                                          "per image.")
+    memory.add_argument("--sizes", type=int, nargs="+", default=[500, 5000], help="task sizes (default 500 5000)")
+    memory.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    memory.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override (repeatable)")
+    memory.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2)")
+    memory.add_argument("--threads", type=int, help="CPU threads for torch")
+    memory.add_argument("--image-size", type=int, default=224, help="generated image size in px (default 224)")
+    memory.add_argument("--images", type=Path, default=Path("bench_memory_images"),
+                        help="folder for the generated images (reused when already there)")
+    memory.add_argument("--json", type=Path, required=True, help="output JSON")
+    memory.set_defaults(run=run_memory)
     p.set_defaults(run=lambda args: p.print_help() or 2)
 
 
@@ -204,4 +223,19 @@ def run_scale(args: argparse.Namespace) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     save_json(args.json, result)
     print(f"wall time {result['wall_seconds']:.0f} s; JSON: {args.json}")
+    return 0
+
+
+def run_memory(args: argparse.Namespace) -> int:
+    from ..bench_memory import run_memory as memory_benchmark
+
+    result = memory_benchmark(args.sizes, args.images, args.preset, args.overrides, args.workers, args.threads,
+                              args.image_size)
+    result["command"] = "moleflow " + " ".join(__import__("sys").argv[1:])
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    save_json(args.json, result)
+    for row in result["rows"]:
+        print(f"{row['n_images']:6d} images: peak RSS {row['peak_rss_bytes'] / 1e6:7.0f} MB, feature cache "
+              f"{row['cache_bytes'] / 1e6:6.0f} MB, peak - cache {row['peak_minus_cache_bytes'] / 1e6:7.0f} MB, "
+              f"{1000 * row['seconds_per_image']:.1f} ms per image")
     return 0
