@@ -241,3 +241,18 @@ def test_engine_errors_are_clear(tiled_model, tmp_path):
     with pytest.raises(MoleflowError, match="unknown task ids"):
         make_engine(tiled_model, "onnx", cache_dir=tmp_path).inspect(tiled_model.prepare(pictures(3, 1, 50, 50, 9)),
                                                                    [7])
+
+
+def test_a_large_model_keeps_its_tensors_in_external_data(model, probe, tmp_path):
+    import json
+
+    path = export_onnx(model, tmp_path, external_data_above=0)  # as a model over the 2 GB limit is written
+    data = tmp_path / "model.onnx.data"
+    assert data.is_file() and data.stat().st_size > path.stat().st_size
+    info = json.loads((tmp_path / EXPORT_JSON).read_text())
+    assert info["onnx_data_file"] == "model.onnx.data" and len(info["onnx_data_sha256"]) == 64
+    assert_matches(model, path, probe)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    export_onnx(model, tmp_path)  # small again: one self-contained file, the data file removed
+    assert not data.exists()
+    assert_matches(model, path, probe)

@@ -34,16 +34,20 @@ is the library's own code, not a re-implementation. `spatial_cluster`
 scoring is not exported (a `MoleflowError` says so).
 
 Metadata (`metadata_props` of the ONNX model, every value a string, JSON where structured) is also
-written, parsed, to `export.json` beside the model with the input and output names.
+written, parsed, to `export.json` beside the model with the input and output names and the files' SHA-256.
+A model with more than `EXTERNAL_DATA_ABOVE` bytes of weights (about a hundred `main`-size products) keeps
+its tensors in `model.onnx.data` beside the graph (ONNX external data; onnxruntime reads it from there):
+protobuf cannot hold more than 2 GB in one file.
 """
 
 from __future__ import annotations
 
 import copy
 import hashlib
-import io
 import json
 import math
+import os
+import tempfile
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -59,6 +63,8 @@ if TYPE_CHECKING:
     from .detector import MoleFlow
 
 ONNX_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"  # the tensors of a large model (ONNX external data)
+EXTERNAL_DATA_ABOVE = 1_500_000_000  # weight bytes above which they go to DATA_FILE (protobuf's limit is 2 GB)
 EXPORT_JSON = "export.json"
 FORMAT = "moleflow-onnx"
 INPUT_NAME = "images"
@@ -142,8 +148,10 @@ def _check_exportable(model: "MoleFlow") -> None:
     model.inspector.check_complete()
 
 
-def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path:
-    """Write `out_dir/model.onnx` (self-contained) and `out_dir/export.json`; return the ONNX path.
+def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17,
+                external_data_above: int = EXTERNAL_DATA_ABOVE) -> Path:
+    """Write `out_dir/model.onnx` and `out_dir/export.json`; return the ONNX path. A model whose weights exceed
+    `external_data_above` bytes keeps its tensors in `out_dir/model.onnx.data` (protobuf caps one file at 2 GB).
 
     The graph reproduces `model.predict(images)` (routed) for normalised images (N, 3, S, S)."""
     try:
@@ -161,32 +169,61 @@ def export_onnx(model: "MoleFlow", out_dir: str | Path, opset: int = 17) -> Path
     size = model.config.data.image_size
     example = torch.zeros(2, 3, size, size)
     dynamic = {INPUT_NAME: {0: "N"}, **{name: {0: "N"} for name in OUTPUT_NAMES}}
-    buffer = io.BytesIO()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    weight_bytes = sum(t.numel() * t.element_size() for t in graph.state_dict().values())
     try:
-        with torch.no_grad(), warnings.catch_warnings():
+        # traced into a file, not memory: a model over protobuf's 2 GB limit is then written with external data
+        with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp, torch.no_grad(), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about static shapes: the image size is fixed
-            torch.onnx.export(graph, (example,), buffer, dynamo=False, opset_version=opset,
+            traced = Path(tmp) / ONNX_FILE
+            torch.onnx.export(graph, (example,), str(traced), dynamo=False, opset_version=opset,
                               input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
                               dynamic_axes=dynamic, do_constant_folding=True)
+            proto = onnx.load(str(traced))
     except MoleflowError:
         raise
     except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
         raise MoleflowError(f"ONNX export failed ({type(exc).__name__}: {exc})") from exc
     finally:
         graph.train(mode)
-    proto = onnx.load_from_string(buffer.getvalue())
     meta = export_metadata(model, opset)
     for key, value in _metadata_strings(meta).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value
     proto.producer_name = "moleflow"
     proto.doc_string = "MoLE-Flow continual anomaly detector: routed image scores and anomaly maps"
-    data = proto.SerializeToString()
-    path = atomic_write_bytes(out_dir / ONNX_FILE, lambda fh: fh.write(data))
-    info = {**meta, "onnx_file": ONNX_FILE, "onnx_sha256": hashlib.sha256(data).hexdigest(),
-            "input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    info = {**meta, "onnx_file": ONNX_FILE, "input_names": [INPUT_NAME], "output_names": list(OUTPUT_NAMES)}
+    if weight_bytes > external_data_above:
+        info.update(_write_with_external_data(onnx, proto, out_dir))
+    else:
+        data = proto.SerializeToString()
+        atomic_write_bytes(out_dir / ONNX_FILE, lambda fh: fh.write(data))
+        (out_dir / DATA_FILE).unlink(missing_ok=True)
+        info["onnx_sha256"] = hashlib.sha256(data).hexdigest()
     atomic_write_bytes(out_dir / EXPORT_JSON, lambda fh: fh.write(json.dumps(info, indent=1).encode()))
-    return path
+    return out_dir / ONNX_FILE
+
+
+def _write_with_external_data(onnx, proto, out_dir: Path) -> dict[str, str]:
+    """Write `proto` as `model.onnx` plus its tensors in `model.onnx.data` (ONNX external data, one file, read
+    by onnxruntime from beside the graph): written in a temporary folder, then moved in data first, graph
+    last, so a crash never leaves a graph pointing at missing data. Returns the files' SHA-256."""
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".export-") as tmp:
+        onnx.save_model(proto, str(Path(tmp) / ONNX_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        digests = {name: _file_sha256(Path(tmp) / name) for name in (DATA_FILE, ONNX_FILE)}
+        os.replace(Path(tmp) / DATA_FILE, out_dir / DATA_FILE)
+        os.replace(Path(tmp) / ONNX_FILE, out_dir / ONNX_FILE)
+    return {"onnx_sha256": digests[ONNX_FILE], "onnx_data_file": DATA_FILE, "onnx_data_sha256": digests[DATA_FILE]}
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ inference
