@@ -142,7 +142,8 @@ def test_a_balanced_first_step_gives_every_product_as_many_steps_as_the_largest(
     balanced = tiny_config(**{"train.first_step": "balanced"}).train  # 2 epochs of batches of 8
     jobs = [ExpertJob(0, 80, None), ExpertJob(1, 16, None)]  # 10 and 2 batches per epoch
     assert job_epochs(jobs, balanced, base=True) == [2, 10]  # 20 steps each
-    assert job_epochs(jobs, tiny_config().train, base=True) == [2, 2]  # proportional: as alone
+    side_by_side = tiny_config(**{"train.first_step": "side_by_side"}).train
+    assert job_epochs(jobs, side_by_side, base=True) == [2, 2]  # proportional: as alone
     assert job_epochs(jobs, balanced, base=False) == [2, 2]  # later steps: always as alone
 
 
