@@ -12,10 +12,10 @@ import torch
 
 from moleflow import MoleFlow
 from moleflow.cli import main
-from moleflow.data.synthetic import generate_product, write_mvtec_layout
+from moleflow.data.synthetic import write_mvtec_layout
 from moleflow.evaluation import learned_steps, parse_scenario
 
-from helpers import tiny_config
+from helpers import product_images, tiny_config
 
 PRODUCTS = ("brick", "coins", "grass", "camera")
 
@@ -23,11 +23,7 @@ PRODUCTS = ("brick", "coins", "grass", "camera")
 @pytest.fixture(scope="module")
 def images():
     """Per product: normal training images and good test images (uint8 arrays)."""
-    out = {}
-    for i, name in enumerate(PRODUCTS):
-        data = generate_product(name, n_train=14, n_test_good=4, n_test_defect=0, size=112, seed=i)
-        out[name] = (list(data.train_images), list(data.test_images))
-    return out
+    return product_images(PRODUCTS, n_train=14, n_test_good=4)
 
 
 def _config(**overrides):

@@ -11,11 +11,11 @@ import torch
 
 from moleflow import MoleFlow
 from moleflow.cli import main
-from moleflow.data.synthetic import generate_product, write_mvtec_layout
+from moleflow.data.synthetic import write_mvtec_layout
 from moleflow.errors import MoleflowError
 from moleflow.parallel import Parallel
 
-from helpers import tiny_config
+from helpers import product_images, tiny_config
 
 PRODUCTS = ("brick", "coins", "grass", "camera")
 
@@ -39,20 +39,14 @@ def local_ray():
 
 @pytest.fixture()
 def one_thread():
-    """Serial learning with 1 torch thread, as each Ray task (1 CPU) has: float sums then round alike."""
-    threads = torch.get_num_threads()
+    """Serial learning with 1 torch thread, as each Ray task (1 CPU) has: float sums then round alike (conftest
+    puts the thread count back after the test)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def images():
-    out = {}
-    for i, name in enumerate(PRODUCTS):
-        data = generate_product(name, n_train=12, n_test_good=3, n_test_defect=0, size=112, seed=i)
-        out[name] = (list(data.train_images), list(data.test_images))
-    return out
+    return product_images(PRODUCTS, n_train=12, n_test_good=3)
 
 
 def _config(**overrides):

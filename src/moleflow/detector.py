@@ -173,7 +173,7 @@ class MoleFlow:
         what product discovery clusters."""
         out = []
         for prep in stream_prepared(images, self.transform, self.config.data.tiling, batch_size, self.loader_workers):
-            routing = self.extract(prep.pixels, batch_size)[1].double()
+            routing = self.inspector.extract(prep.pixels, batch_size)[1].cpu().double()
             total = routing.new_zeros(prep.n_images, routing.shape[1]).index_add_(0, prep.owner, routing)
             out.append(total / torch.bincount(prep.owner, minlength=prep.n_images).unsqueeze(1))
         return torch.cat(out)
@@ -191,12 +191,11 @@ class MoleFlow:
         tokens = self._token_store(n_tiles) if keep_tokens else None
         routing, metas, filled = [], [], 0
         for prep in stream_prepared(images, self.transform, tiling, batch_size, self.loader_workers):
-            for chunk in prep.pixels.split(batch_size):
-                t, r = self.inspector.features(chunk.to(self.device))
-                if tokens is not None:
-                    tokens[filled:filled + len(t)] = t.cpu().numpy() if isinstance(tokens, np.memmap) else t.cpu()
-                routing.append(r.cpu())
-                filled += len(t)
+            t, r = self.inspector.extract(prep.pixels, batch_size)
+            if tokens is not None:
+                tokens[filled:filled + len(t)] = t.cpu().numpy() if isinstance(tokens, np.memmap) else t.cpu()
+            routing.append(r.cpu())
+            filled += len(t)
             metas.append(prep.without_pixels())
         if filled != n_tiles:
             raise MoleflowError(f"{filled} tiles were loaded where the image sizes gave {n_tiles}; did the images "
@@ -265,7 +264,7 @@ class MoleFlow:
         Once the shared flow is frozen every later expert is independent of the others, so with `parallel`
         (parallel.Parallel) the experts of all steps after the first train at the same time as Ray tasks, each
         in its own process from the same shared weights: bit-identical to learning them one by one with as
-        many torch threads as `parallel.cpus_per_expert`. On any error the model is left as it was."""
+        many torch threads as `parallel.cpus_per_task`. On any error the model is left as it was."""
         rates = dict(rates or {})
         default = self.config.score.false_alarm_rate if false_alarm_rate is None else float(false_alarm_rate)
         classes = dict(classes or {})
@@ -351,7 +350,7 @@ class MoleFlow:
 
         shared = {k: v for k, v in self.inspector.model_state().items() if key_owner(k) is None}
         package = {"config": self.config.to_dict(), "backbone_sha256": self.extractor.weights_sha256,
-                   "base_tasks": list(self.flow.base_tasks), "shared": shared, "threads": spec.cpus_per_expert,
+                   "base_tasks": list(self.flow.base_tasks), "shared": shared, "threads": spec.cpus_per_task,
                    "device": spec.device, "source": dict(source or {})}
         with ray_session(spec) as ray:
             ref = ray.put(package)

@@ -352,21 +352,25 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
     if done and not model.config.model.freeze_base:
         raise MoleflowError("--resume needs model.freeze_base=true (the earlier steps are re-scored from the saved "
                             "model, which is exact only when the shared flow is frozen)")
+    source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}  # where the products' images came from
+
+    def step_images(classes: list[str]) -> dict[str, list]:
+        return {c: [s.image for s in splits[c].train] for c in classes}
+
     if parallel is not None and done < len(tasks):
         if discover:
             raise MoleflowError("--parallel and --discover cannot be combined yet: discovery needs each step's "
                                 "model before the next step's products are found")
         for c in [c for classes in tasks[done:] for c in classes]:
             splits[c] = load_split(c)
-        source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
         log.info("learning steps %d-%d, experts after the first step %d at a time on Ray", done + 1, len(tasks),
                  parallel.workers)
         t0 = time.perf_counter()
-        model.fit_steps([{c: [s.image for s in splits[c].train] for c in classes} for classes in tasks[done:]],
+        model.fit_steps([step_images(classes) for classes in tasks[done:]],
                         progress=progress, source=source, rates=rates, parallel=parallel)
         meta = {**meta, "parallel": {"workers": parallel.workers, "address": parallel.address,
-                                     "cpus_per_expert": parallel.cpus_per_expert,
-                                     "gpus_per_expert": parallel.gpus_per_expert, "steps_learned": len(tasks) - done,
+                                     "cpus_per_expert": parallel.cpus_per_task,
+                                     "gpus_per_expert": parallel.gpus_per_task, "steps_learned": len(tasks) - done,
                                      "learn_seconds": time.perf_counter() - t0}}
         model.save(run_dir)
         learned, done = learned_steps(model), len(tasks)
@@ -380,15 +384,13 @@ def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], task
             log.info("step %d/%d: %s already learned; scoring", step + 1, len(tasks), "+".join(classes))
         else:
             log.info("step %d/%d: learning %s", step + 1, len(tasks), "+".join(classes))
-            source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}
             t0 = time.perf_counter()
             if discover:
                 infos, found = learn_discovered(model, splits, classes, run_dir / "discover" / f"step{step}",
                                                 discover, progress, source)
                 discovered[step] = found
             else:
-                infos = model.fit_step({c: [s.image for s in splits[c].train] for c in classes}, progress=progress,
-                                       source=source, rates=rates)
+                infos = model.fit_step(step_images(classes), progress=progress, source=source, rates=rates)
             learn_seconds[step] = time.perf_counter() - t0
             model.save(run_dir)
         class_task.update({c: info.task_id for info in infos for c in info.classes})

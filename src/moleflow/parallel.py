@@ -7,8 +7,8 @@
 Why this is exact: after the first step the shared flow is frozen (spec §4) and every later expert trains only
 its own parameters, from generators seeded by its task id (model.py, trainer.py, detector.py). So an expert
 learned in another process from the same shared weights, configuration and images is bit-identical to the one
-learned serially (tested), given the same number of torch threads: a Ray task gets `cpus_per_expert` CPUs and
-sets torch's threads to that number, so compare with `--threads` equal to it.
+learned serially (tested), given the same number of torch threads: a Ray task gets `cpus_per_task` CPUs
+(`--cpus-per-expert`) and sets torch's threads to that number, so compare with `--threads` equal to it.
 
 Ray is an optional extra (`pip install 'moleflow[ray]'`); without it `import_ray` says how to install it.
 A cluster is given by its address (`ray://HOST:10001` or `HOST:6379`); every node needs the same moleflow,
@@ -31,31 +31,31 @@ INSTALL_HINT = "pip install 'moleflow[ray]' (or pip install ray)"
 
 @dataclass(frozen=True)
 class Parallel:
-    """How to spread work over Ray: at most `workers` tasks at once, each asking for `cpus_per_expert` CPUs
-    and `gpus_per_expert` GPUs; `address`: an existing cluster (default: start a local Ray with `workers`
-    x `cpus_per_expert` CPUs, shut down afterwards)."""
+    """How to spread work over Ray: at most `workers` tasks (experts or trials) at once, each asking for
+    `cpus_per_task` CPUs and `gpus_per_task` GPUs; `address`: an existing cluster (default: start a local Ray
+    with `workers` x `cpus_per_task` CPUs, shut down afterwards)."""
 
     workers: int
     address: str | None = None
-    cpus_per_expert: int = 1
-    gpus_per_expert: float = 0.0
+    cpus_per_task: int = 1
+    gpus_per_task: float = 0.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise MoleflowError(f"--parallel {self.workers}: give at least 1 worker")
-        if self.cpus_per_expert < 1:
-            raise MoleflowError(f"--cpus-per-expert {self.cpus_per_expert}: give at least 1")
-        if self.gpus_per_expert < 0:
-            raise MoleflowError(f"--gpus-per-expert {self.gpus_per_expert}: cannot be negative")
+        if self.cpus_per_task < 1:
+            raise MoleflowError(f"{self.cpus_per_task} CPUs per Ray task: give at least 1")
+        if self.gpus_per_task < 0:
+            raise MoleflowError(f"{self.gpus_per_task} GPUs per Ray task: cannot be negative")
 
     def resources(self) -> dict[str, Any]:
         """Ray task options: one CPU (and GPU) request per expert or trial."""
-        return {"num_cpus": self.cpus_per_expert, "num_gpus": self.gpus_per_expert, "max_retries": 0}
+        return {"num_cpus": self.cpus_per_task, "num_gpus": self.gpus_per_task, "max_retries": 0}
 
     @property
     def device(self) -> str:
         """The device a worker trains on."""
-        return "cuda" if self.gpus_per_expert > 0 else "cpu"
+        return "cuda" if self.gpus_per_task > 0 else "cpu"
 
 
 def import_ray():
@@ -79,8 +79,8 @@ def ray_session(spec: Parallel) -> Iterator[Any]:
             if spec.address:
                 ray.init(address=spec.address, **kwargs)
             else:
-                ray.init(num_cpus=spec.workers * spec.cpus_per_expert,
-                         num_gpus=int(spec.workers * spec.gpus_per_expert + 0.999) if spec.gpus_per_expert else 0,
+                ray.init(num_cpus=spec.workers * spec.cpus_per_task,
+                         num_gpus=int(spec.workers * spec.gpus_per_task + 0.999) if spec.gpus_per_task else 0,
                          **kwargs)
         except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError ...
             where = f"the Ray cluster at {spec.address}" if spec.address else "a local Ray"

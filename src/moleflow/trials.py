@@ -257,7 +257,7 @@ def run_trials(trials: list[Trial], args: argparse.Namespace, classes: list[str]
                                             "data": Path(args.data).resolve(), "no_progress": True,
                                             "ray_address": None})
         calls = [(remote_args, dataclasses.replace(trials[i], run_dir=trials[i].run_dir.resolve()), classes, tasks,
-                  parallel.cpus_per_expert) for i in todo]
+                  parallel.cpus_per_task) for i in todo]
         log.info("%d trials on Ray, at most %d at once (%d reused)", len(todo), parallel.workers,
                  len(trials) - len(todo))
         with ray_session(parallel) as ray:
@@ -341,9 +341,10 @@ def trials_markdown(outcomes: list[Outcome]) -> str:
                              + ["train s", "run"], per_trial, align="lrl" + "r" * (len(METRICS) + 1) + "l"))
 
 
-def _csv(rows: list[dict[str, Any]]) -> str:
+def csv_text(rows: list[dict[str, Any]], exclude: tuple[str, ...] = ()) -> str:
+    """Rows (dicts with the first row's keys) as CSV text, without the columns `exclude`."""
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(text, fieldnames=[k for k in rows[0] if k not in exclude], extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     return text.getvalue()
@@ -359,11 +360,11 @@ def write_trials_report(out: Path, outcomes: list[Outcome], header: str) -> str:
                                     "reused": sum(o.status == REUSED for o in outcomes)})
     tables = trials_markdown(outcomes)
     atomic_write_text(out / "trials.md", f"# Trials\n\n{header}\n\n{tables}\n")
-    atomic_write_text(out / "trials.csv", _csv(rows))
+    atomic_write_text(out / "trials.csv", csv_text(rows))
     flat = [{"configuration": c["configuration"], "seeds": " ".join(map(str, c["seeds"])),
              **{f"{k}_{part}": (c["metrics"][k] or {}).get(part) for k in METRICS for part in ("mean", "std")}}
             for c in configs]
-    atomic_write_text(out / "trials_summary.csv", _csv(flat))
+    atomic_write_text(out / "trials_summary.csv", csv_text(flat))
     return tables
 
 

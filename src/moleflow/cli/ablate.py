@@ -4,8 +4,6 @@ Every (ablation, seed) is a trial (`moleflow.trials`): serially, or as Ray tasks
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 from pathlib import Path
 
@@ -14,7 +12,7 @@ from ..data.datasets import DATASETS, default_classes
 from ..errors import MoleflowError
 from ..evaluation import METRICS, parse_scenario, save_json
 from ..store import atomic_write_text, check_writable, run_lock
-from ..trials import (LABELS, Outcome, ablation_configurations, build_trials, configuration_rows, describe,
+from ..trials import (LABELS, Outcome, ablation_configurations, build_trials, configuration_rows, csv_text, describe,
                       run_trials, write_trials_report)
 from .common import apply_runtime, build_config
 from .sweep import add_trial_run_options, refuse_existing, trial_parallel
@@ -114,11 +112,7 @@ def _run(args: argparse.Namespace, base, tasks: list[list[str]], trials, classes
             "nothing was tuned on test data.\n\n" + table + "\n")
     atomic_write_text(args.out / "ablation.md", text)
     save_json(args.out / "ablation.json", {"rows": rows, "preset": base.preset, "tasks": tasks, "seeds": seeds})
-    text_csv = io.StringIO()
-    writer = csv.DictWriter(text_csv, fieldnames=[k for k in rows[0] if k != "overrides"], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(args.out / "ablation.csv", text_csv.getvalue())
+    atomic_write_text(args.out / "ablation.csv", csv_text(rows, exclude=("overrides",)))
     write_trials_report(args.out, outcomes, describe(base, args.data, tasks, outcomes))
     print(table)
     reused = [o.trial.label for o in outcomes if o.status == "reused"]
