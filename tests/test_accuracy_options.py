@@ -15,7 +15,7 @@ from moleflow.config import BackboneConfig, TrainConfig
 from moleflow.data.tiling import TileLayout, split_tiles, stitch_maps, tile_layout
 from moleflow.detector import MoleFlow
 from moleflow.errors import MoleflowError
-from moleflow.memory import PatchMemory, nearest_distance
+from moleflow.memory import PatchMemory, greedy_coreset, nearest_distance
 from moleflow.model import ExpertFlow
 from moleflow.trainer import fit_task, steps_per_epoch, task_epochs
 
@@ -174,12 +174,14 @@ def test_tiling_needs_squash_and_refuses_onnx_export(tmp_path):
 
 
 def test_default_cpu_preset_is_the_tuned_candidate():
-    """The default is what `moleflow tune` chose (runs/tune/tune.json, docs/accuracy.md §5), field for field."""
+    """The default is what `moleflow tune` chose (runs/tune/tune.json, docs/accuracy.md §5), field for field,
+    plus the memory's coreset size chosen by benchmarks/memory_coreset.py."""
     from moleflow.tuning import CANDIDATES
 
     cpu = Config.from_preset("cpu")
     chosen = Config.from_preset("cpu-faithful").with_overrides(CANDIDATES["concat+memory+tiles"])
     chosen.preset = cpu.preset
+    chosen.score.memory_coreset = 1000  # chosen afterwards on synthetic validation (docs/decisions.md §7)
     assert cpu.to_dict() == chosen.to_dict()
     faithful = Config.from_preset("cpu-faithful")
     assert faithful.score.source == "flow" and faithful.backbone.feature_merge == "mean"
@@ -195,3 +197,31 @@ def test_memory_is_capped_at_max_tokens():
     assert capped.shape == (25, 8)
     rows = {tuple(r.tolist()) for r in tokens.reshape(-1, 8)}
     assert all(tuple(r.tolist()) in rows for r in capped)  # a subset of the real tokens
+
+
+def test_greedy_coreset_covers_every_cluster_a_random_sample_misses():
+    """Ten tight clusters, one holding 91 % of the points: a coreset of 10 takes one point of each, so every
+    point lies near a kept one; a random sample of 10 mostly draws from the big cluster."""
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.randn(10, 16, generator=gen) * 10
+    sizes = [1000] + [10] * 9
+    points = torch.cat([c + 0.01 * torch.randn(n, 16, generator=gen) for c, n in zip(centres, sizes)])
+    chosen = greedy_coreset(points, 10, seed=3)
+    assert chosen.shape == (10,) and torch.equal(chosen, chosen.sort().values) and len(chosen.unique()) == 10
+    assert torch.equal(chosen, greedy_coreset(points, 10, seed=3))  # seeded
+    covering = torch.cdist(points, points[chosen]).min(1).values.max()
+    random_pick = torch.randperm(len(points), generator=gen)[:10]
+    assert covering < 1.0 < torch.cdist(points, points[random_pick]).min(1).values.max()
+    assert torch.equal(greedy_coreset(points[:5], 10, seed=0), torch.arange(5))  # k >= N keeps all
+
+
+def test_memory_coreset_thins_the_random_sample_to_k_of_its_rows():
+    tokens = torch.randn(10, 4, 4, 8, generator=torch.Generator().manual_seed(4))
+    full, thin = PatchMemory(0.5, seed=1), PatchMemory(0.5, seed=1, coreset=12)
+    full.add_task(0, tokens)
+    thin.add_task(0, tokens)
+    assert full.bank_0.shape == (80, 8) and thin.bank_0.shape == (12, 8)
+    rows = {tuple(r.tolist()) for r in full.bank_0}
+    assert all(tuple(r.tolist()) in rows for r in thin.bank_0)  # drawn from the same random sample
+    with pytest.raises(MoleflowError, match="memory_coreset"):
+        Config.from_preset("cpu").with_overrides(["score.memory_coreset=-1"])

@@ -149,6 +149,10 @@ class ScoreConfig:
     # at most this many tokens per task (seeded random subset): inference cost stays bounded for large or
     # tiled products (a 666-image product cut into ~2 tiles would otherwise keep ~100 k tokens)
     memory_max_tokens: int = 20000
+    # 0: keep that random subset. k > 0: thin it to k tokens by PatchCore's greedy k-center coreset, which keeps
+    # the coverage of normal patches with far fewer rows (the exact nearest-neighbour search is most of the
+    # CPU inference time; see BENCHMARKS.md "Serving"). How the cpu preset's value was chosen: docs/decisions.md
+    memory_coreset: int = 0
     # decision threshold: the split-conformal order statistic of held-out normal training scores that keeps
     # false alarms on new good parts at or below this rate (calibration.py)
     false_alarm_rate: float = 0.01
@@ -244,6 +248,7 @@ class Config:
         check(s.source in ("flow", "flow+memory"), "score.source: flow|flow+memory")
         check(0.0 < s.memory_fraction <= 1.0, "score.memory_fraction must be in (0, 1]")
         check(s.memory_max_tokens >= 1, "score.memory_max_tokens must be >= 1")
+        check(s.memory_coreset >= 0, "score.memory_coreset must be >= 0 (0 = no coreset)")
         check(self.backbone.feature_merge in ("mean", "concat"), "backbone.feature_merge: mean|concat")
         check(t.lr > 0, "train.lr must be > 0")
         check(0.0 <= t.tail_weight, "train.tail_weight must be >= 0")
@@ -429,8 +434,9 @@ def _cpu() -> Config:
     """The default: the best CPU setting found, chosen by `moleflow tune` on synthetic anomalies in held-out
     training normals (docs/accuracy.md §5), never on test images. On top of `cpu-faithful`: the backbone's
     40 + 112 channels side by side (D = 152), a floor of 200 optimiser steps per task over at least 4
-    epochs, elongated images cut into near-square tiles, and a per-product patch memory scored with the
-    flow. Not the faithful method (the memory and tiling are additions); `main`/`repo` are.
+    epochs, elongated images cut into near-square tiles, and a per-product patch memory (a 1,000-token greedy
+    coreset of its training patches) scored with the flow. Not the faithful method (the memory and tiling
+    are additions); `main`/`repo` are.
     """
     cfg = _cpu_faithful()
     cfg.backbone.feature_merge = "concat"
@@ -438,6 +444,9 @@ def _cpu() -> Config:
     cfg.train.epochs = 4
     cfg.train.min_steps = 200
     cfg.score.source = "flow+memory"
+    # 1,000 coreset tokens per product: the smallest candidate no worse on synthetic validation than the
+    # 20,000-token random memory (docs/decisions.md §7); the exact search is then ~20x cheaper
+    cfg.score.memory_coreset = 1000
     cfg.data.tiling = "aspect"
     return cfg
 

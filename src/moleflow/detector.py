@@ -28,7 +28,7 @@ from .errors import MoleflowError
 from .inspector import Inspection, Inspector, key_owner
 from .parallel import Parallel
 from .calibration import calibration_record, calibration_split, conformal_threshold
-from .store.checkpoint import read_model, write_model
+from .store.checkpoint import read_model, read_model_lazily, write_model
 from .trainer import ExpertJob, TrainReport, fit_experts, fit_task
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,9 @@ class MoleFlow:
 
     @property
     def memory(self):
+        # raw access to every task's memory bank: a lazily loaded model reads its pending experts first (the
+        # training paths use `inspector.memory` for the new task only, so learning reads no other expert)
+        self.inspector.ensure_experts(self.inspector.pending_tasks)
         return self.inspector.memory
 
     @property
@@ -397,10 +400,10 @@ class MoleFlow:
                        source: dict[str, Any] | None) -> TaskInfo:
         """After training: the expert's patch memory, router prototype and calibrated threshold."""
         train_tokens = d.tokens
-        if self.memory is not None:
+        if self.inspector.memory is not None:
             if train_tokens is None:
                 train_tokens = self.stream_features(d.train_images)[0]
-            self.memory.add_task(d.task, train_tokens)
+            self.inspector.memory.add_task(d.task, train_tokens)
         cal_tokens, cal_routing, cal_meta = self.stream_features(d.cal_images) if d.n_cal else (None, None, None)
         self.router.add_task(d.task, d.routing if cal_routing is None else torch.cat([d.routing, cal_routing]))
         self.inspector.place()
@@ -418,7 +421,7 @@ class MoleFlow:
                    report: TrainReport, rate: float) -> TaskInfo:
         """Decision threshold from the scores of normal tiles' tokens (M, H, W, D) (`meta`: their owners and
         layouts): held-out normal training images or, without any, the training images (`source` says which)."""
-        if self.memory is not None:
+        if self.inspector.memory is not None:
             self._set_memory_norm(task, tokens)
         scores, pixel_median, pixel_max = self._score_tokens(tokens, task, meta)
         threshold = conformal_threshold(scores.numpy(), rate)
@@ -438,8 +441,8 @@ class MoleFlow:
         for t in token_chunks(tokens, batch_size):
             t = t.to(self.device)
             nll.append(self.flow(t, task).nll.cpu())
-            dist.append(self.memory.distances(t, task).cpu())
-        self.memory.set_norm(task, torch.cat(nll), torch.cat(dist))
+            dist.append(self.inspector.memory.distances(t, task).cpu())
+        self.inspector.memory.set_norm(task, torch.cat(nll), torch.cat(dist))
         self.inspector.place()
 
     @torch.no_grad()
@@ -589,10 +592,13 @@ class MoleFlow:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu",
-             backbone_weights: str | None = None) -> "MoleFlow":
+             backbone_weights: str | None = None, lazy: bool = True) -> "MoleFlow":
         """Load a model folder (or a run folder holding one), verifying every file's SHA-256; its scores equal
-        those of the saved model exactly."""
-        found, manifest, state = read_model(path)
+        those of the saved model exactly. `lazy`: the shared flow, every routing prototype and every
+        calibration are loaded now, each task's expert (flow parts, patch memory) when it is first used, its
+        file checked again then (`Inspector.ensure_experts`); `lazy=False` (or a moleflow 0.1 `model.pt`)
+        loads everything now."""
+        found, manifest, state, pending = read_model_lazily(path) if lazy else (*read_model(path), {})
         config = Config.from_dict(manifest["config"])
         if backbone_weights is not None:
             config.backbone.weights = backbone_weights
@@ -605,7 +611,7 @@ class MoleFlow:
         base = manifest.get("base_tasks")
         if base is None:  # runs saved before several products could share the first step
             base = [] if manifest.get("base_task") is None else [manifest["base_task"]]
-        model.inspector.load_model_state(list(manifest["task_ids"]), base, state)
+        model.inspector.load_model_state(list(manifest["task_ids"]), base, state, pending)
         known = set(TaskInfo.__dataclass_fields__)
         model.tasks = [TaskInfo(**{k: v for k, v in t.items() if k in known}) for t in manifest["tasks"]]
         for i, info in enumerate(model.tasks):  # the tensor is the truth; the metadata copy is for people and tools

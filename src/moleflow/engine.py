@@ -20,7 +20,9 @@ stays the portable artifact for consumers without moleflow.)
 
 Graphs are cached in `cache_dir` under names that carry a hash of what they were traced from (backbone
 weights and settings; the shared flow, the task's expert and the score settings), so adding a product exports
-only its expert and an unchanged product is never re-exported.
+only its expert and an unchanged product is never re-exported. The engine makes an expert's graph and
+session when the first tile is routed to it, so a model of many products (loaded lazily) reads, exports and
+holds only the experts it is asked for.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import tempfile
 import warnings
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -42,7 +44,7 @@ from torch import nn
 
 from .data.batch import Prepared
 from .errors import MoleflowError
-from .inspector import Inspection, Inspector, key_owner
+from .inspector import Inspection, Inspector
 from .store.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -135,27 +137,38 @@ def _state_hash(state: dict[str, torch.Tensor], extra: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def graph_keys(model: "MoleFlow", opset: int, quantize: str) -> dict[str, str]:
-    """Cache key of each graph: "features" and one per task id (str) -> 16 hex digits."""
+def _common_key(opset: int) -> dict:
     from . import __version__
 
+    return {"version": GRAPH_VERSION, "moleflow": __version__, "torch": torch.__version__, "opset": opset}
+
+
+def features_key(model: "MoleFlow", opset: int, quantize: str) -> str:
+    """Cache key (16 hex digits) of the features graph: backbone weights and settings."""
     cfg = model.config
-    common = {"version": GRAPH_VERSION, "moleflow": __version__, "torch": torch.__version__, "opset": opset}
-    keys = {"features": _state_hash({}, {**common, "quantize": quantize, "backbone": asdict(cfg.backbone),
-                                         "router": asdict(cfg.router), "weights": model.extractor.weights_sha256,
-                                         "size": cfg.data.image_size})}
-    state = model.inspector.model_state()
-    for task in model.inspector.task_ids:  # what its expert graph is traced from: shared flow + its expert
-        used = {k: v for k, v in state.items() if key_owner(k) in (None, task) and not _CALIBRATION.search(k)}
-        keys[str(task)] = _state_hash(used, {**common, "task": task, "model": asdict(cfg.model),
-                                             "score": asdict(cfg.score)})
+    return _state_hash({}, {**_common_key(opset), "quantize": quantize, "backbone": asdict(cfg.backbone),
+                            "router": asdict(cfg.router), "weights": model.extractor.weights_sha256,
+                            "size": cfg.data.image_size})
+
+
+def expert_key(model: "MoleFlow", task: int, opset: int) -> str:
+    """Cache key (16 hex digits) of task `task`'s expert graph: what it is traced from, the shared flow and its
+    expert (read if still pending; no other expert is)."""
+    cfg = model.config
+    used = {k: v for k, v in model.inspector.expert_state(task).items() if not _CALIBRATION.search(k)}
+    return _state_hash(used, {**_common_key(opset), "task": task, "model": asdict(cfg.model),
+                              "score": asdict(cfg.score)})
+
+
+def graph_keys(model: "MoleFlow", opset: int, quantize: str) -> dict[str, str]:
+    """Cache key of each graph: "features" and one per task id (str) -> 16 hex digits."""
+    keys = {"features": features_key(model, opset, quantize)}
+    for task in model.inspector.task_ids:
+        keys[str(task)] = expert_key(model, task, opset)
     return keys
 
 
-def export_graphs(model: "MoleFlow", cache_dir: str | Path, opset: int = 17, quantize: str = "none"
-                  ) -> dict[str, Path]:
-    """Write (or reuse) the features graph and one expert graph per task in `cache_dir`; return their paths
-    keyed "features" and str(task id). `quantize="int8"`: the backbone's weights as dynamic int8."""
+def _check_engine_model(model: "MoleFlow", quantize: str) -> None:
     if quantize not in QUANTIZE:
         raise MoleflowError(f"quantize {quantize!r}: use one of {', '.join(QUANTIZE)}")
     if not model.tasks:
@@ -163,11 +176,12 @@ def export_graphs(model: "MoleFlow", cache_dir: str | Path, opset: int = 17, qua
     model.inspector.check_complete()
     if model.device.type != "cpu":
         raise MoleflowError("the onnx engine exports from a model on the CPU; load it with device cpu")
-    cache = Path(cache_dir)
-    keys = graph_keys(model, opset, quantize)
-    paths: dict[str, Path] = {}
-    size, (h, w), dim = model.config.data.image_size, model.grid, model.extractor.embed_dim
-    path = cache / f"features-{keys['features']}.onnx"
+
+
+def export_features_graph(model: "MoleFlow", cache: Path, opset: int, quantize: str) -> Path:
+    """Write (or reuse) the features graph in `cache`; return its path."""
+    size = model.config.data.image_size
+    path = cache / f"features-{features_key(model, opset, quantize)}.onnx"
     if not path.is_file():
         data = _trace(_FeaturesGraph(model.inspector), torch.zeros(2, 3, size, size), ["images"],
                       ["tokens", "routing"], opset)
@@ -175,15 +189,30 @@ def export_graphs(model: "MoleFlow", cache_dir: str | Path, opset: int = 17, qua
             data = _quantize_int8(data)
         atomic_write_bytes(path, lambda fh: fh.write(data))
         log.info("exported the backbone graph: %s", path)
-    paths["features"] = path
+    return path
+
+
+def export_expert_graph(model: "MoleFlow", task: int, cache: Path, opset: int) -> Path:
+    """Write (or reuse) task `task`'s expert graph in `cache` (its expert read first if pending); return its path."""
+    (h, w), dim = model.grid, model.extractor.embed_dim
+    path = cache / f"expert{task}-{expert_key(model, task, opset)}.onnx"
+    if not path.is_file():
+        example = torch.randn(2, h, w, dim, generator=torch.Generator().manual_seed(0))
+        data = _trace(_ExpertGraph(model.inspector, task), example, ["tokens"], ["patch_scores"], opset)
+        atomic_write_bytes(path, lambda fh, data=data: fh.write(data))
+        log.info("exported the expert graph of task %d: %s", task, path)
+    return path
+
+
+def export_graphs(model: "MoleFlow", cache_dir: str | Path, opset: int = 17, quantize: str = "none"
+                  ) -> dict[str, Path]:
+    """Write (or reuse) the features graph and one expert graph per task in `cache_dir`; return their paths
+    keyed "features" and str(task id). `quantize="int8"`: the backbone's weights as dynamic int8."""
+    _check_engine_model(model, quantize)
+    cache = Path(cache_dir)
+    paths = {"features": export_features_graph(model, cache, opset, quantize)}
     for task in model.inspector.task_ids:
-        path = cache / f"expert{task}-{keys[str(task)]}.onnx"
-        if not path.is_file():
-            example = torch.randn(2, h, w, dim, generator=torch.Generator().manual_seed(0))
-            data = _trace(_ExpertGraph(model.inspector, task), example, ["tokens"], ["patch_scores"], opset)
-            atomic_write_bytes(path, lambda fh, data=data: fh.write(data))
-            log.info("exported the expert graph of task %d: %s", task, path)
-        paths[str(task)] = path
+        paths[str(task)] = export_expert_graph(model, task, cache, opset)
     return paths
 
 
@@ -211,7 +240,7 @@ class OnnxEngine:
                  expert_batch: int = 4, spinning: bool = False) -> None:
         from .export import onnx_session
 
-        self.model, self.batch_size, self.quantize = model, batch_size, quantize
+        self.model, self.batch_size, self.quantize, self.opset = model, batch_size, quantize, opset
         # idle onnxruntime threads sleep rather than spin (`spinning=False`): measured faster when other threads
         # (a server's request threads, other processes) share the cores, see BENCHMARKS.md
         # tiles per expert call: with a patch memory, one call holds a (tiles * h * w, memory size) distance
@@ -221,10 +250,27 @@ class OnnxEngine:
         if cache_dir is None:  # a private folder, deleted with the engine
             self._tmp = tempfile.TemporaryDirectory(prefix="moleflow-onnx-")
             cache_dir = self._tmp.name
-        self.paths = export_graphs(model, cache_dir, opset, quantize)
-        self.features = onnx_session(self.paths["features"], threads, optimization, spinning)
-        self.experts = {int(k): onnx_session(p, threads, optimization, spinning) for k, p in self.paths.items()
-                        if k != "features"}
+        _check_engine_model(model, quantize)
+        self.cache = Path(cache_dir)
+        self._session_options = (threads, optimization, spinning)
+        self.paths = {"features": export_features_graph(model, self.cache, opset, quantize)}
+        self.features = onnx_session(self.paths["features"], *self._session_options)
+        pending = set(model.inspector.pending_tasks)
+        for task in model.inspector.task_ids:  # experts in memory already: exported now (a failure shows here)
+            if task not in pending:
+                self.paths[str(task)] = export_expert_graph(model, task, self.cache, opset)
+        self.experts: dict[int, Any] = {}  # task id -> session, opened when the first tile is routed to it
+
+    def _expert(self, task: int) -> Any:
+        """Task `task`'s onnxruntime session, opened on first use; a lazily loaded expert is read and its graph
+        exported (or found in the cache) then."""
+        if task not in self.experts:
+            from .export import onnx_session
+
+            if str(task) not in self.paths:
+                self.paths[str(task)] = export_expert_graph(self.model, task, self.cache, self.opset)
+            self.experts[task] = onnx_session(self.paths[str(task)], *self._session_options)
+        return self.experts[task]
 
     def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, routing = [], []
@@ -240,7 +286,7 @@ class OnnxEngine:
         for i in index.unique().tolist():
             rows = (index == i).nonzero().squeeze(1)
             for chunk in rows.split(self.expert_batch):
-                (patch,) = self.experts[tasks[i]].run(None, {"tokens": tokens[chunk].numpy()})
+                (patch,) = self._expert(tasks[i]).run(None, {"tokens": tokens[chunk].numpy()})
                 out[chunk] = torch.from_numpy(patch)
         return out
 

@@ -13,12 +13,19 @@ pieces: `extractor`, `router` (the one Mahalanobis formula), `expert_scores` and
 Everything needed to score is a parameter or buffer: the router's prototypes and unknown-product limits,
 the patch memory, and each task's decision threshold (`threshold_<t>`). Its `state_dict` (without the
 backbone, which is identified by its weight hash) plus the resolved config is the checkpoint.
+
+A model loaded lazily (`MoleFlow.load(lazy=True)`) has its routing prototypes and thresholds at once, and each
+task's expert (flow parts, patch memory) as a pending `LazyPart`, read when the task is first used:
+`ensure_experts` loads them, and every path that runs or writes an expert calls it first (`inspect` for
+the routed tasks, `patch_scores`, `forward`, `state_dict`, `model_state`, `state_by_part`), so an
+unloaded (randomly initialised) expert is never run nor saved.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -32,6 +39,7 @@ from .memory import PatchMemory
 from .model import ExpertFlow
 from .router import PrototypeRouter
 from .scoring import MapMaker, image_scores
+from .store.checkpoint import LazyPart
 
 # a state_dict key owned by one task: an entry of a per-task container, or a per-task buffer `<name>_<t>`
 _TASK_BUFFER = re.compile(r"(mean|precision|unknown|bank|norm|threshold)_(\d+)")  # router, memory, inspector
@@ -86,14 +94,16 @@ class Inspector(nn.Module):
         self.extractor = FeatureExtractor(config.backbone)
         self.flow = ExpertFlow(config.model, self.extractor.embed_dim, seed=config.train.seed)
         self.router = PrototypeRouter(config.router)
-        self.memory = (PatchMemory(config.score.memory_fraction, config.train.seed, config.score.memory_max_tokens)
-                       if config.score.source == "flow+memory" else None)
+        score = config.score
+        self.memory = (PatchMemory(score.memory_fraction, config.train.seed, score.memory_max_tokens,
+                                   score.memory_coreset) if score.source == "flow+memory" else None)
         self.extractor.to(self.device)
         size = config.data.image_size
         with torch.no_grad():  # the token grid of this backbone at this image size, e.g. 28 x 28 at 224 px
             self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
         self.map_maker = MapMaker(self.grid, size, config.score.map_sigma)
         self._stitched_makers: dict[tuple[int, int], MapMaker] = {}  # map makers of stitched (tiled) grids
+        self._pending: dict[int, LazyPart] = {}  # experts of a lazily loaded model not read yet, by task id
         self.to(self.device)
         self.eval()
 
@@ -123,6 +133,7 @@ class Inspector(nn.Module):
 
     def remove_task(self, task: int) -> None:
         """Delete everything task `task` owns; every other task is untouched."""
+        self._pending.pop(task, None)
         if task in self.flow.task_ids:
             self.flow.remove_task(task)
         if task in self.router.task_ids:
@@ -137,14 +148,72 @@ class Inspector(nn.Module):
         for t in self.flow.task_ids:
             missing = [what for what, ok in (("router prototype", t in self.router.task_ids),
                                             ("threshold", hasattr(self, f"threshold_{t}")),
-                                            ("patch memory", self.memory is None or self.memory.has(t))) if not ok]
+                                            ("patch memory", self._has_memory(t))) if not ok]
             if missing:
                 raise MoleflowError(f"task {t} has no {', '.join(missing)}; the model is incomplete")
 
+    def _has_memory(self, task: int) -> bool:
+        """Task `task` has its patch memory (or is scored without one); a pending expert's is in its file."""
+        if self.memory is None or self.memory.has(task):
+            return True
+        return task in self._pending and f"memory.bank_{task}" in self._pending[task].keys
+
+    # ------------------------------------------------------------------------------ lazy experts
+    @property
+    def pending_tasks(self) -> list[int]:
+        """Tasks of a lazily loaded model whose expert has not been read yet."""
+        return sorted(self._pending)
+
+    def ensure_experts(self, tasks: Iterable[int]) -> None:
+        """Read the pending experts among `tasks` (SHA-256 checked again) into the model; others stay pending."""
+        for task in [t for t in tasks if t in self._pending]:
+            self._materialise(task)
+
+    def _materialise(self, task: int) -> None:
+        """Load pending task `task`'s expert file: its memory buffers are created, its flow tensors replace the
+        placeholders made at load; it stays pending (and unusable) if anything fails."""
+        part = self._pending[task]
+        state = part.load()
+        self._create_task_buffers(state)
+        expected = {k for k in self._model_state() if key_part(k) == f"task{task}" and k not in part.eager}
+        if set(state) != expected:
+            raise MoleflowError(f"{part.path}: the tensors of task {task} do not fit this model (missing "
+                                f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}); "
+                                "restore it from a copy of the run")
+        self.load_state_dict(state, strict=False)
+        del self._pending[task]
+        self.place()
+
+    def expert_state(self, task: int) -> dict[str, torch.Tensor]:
+        """The shared tensors and task `task`'s own (its expert materialised first, no other)."""
+        self.ensure_experts([task])
+        return {k: v for k, v in self._model_state().items() if key_owner(k) in (None, task)}
+
+    def task_bytes(self, task: int) -> int:
+        """Bytes of task `task`'s tensors (expert and calibration parts), without reading a pending expert."""
+        part = self._pending.get(task)
+        loaded = sum(v.numel() * v.element_size() for k, v in self._model_state().items()
+                     if key_owner(k) == task and (part is None or k not in part.keys))
+        return loaded + (part.data_bytes if part is not None else 0)
+
     # ------------------------------------------------------------------------------ state
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False
+                   ) -> dict[str, torch.Tensor]:
+        """nn.Module.state_dict, every pending expert materialised first when asked directly (save, export,
+        hashing); as a part of a wrapper graph of one expert (engine.py) nothing is read."""
+        if destination is None and not prefix:
+            self.ensure_experts(list(self._pending))
+        return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+    def _model_state(self) -> dict[str, torch.Tensor]:
+        """`model_state` as it is, pending experts' placeholders included: for key checks only."""
+        return {k: v for k, v in super().state_dict().items() if not k.startswith(_BACKBONE_PREFIX)}
+
     def model_state(self) -> dict[str, torch.Tensor]:
-        """The state_dict without the backbone (its weights come from their source, checked by hash)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(_BACKBONE_PREFIX)}
+        """The state_dict without the backbone (its weights come from their source, checked by hash); every
+        expert materialised."""
+        self.ensure_experts(list(self._pending))
+        return self._model_state()
 
     def state_by_part(self) -> dict[str, dict[str, torch.Tensor]]:
         """`model_state` split into checkpoint parts (`key_part`): shared, and per task its expert and its
@@ -189,20 +258,30 @@ class Inspector(nn.Module):
         self.flow.eval()
         self.place()
 
-    def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor]) -> None:
+    def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor],
+                         pending: dict[int, LazyPart] | None = None) -> None:
         """Rebuild the experts of `task_ids` (`base_tasks`: those that trained the shared weights, removed ones
-        included) and load `state` (as written by `model_state`), strictly."""
+        included) and load `state` (as written by `model_state`), strictly; the experts in `pending` (task id ->
+        its file, whose other tensors `state` lacks) are read on first use (`ensure_experts`)."""
+        pending = dict(pending or {})
         for task in task_ids:
             self.flow.add_task(task, base=task in base_tasks)
         self.flow.base_tasks = list(base_tasks)
         self._create_task_buffers(state)
-        expected = set(self.model_state())
-        missing, unexpected = expected - set(state), set(state) - expected
+        for task, part in pending.items():  # a file may hold only its own task's expert
+            stray = sorted(k for k in part.keys if key_part(k) != f"task{task}")
+            if task not in task_ids or stray:
+                raise MoleflowError(f"{part.path}: holds tensors that are not task {task}'s expert "
+                                    f"({stray[:3] or 'an unknown task'})")
+        later = {k for part in pending.values() for k in part.keys - part.eager}
+        expected = set(self._model_state()) | {k for k in later if k.startswith("memory.") and self.memory is not None}
+        missing, unexpected = expected - set(state) - later, (set(state) | later) - expected
         if missing or unexpected:
             raise MoleflowError(f"the checkpoint does not fit this configuration: missing {sorted(missing)[:3]}, "
                                 f"unexpected {sorted(unexpected)[:3]}")
-        self.load_state_dict({**state, **{k: v for k, v in self.state_dict().items()
-                                          if k.startswith(_BACKBONE_PREFIX)}}, strict=True)
+        self.load_state_dict({**state, **{k: v for k, v in super().state_dict().items()
+                                          if k.startswith(_BACKBONE_PREFIX)}}, strict=not pending)
+        self._pending = pending
         self.router.task_ids.sort(key=task_ids.index)
         self.to(self.device)
         self.eval()
@@ -212,6 +291,8 @@ class Inspector(nn.Module):
     def patch_scores(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
         """Patch anomaly scores (B, H, W) of tokens (B, H, W, D) under task `task`: the flow's NLL (spec §6),
         or with a memory the standardised sum of NLL and memory distance."""
+        if task in self._pending:
+            self.ensure_experts([task])
         nll = self.flow(tokens, task).nll
         return nll if self.memory is None else self.memory.combine(nll, tokens, task)
 
@@ -219,17 +300,30 @@ class Inspector(nn.Module):
                       batch_size: int = 64) -> torch.Tensor:
         """Patch scores (M, H, W) of tokens (M, H, W, D), row i scored by the expert of task tasks[index[i]].
 
-        Eager: each routed expert runs on its own rows only. Traced for export: every expert runs on every
-        row and the routed one is gathered (no data-dependent control flow)."""
+        Eager: one flow pass per chunk of `batch_size` rows (on the CPU, fewer: `ExpertFlow.rows_per_pass`)
+        whatever products they hold (`forward_rows`: each row through its own expert; a chunk of one product is
+        that expert's plain forward), then each product's patch memory on its own rows. Traced for export: every expert runs on every row and the routed one is
+        gathered (no data-dependent control flow)."""
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
             every = torch.stack([self.patch_scores(tokens, t).float() for t in tasks], dim=1)  # (M, T, H, W)
             h, w = tokens.shape[1:3]
             return every.gather(1, index.view(-1, 1, 1, 1).expand(-1, 1, h, w)).squeeze(1)
         out = tokens.new_empty(tokens.shape[:3], dtype=torch.float32)
-        for i in index.unique().tolist():
-            rows = (index == i).nonzero().squeeze(1)
-            for chunk in rows.split(batch_size):
-                out[chunk] = self.patch_scores(tokens[chunk], tasks[i]).float()
+        row_task = torch.as_tensor(tasks, dtype=torch.long, device=index.device)[index]  # (M,) each row's task
+        rows_per_pass = self.flow.rows_per_pass(tokens, batch_size)
+        for chunk in torch.arange(len(index), device=index.device).split(rows_per_pass):
+            ids = row_task[chunk]
+            distinct = ids.unique().tolist()
+            if len(distinct) == 1:  # one product: its expert's plain forward, bit-identical to scoring it alone
+                out[chunk] = self.patch_scores(tokens[chunk], distinct[0]).float()
+                continue
+            nll = self.flow.forward_rows(tokens[chunk], ids).nll
+            if self.memory is None:
+                out[chunk] = nll.float()
+                continue
+            for task in distinct:  # nearest patches come from each product's own memory, so per product
+                own = (ids == task).nonzero().squeeze(1)
+                out[chunk[own]] = self.memory.combine(nll[own], tokens[chunk[own]], task).float()
         return out
 
     def outputs(self, patch: torch.Tensor, prep: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | list]:
@@ -291,6 +385,7 @@ class Inspector(nn.Module):
             index = torch.tensor([tasks.index(t) for t in ids.tolist()], dtype=torch.long, device=self.device)
             distance = torch.full((n,), float("nan"), dtype=torch.float64)
             known = torch.ones(n, dtype=torch.bool)
+        self.ensure_experts([tasks[i] for i in index.unique().tolist()])  # only the routed ones are read
         patch = self.expert_scores(tokens, index[owner], tasks, batch_size)
         scores, maps, patch_maps = self.outputs(patch, prep)
         limits = self.thresholds(tasks)[index.to(self.device)].cpu()
@@ -306,6 +401,7 @@ class Inspector(nn.Module):
         task index (N,) int64 into `task_ids`, router distance (N,) float64, known (N,) bool, anomalous (N,)
         bool. The traced graph of the ONNX export; `inspect` gives the same values."""
         tasks = self.task_ids
+        self.ensure_experts(tasks)  # traced: every expert is in the graph
         tokens, routing = self.features(images)
         index, distance, known = self.router(routing, tasks)
         patch = self.expert_scores(tokens.float(), index, tasks)

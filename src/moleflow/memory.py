@@ -1,14 +1,17 @@
 """Per-task memory of training patch tokens, scored by nearest-neighbour distance (PatchCore style).
 
 Optional (`score.source = "flow+memory"`), not part of the faithful method. Each task keeps a seeded
-random share of its own training patch tokens, so nothing of another task is stored or replayed and
-adding a task leaves every earlier memory untouched (zero forgetting stays structural).
+random share of its own training patch tokens, optionally thinned to `coreset` tokens by PatchCore's greedy
+k-center selection (which keeps the coverage of the normal patches with far fewer rows: the search is the
+inference bottleneck on a CPU), so nothing of another task is stored or replayed and adding a task leaves
+every earlier memory untouched (zero forgetting stays structural).
 
     memory.add_task(task, tokens)              tokens (N, H, W, D) or an (N, H, W, D) memmap
     memory.distances(tokens, task)             (B, H, W, D) -> (B, H, W) distance to the nearest kept token
 
 Written here rather than taken from anomalib or faiss: the search is one chunked matrix product in torch
-(exact, runs on the model's device, no extra dependency), and the memory must live in our checkpoint.
+(exact, runs on the model's device, no extra dependency), the memory must live in our checkpoint, and
+anomalib's k-center sampler comes with its Lightning stack (the greedy loop below is a few lines).
 """
 
 from __future__ import annotations
@@ -34,6 +37,31 @@ def sample_patches(tokens, fraction: float, seed: int, max_tokens: int | None = 
     return torch.as_tensor(tokens).reshape(total, d)[index].float().clone()
 
 
+def greedy_coreset(points: torch.Tensor, k: int, seed: int, project_dim: int = 128) -> torch.Tensor:
+    """Sorted indices (k,) of a greedy k-center coreset of `points` (N, D) (PatchCore, Roth et al. 2022, §3.2):
+    start at a seeded random point, then repeatedly add the point farthest from every point chosen so far.
+    Distances are taken after a seeded Gaussian projection to `project_dim` dimensions, as PatchCore does
+    (Johnson-Lindenstrauss), so the cost is O(k N project_dim). All N when k >= N."""
+    n, d = points.shape
+    if k >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    x = points.float()
+    if d > project_dim:
+        x = x @ (torch.randn(d, project_dim, generator=gen) / project_dim ** 0.5)
+    sq = x.pow(2).sum(1)
+    nearest = torch.full((n,), float("inf"))
+    chosen = torch.empty(k, dtype=torch.long)
+    current = int(torch.randint(n, (1,), generator=gen))
+    for i in range(k):
+        chosen[i] = current
+        # squared distance to the newest centre, ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product
+        nearest = torch.minimum(nearest, sq - 2 * (x @ x[current]) + sq[current])
+        nearest[current] = -1.0  # never chosen twice (rounding can leave a chosen point slightly above 0)
+        current = int(nearest.argmax())
+    return chosen.sort().values
+
+
 def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
     """(Q, D), (M, D) -> (Q,) Euclidean distance of each query to its nearest bank row (exact)."""
     bank_sq = bank.pow(2).sum(1)
@@ -48,18 +76,24 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 204
 
 class PatchMemory(nn.Module):
     """Memory banks keyed by task id: `bank_<t>` (M_t, D) and `norm_<t>` (4,) = mean and std of the flow NLL
-    and of the memory distance over held-out normal patches of the task (set by `set_norm`)."""
+    and of the memory distance over held-out normal patches of the task (set by `set_norm`).
 
-    def __init__(self, fraction: float, seed: int = 0, max_tokens: int | None = None) -> None:
+    A task keeps a seeded random `fraction` (at most `max_tokens`) of its training tokens; with `coreset` > 0
+    that sample is then thinned to `coreset` tokens by `greedy_coreset`."""
+
+    def __init__(self, fraction: float, seed: int = 0, max_tokens: int | None = None, coreset: int = 0) -> None:
         super().__init__()
-        self.fraction, self.seed, self.max_tokens = fraction, seed, max_tokens
+        self.fraction, self.seed, self.max_tokens, self.coreset = fraction, seed, max_tokens, coreset
 
     def has(self, task: int) -> bool:
         return hasattr(self, f"bank_{task}")
 
     def add_task(self, task: int, tokens) -> None:
-        """Keep a seeded `fraction` of task `task`'s training tokens (N, H, W, D)."""
-        bank = sample_patches(tokens, self.fraction, self.seed * 1_000_003 + task, self.max_tokens)
+        """Keep a seeded `fraction` of task `task`'s training tokens (N, H, W, D), thinned to a coreset."""
+        seed = self.seed * 1_000_003 + task
+        bank = sample_patches(tokens, self.fraction, seed, self.max_tokens)
+        if self.coreset:
+            bank = bank[greedy_coreset(bank, self.coreset, seed)].clone()
         self.register_buffer(f"bank_{task}", bank)
 
     def set_norm(self, task: int, nll: torch.Tensor, distance: torch.Tensor) -> None:

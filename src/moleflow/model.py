@@ -4,7 +4,9 @@
                      -> coupling blocks (shared base + LoRA_t + bias_t) -> DIA_t -> z (B,H,W,D)
     nll per patch = 0.5 ||z||^2 + (D/2) log(2 pi) - log-det           (B,H,W)
 
-Experts are keyed by task id. The active task is an argument of every call; nothing is global.
+Experts are keyed by task id. The active task is an argument of every call; nothing is global. A mixed
+batch (row i of its own task) runs in one pass (`forward_rows`): the shared parts once, each expert's
+weights gathered per row (`nn.lora.RowTasks`), so its cost does not grow with the tasks in it.
 Freezing rules (spec §2.7.3): task 0 trains the shared weights and its own expert; later tasks train
 their own expert only, so everything learned earlier stays bit-identical.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -22,9 +25,13 @@ from .nn.adapters import (SoftLNAdapter, SpatialContextMixer, WhiteningAdapter, 
                           whitening_gamma_raw_init)
 from .nn.coupling import CouplingBlock, PlainSubnet, ScaleContextSubnet
 from .nn.dia import DIA
-from .nn.lora import LoRALinear
+from .nn.lora import LoRALinear, RowTasks, Task, owned_by_all
 
 SHARED_FLOW = "shared"
+# patch tokens per flow pass on the CPU: a larger pass's activations spill out of the caches; at D = 152, passes
+# of 4 images of 28 x 28 ran 30 % faster than passes of 32, at D = 32 passes of 20 images of 14 x 14 were the
+# fastest (BENCHMARKS.md, "How cost grows")
+CPU_TOKENS_PER_PASS = 4096
 
 
 @dataclass
@@ -60,7 +67,7 @@ class FlowStack(nn.Module):
     def lora_layers(self) -> list[LoRALinear]:
         return [layer for block in self.blocks for layer in block.subnet.lora_layers()]
 
-    def forward(self, x: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
         logdet = x.new_zeros(x.shape[:-1])
         for block in self.blocks:
             x, ld = block(x, task)
@@ -145,8 +152,25 @@ class ExpertFlow(nn.Module):
             del self.flows[key]
         self.task_ids.remove(task)
 
-    def _flow(self, task: int) -> FlowStack:
+    def _flow(self, task: int | RowTasks) -> FlowStack:
+        """Task `task`'s coupling blocks (a mixed batch's tasks must all use the shared ones)."""
+        if isinstance(task, RowTasks):
+            return self.flows[SHARED_FLOW]
         return self.flows[str(task)] if str(task) in self.flows else self.flows[SHARED_FLOW]
+
+    @staticmethod
+    def _experts(store: nn.ModuleDict, task: int | RowTasks) -> list[nn.Module]:
+        """The modules of `store` (adapters, DIAs) of `task`'s task(s), one per distinct task; [] if none has one."""
+        keys = [str(t) for t in (task.tasks if isinstance(task, RowTasks) else (task,))]
+        return [store[k] for k in keys] if owned_by_all(keys, store) else []
+
+    @staticmethod
+    def _run_experts(modules: list[nn.Module], task: int | RowTasks, x: torch.Tensor
+                     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x (B,H,W,D) through the one task's module, or row i through its row's module (`forward_rows`)."""
+        if isinstance(task, RowTasks):
+            return type(modules[0]).forward_rows(modules, task, x)
+        return modules[0](x)
 
     # ------------------------------------------------------------------------------ parameters
     def task_parameter_groups(self, task: int) -> dict[str, list[nn.Parameter]]:
@@ -201,25 +225,26 @@ class ExpertFlow(nn.Module):
         return {"shared": shared, "per_task": per_task}
 
     # ------------------------------------------------------------------------------ forward
-    def prepare(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
-        """Tokens (B,H,W,D) -> flow input: + PE, task adapter, spatial context mixer."""
+    def prepare(self, tokens: torch.Tensor, task: int | RowTasks) -> torch.Tensor:
+        """Tokens (B,H,W,D) -> flow input: + PE, task adapter (per row with `RowTasks`), spatial context mixer."""
         x = tokens
         if self.cfg.use_pos_embedding:
             b, h, w, d = x.shape
             x = x + sinusoidal_position_encoding(h, w, d, device=x.device).to(x.dtype)
-        key = str(task)
-        if key in self.adapters:
-            x = self.adapters[key](x)
+        adapters = self._experts(self.adapters, task)
+        if adapters:
+            x = self._run_experts(adapters, task, x)
         if self.scm is not None:
             x = self.scm(x)
         return x
 
-    def flow_forward(self, x: torch.Tensor, task: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The invertible part: coupling blocks then DIA_t. (B,H,W,D) -> z, log-det (B,H,W)."""
+    def flow_forward(self, x: torch.Tensor, task: int | RowTasks) -> tuple[torch.Tensor, torch.Tensor]:
+        """The invertible part: coupling blocks then DIA_t (per row with `RowTasks`). (B,H,W,D) -> z,
+        log-det (B,H,W)."""
         z, logdet = self._flow(task)(x, task)
-        key = str(task)
-        if key in self.dias:
-            z, ld = self.dias[key](z)
+        dias = self._experts(self.dias, task)
+        if dias:
+            z, ld = self._run_experts(dias, task, z)
             logdet = logdet + ld
         return z, logdet
 
@@ -229,10 +254,46 @@ class ExpertFlow(nn.Module):
             z = self.dias[key].inverse(z)
         return self._flow(task).inverse(z, task)
 
+    @staticmethod
+    def rows_per_pass(tokens: torch.Tensor, limit: int) -> int:
+        """How many rows of tokens (B,H,W,D) to score per forward, at most `limit`: on the CPU, rows of at
+        most `CPU_TOKENS_PER_PASS` patches in all (at least one row); elsewhere `limit`."""
+        if tokens.device.type != "cpu":
+            return limit
+        return max(1, min(limit, CPU_TOKENS_PER_PASS // max(1, tokens.shape[1] * tokens.shape[2])))
+
     def forward(self, tokens: torch.Tensor, task: int) -> FlowOutput:
         """tokens (B,H,W,D) of images all belonging to `task` -> per-patch NLL, log-det and latent."""
-        if task not in self.task_ids:
-            raise ValueError(f"task {task} is not learned (tasks: {self.task_ids})")
-        z, logdet = self.flow_forward(self.prepare(tokens, task), task)
+        self._check_learned([task])
+        return self._output(*self.flow_forward(self.prepare(tokens, task), task))
+
+    def forward_rows(self, tokens: torch.Tensor, row_tasks: Sequence[int] | torch.Tensor) -> FlowOutput:
+        """tokens (B,H,W,D), row i of task row_tasks[i] ((B,) ids) -> per-patch NLL, log-det and latent, in one
+        pass whatever the number of distinct tasks: the shared parts run once on the whole batch and each
+        expert's weights are gathered per row. Equal to `forward` on each task's rows up to float rounding
+        (bit-identical when all rows have one task: that is `forward`). With `task_separated` (a separate
+        FlowStack per task) there is no shared pass: each task's rows run as their own `forward`."""
+        rows = RowTasks.of(row_tasks, tokens.device)
+        self._check_learned(rows.tasks)
+        if len(rows.tasks) == 1:
+            return self.forward(tokens, rows.tasks[0])
+        if any(str(t) in self.flows for t in rows.tasks):
+            return self._forward_per_task(tokens, rows)
+        return self._output(*self.flow_forward(self.prepare(tokens, rows), rows))
+
+    def _forward_per_task(self, tokens: torch.Tensor, rows: RowTasks) -> FlowOutput:
+        """`forward_rows` as one `forward` per distinct task on its rows (tasks with their own flow)."""
+        parts = [(rows.index == i).nonzero().squeeze(1) for i in range(len(rows.tasks))]
+        outs = [self.forward(tokens[part], task) for part, task in zip(parts, rows.tasks)]
+        back = torch.cat(parts).argsort()  # concatenated task by task -> original row order
+        return FlowOutput(*(torch.cat([getattr(o, name) for o in outs])[back] for name in ("nll", "logdet", "z")))
+
+    def _check_learned(self, tasks: Sequence[int]) -> None:
+        for task in tasks:
+            if task not in self.task_ids:
+                raise ValueError(f"task {task} is not learned (tasks: {self.task_ids})")
+
+    def _output(self, z: torch.Tensor, logdet: torch.Tensor) -> FlowOutput:
+        """Latent z (B,H,W,D) and log-det (B,H,W) -> per-patch NLL under the standard normal."""
         log_prob = -0.5 * z.pow(2).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi) + logdet
         return FlowOutput(nll=-log_prob, logdet=logdet, z=z)

@@ -26,12 +26,10 @@ def add_parser(sub) -> None:
 
 def task_table(model: MoleFlow) -> list[dict]:
     rows = []
-    parts = model.inspector.state_by_part()
     for info in model.tasks:
         params = model.flow.task_parameters(info.task_id)
         n_params = sum(p.numel() for p in params)
-        bytes_ = sum(v.numel() * v.element_size() for part in (f"task{info.task_id}", f"task{info.task_id}-calibration")
-                     for v in parts[part].values())
+        bytes_ = model.inspector.task_bytes(info.task_id)  # a lazily loaded expert is not read for this
         cal = info.calibration
         rate = cal.get("false_alarm_rate")
         n_cal = int(cal.get("n", 0))

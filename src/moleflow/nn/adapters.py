@@ -1,17 +1,29 @@
 """Positional encoding, per-task input adapters and the shared spatial context mixer (spec §2.4-2.6).
 
-All modules work on channels-last token maps (B, H, W, D).
+All modules work on channels-last token maps (B, H, W, D). A per-task adapter's `forward_rows(adapters, rows,
+x)` runs a mixed batch in one pass, row i through the adapter of its task (`lora.RowTasks`); `forward` is its
+case of one adapter for every row.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .init import init_linear_
+from .lora import RowTasks, run_sequential
+
+
+def _per_row(adapters: Sequence[nn.Module], rows: RowTasks | None, x: torch.Tensor,
+             value: Callable[[nn.Module], torch.Tensor]) -> torch.Tensor:
+    """`value(adapter)` (S) of adapters[0] (rows None), or of each row's adapter shaped (B, 1, ..., 1, *S)."""
+    if rows is None:
+        return value(adapters[0])
+    return rows.broadcast([value(a) for a in adapters], x)
 
 
 def sinusoidal_position_encoding(height: int, width: int, dim: int,
@@ -45,9 +57,17 @@ class WhiteningAdapter(nn.Module):
         self.beta_raw = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.layer_norm(x, (self.gamma_raw.shape[0],), eps=1e-5)  # a static shape (ONNX export)
-        gamma = 0.5 + 1.5 * torch.sigmoid(self.gamma_raw)
-        return gamma * x + 2.0 * torch.tanh(self.beta_raw)
+        """x (B, H, W, D) -> (B, H, W, D)."""
+        return self.forward_rows([self], None, x)
+
+    @staticmethod
+    def forward_rows(adapters: Sequence["WhiteningAdapter"], rows: RowTasks | None, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, D): row i through adapters[rows.index[i]] (rows None: every row through adapters[0])."""
+        gamma_raw = _per_row(adapters, rows, x, lambda a: a.gamma_raw)
+        beta_raw = _per_row(adapters, rows, x, lambda a: a.beta_raw)
+        x = F.layer_norm(x, (adapters[0].gamma_raw.shape[0],), eps=1e-5)  # a static shape (ONNX export)
+        gamma = 0.5 + 1.5 * torch.sigmoid(gamma_raw)
+        return gamma * x + 2.0 * torch.tanh(beta_raw)
 
 
 class SoftLNAdapter(nn.Module):
@@ -74,11 +94,29 @@ class SoftLNAdapter(nn.Module):
         self.gate = nn.Parameter(torch.tensor(0.5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.ln_mix.clamp(0.0, 1.0)
-        x1 = m * self.norm(x) + (1 - m) * x
-        x2 = self.film_gamma * x1 + self.film_beta
-        x3 = x2 + torch.sigmoid(self.gate) * self.mlp(x2)
-        return 0.9 * x + 0.1 * x3 if self.first_task else x3
+        """x (B, H, W, D) -> (B, H, W, D)."""
+        return self.forward_rows([self], None, x)
+
+    @staticmethod
+    def forward_rows(adapters: Sequence["SoftLNAdapter"], rows: RowTasks | None, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, D): row i through adapters[rows.index[i]] (rows None: every row through adapters[0])."""
+        def per_row(value: Callable[[SoftLNAdapter], torch.Tensor]) -> torch.Tensor:
+            return _per_row(adapters, rows, x, value)
+
+        norm = adapters[0].norm
+        m = per_row(lambda a: a.ln_mix).clamp(0.0, 1.0)
+        if rows is None:
+            normed = norm(x)
+        else:  # layer_norm takes one affine for all rows; per row it is applied after (equal up to rounding)
+            normed = (F.layer_norm(x, norm.normalized_shape, eps=norm.eps) * per_row(lambda a: a.norm.weight)
+                      + per_row(lambda a: a.norm.bias))
+        x1 = m * normed + (1 - m) * x
+        x2 = per_row(lambda a: a.film_gamma) * x1 + per_row(lambda a: a.film_beta)
+        x3 = x2 + torch.sigmoid(per_row(lambda a: a.gate)) * run_sequential([a.mlp for a in adapters], rows, x2)
+        if rows is None:
+            return 0.9 * x + 0.1 * x3 if adapters[0].first_task else x3
+        first = rows.select(torch.tensor([a.first_task for a in adapters], device=x.device))
+        return torch.where(first.view(-1, *[1] * (x.dim() - 1)), 0.9 * x + 0.1 * x3, x3)
 
 
 class SpatialContextMixer(nn.Module):

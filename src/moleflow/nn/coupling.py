@@ -9,6 +9,7 @@ Forward of one block, u = [u1, u2] split at D/2 along channels:
     v2 = u2 * exp(ls) + 0.1 * a_t        log-det per patch = sum(ls)
     out = permute([u1, v2])              fixed random channel permutation (no log-det)
 The FrEIA global affine (`AllInOneBlock`) is dropped: its parameters were never trained (§2.7.1).
+`task` is one task's id or `RowTasks` (one task per row of a mixed batch); only the LoRA layers read it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import LoRALinear
+from .lora import LoRALinear, Task
 
 
 class ScaleContextSubnet(nn.Module):
@@ -45,7 +46,7 @@ class ScaleContextSubnet(nn.Module):
     def lora_layers(self) -> list[LoRALinear]:
         return [self.s1, self.s2, self.t1, self.t2]
 
-    def forward(self, u1: torch.Tensor, task: int | None) -> torch.Tensor:
+    def forward(self, u1: torch.Tensor, task: Task) -> torch.Tensor:
         alpha = self.max_alpha * torch.sigmoid(self.theta)
         ctx = alpha * self.context(u1.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         s = self.s2(F.relu(self.s1(torch.cat([u1, ctx], dim=-1), task)), task)
@@ -64,7 +65,7 @@ class PlainSubnet(nn.Module):
     def lora_layers(self) -> list[LoRALinear]:
         return [self.l1, self.l2]
 
-    def forward(self, u1: torch.Tensor, task: int | None) -> torch.Tensor:
+    def forward(self, u1: torch.Tensor, task: Task) -> torch.Tensor:
         return self.l2(F.relu(self.l1(u1, task)), task)
 
 
@@ -85,12 +86,12 @@ class CouplingBlock(nn.Module):
         self.register_buffer("perm_first", matrix[:, : self.half].contiguous(), persistent=False)
         self.register_buffer("perm_second", matrix[:, self.half :].contiguous(), persistent=False)
 
-    def _scale_shift(self, u1: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _scale_shift(self, u1: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.subnet(u1, task)
         log_scale = self.clamp * torch.tanh(0.1 * a[..., : self.half])
         return log_scale, 0.1 * a[..., self.half :]
 
-    def forward(self, u: torch.Tensor, task: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, u: torch.Tensor, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
         """u (B,H,W,D) -> (v (B,H,W,D), log-det per patch (B,H,W))."""
         u1, u2 = u[..., : self.half], u[..., self.half :]
         log_scale, shift = self._scale_shift(u1, task)
@@ -98,7 +99,7 @@ class CouplingBlock(nn.Module):
         out = F.linear(u1, self.perm_first.to(u.dtype)) + F.linear(v2, self.perm_second.to(u.dtype))
         return out, log_scale.sum(-1)
 
-    def inverse(self, v: torch.Tensor, task: int | None) -> torch.Tensor:
+    def inverse(self, v: torch.Tensor, task: Task) -> torch.Tensor:
         """Exact inverse of `forward`."""
         v = v[..., torch.argsort(self.perm)]
         u1, v2 = v[..., : self.half], v[..., self.half :]

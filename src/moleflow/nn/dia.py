@@ -3,14 +3,21 @@
 Block i keeps one half of the channels and transforms the other (halves alternate with i):
     s~ = clamp * tanh(S(keep) / clamp),  changed' = changed * exp(s~) + T(keep),  log-det = sum(s~)
 S and T are MLPs half -> hidden -> hidden -> half with zero-initialised last layers (identity at start).
+`DIA.forward_rows(dias, rows, x)` runs a mixed batch in one pass, row i through the DIA of its task.
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .init import init_linear_
+from .lora import RowTasks, run_sequential
+
+Net = Callable[[torch.Tensor], torch.Tensor]
 
 
 def _mlp(half: int, hidden: int, generator: torch.Generator) -> nn.Sequential:
@@ -39,14 +46,17 @@ class DIABlock(nn.Module):
     def _merge(self, keep: torch.Tensor, changed: torch.Tensor) -> torch.Tensor:
         return torch.cat([changed, keep] if self.swap else [keep, changed], dim=-1)
 
-    def _scale_shift(self, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        s = self.clamp * torch.tanh(self.scale_net(keep) / self.clamp)
-        return s, self.shift_net(keep)
+    def _scale_shift(self, keep: torch.Tensor, nets: tuple[Net, Net] | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        scale_net, shift_net = (self.scale_net, self.shift_net) if nets is None else nets
+        s = self.clamp * torch.tanh(scale_net(keep) / self.clamp)
+        return s, shift_net(keep)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x (B,H,W,D) -> (y (B,H,W,D), log-det per patch (B,H,W))."""
+    def forward(self, x: torch.Tensor, nets: tuple[Net, Net] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B,H,W,D) -> (y (B,H,W,D), log-det per patch (B,H,W)). `nets`: the scale and shift nets to use
+        instead of this block's own (per-row nets of a mixed batch)."""
         keep, changed = self._split(x)
-        s, t = self._scale_shift(keep)
+        s, t = self._scale_shift(keep, nets)
         return self._merge(keep, changed * torch.exp(s) + t), s.sum(-1)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
@@ -65,9 +75,18 @@ class DIA(nn.Module):
         self.blocks = nn.ModuleList(DIABlock(dim, hidden, i % 2 == 1, clamp, generator) for i in range(n_blocks))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.forward_rows([self], None, x)
+
+    @staticmethod
+    def forward_rows(dias: Sequence["DIA"], rows: RowTasks | None, x: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B,H,W,D): row i through dias[rows.index[i]] (rows None: every row through dias[0]) -> (z, log-det
+        (B,H,W)). The DIAs share one architecture; their MLPs run per row with gathered weights."""
         logdet = x.new_zeros(x.shape[:-1])
-        for block in self.blocks:
-            x, ld = block(x)
+        for blocks in zip(*(d.blocks for d in dias)):
+            nets = None if rows is None else (partial(run_sequential, [b.scale_net for b in blocks], rows),
+                                              partial(run_sequential, [b.shift_net for b in blocks], rows))
+            x, ld = blocks[0](x, nets)
             logdet = logdet + ld
         return x, logdet
 

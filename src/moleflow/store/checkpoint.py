@@ -11,6 +11,10 @@ then the manifest (atomically), then deletes shards no longer listed, so a crash
 previous manifest and every file it lists intact; an unchanged expert is never rewritten. Loading verifies
 every listed file's hash (and the manifest's own checksum) and refuses a mismatch, naming the file.
 
+`read_model_lazily` verifies every hash too, but of each task's expert file keeps in memory only the
+router's tensors (routing needs every prototype); the rest is read by its `LazyPart` on first use, which
+checks the file's hash again (it may have changed since).
+
 Runs of moleflow 0.1 (one `model.pt`) still load, with `torch.load(weights_only=True)`; the next save of
 such a run (add-task, remove-task) writes the model folder, which is then preferred; `moleflow migrate`
 converts a run, checks the scores are unchanged and removes `model.pt`.
@@ -21,10 +25,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -41,8 +48,22 @@ MANIFEST = "manifest.json"
 LEGACY_FILE = "model.pt"
 
 
+_TASK_PART = re.compile(r"task(\d+)")  # a task's expert file (not its calibration)
+_EAGER_PREFIX = "router."  # tensors of an expert file loaded at once: routing needs every prototype
+_CHUNK = 1 << 20
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks (nothing kept)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _manifest_checksum(manifest: dict[str, Any]) -> str:
@@ -122,25 +143,92 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def _unreadable(path: Path, exc: OSError) -> MoleflowError:
+    return MoleflowError(f"{path}: cannot read this model file ({exc.strerror or exc}); the run is incomplete; "
+                         "restore it from a copy")
+
+
+def _mismatch(path: Path, since_load: bool = False) -> MoleflowError:
+    when = " since the model was loaded" if since_load else ""
+    return MoleflowError(f"{path}: SHA-256 does not match the manifest; the file was changed or damaged{when}; "
+                         "restore it from a copy of the run")
+
+
+def _read_verified(path: Path, digest: str, since_load: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor of the safetensors file `path`, whose bytes must have SHA-256 `digest`."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    if sha256(data) != digest:
+        raise _mismatch(path, since_load)
+    try:
+        return st_load(data)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise MoleflowError(f"{path}: not a valid safetensors file ({exc})") from None
+
+
 def read_model_files(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The manifest and all tensors of a model folder, every file verified against its SHA-256."""
     manifest = _read_manifest(folder)
     state: dict[str, torch.Tensor] = {}
     for name, entry in manifest["files"].items():
-        path = folder / name
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise MoleflowError(f"{path}: cannot read this model file ({exc.strerror or exc}); the run is "
-                                "incomplete; restore it from a copy") from None
-        if sha256(data) != entry["sha256"]:
-            raise MoleflowError(f"{path}: SHA-256 does not match the manifest; the file was changed or damaged; "
-                                "restore it from a copy of the run")
-        try:
-            state.update(st_load(data))
-        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
-            raise MoleflowError(f"{path}: not a valid safetensors file ({exc})") from None
+        state.update(_read_verified(folder / name, entry["sha256"]))
     return manifest, state
+
+
+@dataclass(frozen=True)
+class LazyPart:
+    """One task's expert file, verified when the model was loaded and read again (and re-verified) by `load`."""
+
+    task: int
+    path: Path
+    sha256: str
+    keys: frozenset[str]  # every tensor in the file
+    eager: frozenset[str]  # those already loaded with the model (the router's)
+    data_bytes: int  # bytes of all its tensors
+
+    def load(self) -> dict[str, torch.Tensor]:
+        """The file's tensors that were not loaded with the model, its SHA-256 checked again."""
+        state = _read_verified(self.path, self.sha256, since_load=True)
+        return {k: v for k, v in state.items() if k not in self.eager}
+
+
+def _open_lazily(path: Path, task: int, digest: str) -> tuple[LazyPart, dict[str, torch.Tensor]]:
+    """Verify an expert file by streaming it; return its `LazyPart` and the router's tensors, read alone."""
+    try:
+        if sha256_file(path) != digest:
+            raise _mismatch(path)
+        with open(path, "rb") as fh:
+            header_bytes = int.from_bytes(fh.read(8), "little")
+        data_bytes = path.stat().st_size - 8 - header_bytes  # safetensors tensors fill the rest, without holes
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    try:
+        with safe_open(str(path), "pt") as fh:
+            keys = frozenset(fh.keys())
+            # cloned: a tensor of safe_open may share the file's memory map
+            eager = {k: fh.get_tensor(k).clone() for k in sorted(keys) if k.startswith(_EAGER_PREFIX)}
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise MoleflowError(f"{path}: not a valid safetensors file ({exc})") from None
+    return LazyPart(task, path, digest, keys, frozenset(eager), data_bytes), eager
+
+
+def read_model_files_lazily(folder: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[int, LazyPart]]:
+    """Like `read_model_files`, every file verified, but of each task's expert file only the router's tensors are
+    loaded; the rest is returned as the task's `LazyPart` (task id -> part)."""
+    manifest = _read_manifest(folder)
+    state: dict[str, torch.Tensor] = {}
+    pending: dict[int, LazyPart] = {}
+    for name, entry in manifest["files"].items():
+        match = _TASK_PART.fullmatch(str(entry.get("part", "")))
+        if match is None:  # the shared flow and the calibrations: small, and needed at once
+            state.update(_read_verified(folder / name, entry["sha256"]))
+            continue
+        part, eager = _open_lazily(folder / name, int(match.group(1)), entry["sha256"])
+        pending[part.task] = part
+        state.update(eager)
+    return manifest, state, pending
 
 
 def _read_legacy(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -171,3 +259,13 @@ def read_model(path: str | Path) -> tuple[Path, dict[str, Any], dict[str, torch.
     found = find_model(path)
     manifest, state = _read_legacy(found) if found.suffix == ".pt" else read_model_files(found)
     return found, manifest, state
+
+
+def read_model_lazily(path: str | Path
+                      ) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor], dict[int, LazyPart]]:
+    """`read_model`, but the experts of a model folder are left to read on first use (`read_model_files_lazily`);
+    a legacy `model.pt` is read whole (no parts)."""
+    found = find_model(path)
+    if found.suffix == ".pt":
+        return (found, *_read_legacy(found), {})
+    return (found, *read_model_files_lazily(found))
