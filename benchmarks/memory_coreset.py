@@ -30,26 +30,18 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
 
 from moleflow import MoleFlow
-from moleflow.calibration import calibration_split
-from moleflow.data.datasets import ClassSplit, Sample, load_class
-from moleflow.data.synthetic_anomalies import ANOMALY_KINDS, paste_anomaly
-from moleflow.data.transforms import load_rgb
+from moleflow.data.datasets import ClassSplit, load_class
 from moleflow.evaluation import evaluate_class
-from moleflow.tuning import SEVERITY, _downscaled
+from moleflow.tuning import write_validation_images
 
 
 def product_split(model: MoleFlow, task: int, paths: list[Path]) -> tuple[list[Path], list[Path]]:
-    """The run's (training, calibration) images of task `task`, as `MoleFlow._expert_data` drew them."""
-    cfg, info = model.config, next(i for i in model.tasks if i.task_id == task)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 7919 + task)
-    perm = torch.randperm(len(paths), generator=gen)
-    n_cal = calibration_split(len(paths), info.calibration.get("false_alarm_rate", cfg.score.false_alarm_rate),
-                              cfg.score.calibration_fraction, cfg.score.calibration_keep_train)
-    cal, train = perm[:n_cal].sort().values, perm[n_cal:].sort().values
+    """The run's (training, calibration) images of task `task`, as training drew them."""
+    info = next(i for i in model.tasks if i.task_id == task)
+    rate = info.calibration.get("false_alarm_rate", model.config.score.false_alarm_rate)
+    train, cal = model.calibration_holdout(task, len(paths), rate)
     if len(train) != info.n_train or len(cal) != info.n_calibration:
         raise SystemExit(f"{info.name}: reproduced {len(train)}/{len(cal)} training/calibration images, the run "
                          f"has {info.n_train}/{info.n_calibration}; not the run's split")
@@ -59,26 +51,7 @@ def product_split(model: MoleFlow, task: int, paths: list[Path]) -> tuple[list[P
 def write_half(name: str, paths: list[Path], donors: list[Path], out: Path, seed: int) -> ClassSplit:
     """Each image of `paths` as it is and with one pasted anomaly (MVTec layout under `out`)."""
     rng = np.random.default_rng([seed, len(paths)])
-    good, gt = out / "test" / "good", out / "ground_truth"
-    good.mkdir(parents=True, exist_ok=True)
-    normal, anomalous = [], []
-    for i, path in enumerate(paths):
-        image = _downscaled(load_rgb(path))
-        donor = _downscaled(load_rgb(donors[int(rng.integers(len(donors)))]))
-        if donor.shape != image.shape:
-            donor = np.asarray(Image.fromarray(donor).resize(image.shape[1::-1], Image.BICUBIC))
-        kind = ANOMALY_KINDS[i % len(ANOMALY_KINDS)]
-        bad, mask = paste_anomaly(image, donor, kind, rng, float(rng.uniform(*SEVERITY)))
-        stem = f"{i:04d}_{path.stem}"
-        (out / "test" / kind).mkdir(parents=True, exist_ok=True)
-        (gt / kind).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(good / f"{stem}.png")
-        Image.fromarray(bad).save(out / "test" / kind / f"{stem}.png")
-        Image.fromarray(mask.astype(np.uint8) * 255).save(gt / kind / f"{stem}_mask.png")
-        normal.append(Sample(good / f"{stem}.png", 0, None, name, "good", "test"))
-        anomalous.append(Sample(out / "test" / kind / f"{stem}.png", 1, gt / kind / f"{stem}_mask.png", name, kind,
-                                "test"))
-    return ClassSplit(name, [], normal + anomalous, True)
+    return ClassSplit(name, [], write_validation_images(name, paths, donors, out, rng), True)
 
 
 def report_test(model: MoleFlow, data: dict[str, dict], root: Path, variants: list[int]) -> list[dict]:

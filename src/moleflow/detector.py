@@ -365,17 +365,22 @@ class MoleFlow:
             infos.append(TaskInfo(**info))
         return infos
 
+    def calibration_holdout(self, task: int, n: int, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted indices (training, calibration) of task `task`'s n images: the held-out share sized by the
+        false-alarm `rate` (`calibration_split`), drawn with a generator seeded by the task id."""
+        gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
+        perm = torch.randperm(n, generator=gen)
+        score_cfg = self.config.score
+        n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_keep_train)
+        return perm[n_cal:].sort().values, perm[:n_cal].sort().values
+
     def _expert_data(self, task: int, name: str, images: Images, rate: float) -> "_ExpertData":
         """Split a product's images into training and calibration (seeded by its task id) and compute the
         training features (cached, or served from the backbone on the fly), streaming the images."""
         n = len(images)
         if n == 0:
             raise MoleflowError(f"no images were given for {name}")
-        gen = torch.Generator().manual_seed(self.config.train.seed * 7919 + task)
-        perm = torch.randperm(n, generator=gen)
-        score_cfg = self.config.score
-        n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_keep_train)
-        cal_idx, train_idx = perm[:n_cal].sort().values, perm[n_cal:].sort().values
+        train_idx, cal_idx = self.calibration_holdout(task, n, rate)
         train_images, cal_images = _subset(images, train_idx), _subset(images, cal_idx)
         tokens, routing, train_meta = self.stream_features(train_images, keep_tokens=self.config.train.feature_cache)
         if tokens is not None:
@@ -393,7 +398,7 @@ class MoleFlow:
                     tiles = torch.stack([dataset[int(o)][0][int(j - first[o])] for j, o in zip(idx, owners)])
                 return self.extractor.tokens(tiles.to(self.device))
 
-        return _ExpertData(task, name, rate, len(train_idx), len(train_meta.owner), n_cal, train_images, cal_images,
+        return _ExpertData(task, name, rate, len(train_idx), len(train_meta.owner), len(cal_idx), train_images, cal_images,
                            train_meta, tokens, routing, batch_features)
 
     def _finish_expert(self, d: "_ExpertData", report: TrainReport, classes: list[str], step: int,

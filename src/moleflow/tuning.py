@@ -93,30 +93,38 @@ def make_validation_split(split: ClassSplit, out: Path, holdout: float, max_trai
         raise MoleflowError(f"{split.class_name}: {len(train)} training images are too few to hold out "
                             f"{n_val} for validation")
     val_idx, fit_idx = order[:n_val], np.sort(order[n_val:])
-    root = out / split.class_name
+    test = write_validation_images(split.class_name, [Path(train[i].image) for i in val_idx],
+                                   [Path(train[i].image) for i in fit_idx], out / split.class_name, rng)
+    fit = [Sample(train[i].image, 0, None, split.class_name, "good", "train") for i in fit_idx]
+    return ClassSplit(split.class_name, fit, test, True)
+
+
+def write_validation_images(class_name: str, images: list[Path], donors: list[Path], root: Path,
+                            rng: np.random.Generator) -> list[Sample]:
+    """Each of `images` as it is (root/test/good) and with one synthetic anomaly pasted in (kinds in turn,
+    patches from a random image of `donors`; root/test/<kind> with exact masks in root/ground_truth), in the
+    MVTec layout; return the normal then the anomalous samples."""
     good, gt = root / "test" / "good", root / "ground_truth"
     good.mkdir(parents=True, exist_ok=True)
     normal: list[Sample] = []
     anomalous: list[Sample] = []
-    for i, idx in enumerate(val_idx):
-        sample = train[idx]
-        image = _downscaled(load_rgb(sample.image))
-        donor = _downscaled(load_rgb(train[fit_idx[int(rng.integers(len(fit_idx)))]].image))
+    for i, path in enumerate(images):
+        image = _downscaled(load_rgb(path))
+        donor = _downscaled(load_rgb(donors[int(rng.integers(len(donors)))]))
         if donor.shape != image.shape:
             donor = np.asarray(Image.fromarray(donor).resize(image.shape[1::-1], Image.BICUBIC))
         kind = ANOMALY_KINDS[i % len(ANOMALY_KINDS)]
         bad, mask = paste_anomaly(image, donor, kind, rng, float(rng.uniform(*SEVERITY)))
-        stem = f"{i:04d}_{Path(sample.image).stem}"
+        stem = f"{i:04d}_{path.stem}"
         Image.fromarray(image).save(good / f"{stem}.png")
         (root / "test" / kind).mkdir(parents=True, exist_ok=True)
         (gt / kind).mkdir(parents=True, exist_ok=True)
         Image.fromarray(bad).save(root / "test" / kind / f"{stem}.png")
         Image.fromarray(mask.astype(np.uint8) * 255).save(gt / kind / f"{stem}_mask.png")
-        normal.append(Sample(good / f"{stem}.png", 0, None, split.class_name, "good", "test"))
+        normal.append(Sample(good / f"{stem}.png", 0, None, class_name, "good", "test"))
         anomalous.append(Sample(root / "test" / kind / f"{stem}.png", 1, gt / kind / f"{stem}_mask.png",
-                                split.class_name, kind, "test"))
-    fit = [Sample(train[i].image, 0, None, split.class_name, "good", "train") for i in fit_idx]
-    return ClassSplit(split.class_name, fit, normal + anomalous, True)
+                                class_name, kind, "test"))
+    return normal + anomalous
 
 
 def validation_score(results: dict[str, Any]) -> float:
