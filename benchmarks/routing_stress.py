@@ -1,134 +1,240 @@
-"""Which routing feature can a defect not move? Measured on held-out TRAINING normals only.
+"""Which router keeps "which product" right under defects and between look-alike products? TRAINING images only.
 
-    python benchmarks/routing_stress.py --data ../shared/datasets \
-        --classes magnetic_tile kolektor pcb_deeppcb cubes --json benchmarks/results/routing_stress.json
+    python benchmarks/routing_stress.py --data ../shared/datasets --json benchmarks/results/routing_lookalike.json
 
-For each product, 80 % of its training images (seeded) build the router prototypes; the other 20 % are
-routed as they are and with one pasted defect covering 2, 5, 10 and 20 % of the image
-(`moleflow.routing_stress.paste_area_defect`). Two settings:
-* the products themselves (routing among the given products);
-* look-alike pairs: each product against a copy of itself under a small global change (brightness
-  x 1.15, colour gains 1.15 / 1 / 0.85, or a 1.15 zoom), the hardest case for a router.
-Every routing statistic (`router.statistic`) is computed from the same backbone tokens, so the comparison
-is exact. Only the backbone and the router run; test images are never read.
+Settings (each a set of products routed among themselves):
+* `shared`: the four shared products (magnetic_tile, kolektor, pcb_deeppcb, cubes);
+* `lighting k/j`: a real look-alike pair, magnetic_tile under two lights of the MTD capture series, one step
+  (j = k + 1) or two steps (j = k + 2) apart (file prefix exp1 ... exp6: the same tiles photographed under six
+  lightings, mean grey 67, 84, 101, 119, 136, 153, each with a spread of 10-21 between images);
+  the tile groups (provenance.csv) are split, so no evaluated tile is in either product's memory;
+* `boards`: the ten pcb_deeppcb board designs with >= 20 training images, as ten products;
+* `<product>/<kind>`: a product against itself under brightness x 1.15, colour gains 1.15/1/0.85, or a 1.15
+  zoom (the synthetic look-alikes of docs/decisions.md §2).
+
+Per product its training images are split (seeded; by tile group where there is one) 60 % fit (prototype and
+patch memory: seeded random 10 % of the tokens, at most 20,000, thinned to a 1,000-token coreset, exactly the
+`cpu` preset), 20 % calibration (standardises the memory distance, joins the prototype, as in training) and
+20 % evaluation: routed as they are and with one pasted defect covering 2, 5, 10 and 20 % of the image
+(`moleflow.routing_stress.paste_area_defect`). Test images are never read.
+
+Routers compared (all from the same backbone tokens, so the comparison is exact):
+* `prototype`: nearest Gaussian prototype of the median token (today's default); `prototype_mean`: of the mean;
+* `patch_median`: smallest median over the patches of the standardised nearest-neighbour distance to each
+  product's patch memory; `patch_vote`: most patches whose nearest memory is that product's;
+* `gated_<g>`: the prototype router, unless the second-nearest prototype is within a factor 1 + g of the nearest;
+  then `patch_median` among the products within that factor.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import time
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from moleflow import Config, MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.data.transforms import load_rgb
-from moleflow.router import PrototypeRouter
+from moleflow.memory import PatchMemory
+from moleflow.router import PrototypeRouter, patch_misfit
 from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_area_defect
 
-STATISTICS = ("mean", "median")
+SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
+GATES = (0.02, 0.05, 0.1, 0.2, 0.5)
+CASES = ("good",) + tuple(f"{a:g}" for a in AREAS)
 
 
 @torch.no_grad()
-def features(model: MoleFlow, images, batch_size: int = 16) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{statistic: (per-tile features (M, D), owner (M,))} of PIL images, tiles as the model cuts them."""
-    per_stat = {s: [] for s in STATISTICS}
-    owners, offset = [], 0
+def encode(model: MoleFlow, images: list[Image.Image], batch_size: int = 16) -> dict:
+    """Tokens (M, H, W, D), median and mean routing features (M, D), owner (M,), n images."""
+    tokens, owners, offset = [], [], 0
     for start in range(0, len(images), batch_size):
         prep = model.prepare(images[start:start + batch_size])
-        tokens = model.extractor.tokens(prep.pixels)
-        for s in STATISTICS:
-            router = PrototypeRouter(model.config.router.__class__(**{**vars(model.config.router), "statistic": s}))
-            per_stat[s].append(router.features(tokens))
+        tokens.append(model.extractor.tokens(prep.pixels).float())
         owners.append(prep.owner + offset)
         offset += prep.n_images
-    owner = torch.cat(owners)
-    return {s: (torch.cat(v), owner) for s, v in per_stat.items()}
+    tokens = torch.cat(tokens)
+    flat = tokens.flatten(1, 2)
+    return {"tokens": tokens, "median": flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2], "mean": flat.mean(1),
+            "owner": torch.cat(owners), "n": offset}
 
 
-def route_accuracy(cfg, train: dict[int, tuple[torch.Tensor, torch.Tensor]], test: tuple[torch.Tensor, torch.Tensor],
-                   truth: int) -> float:
-    router = PrototypeRouter(cfg)
-    for task, (x, _) in train.items():
-        router.add_task(task, x)
-    ids = router.route(test[0], None, test[1])[0]
-    return float((ids == truth).double().mean())
+def split_groups(keys: list[str], rng: np.random.Generator) -> tuple[set, set, set]:
+    """Seeded 60/20/20 split of distinct keys into fit, calibration and evaluation."""
+    distinct = sorted(set(keys))
+    order = [distinct[i] for i in rng.permutation(len(distinct))]
+    a, b = int(round(0.6 * len(order))), int(round(0.8 * len(order)))
+    return set(order[:a]), set(order[a:b]), set(order[b:])
+
+
+def product_split(files: list[Path], keys: list[str], rng: np.random.Generator, limit: int) -> dict[str, list]:
+    """Fit, calibration and evaluation images of one product, split by group (by file where groups are too few)."""
+    if len(set(keys)) < 10:
+        keys = [str(f) for f in files]
+    fit, cal, ev = split_groups(keys, rng)
+    out = {"fit": [], "cal": [], "eval": []}
+    for f, k in zip(files, keys):
+        out["fit" if k in fit else "cal" if k in cal else "eval"].append(f)
+    return {s: [load_rgb(f) for f in v[:limit if s == "fit" else max(1, limit // 3)]] for s, v in out.items()}
+
+
+def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: np.random.Generator) -> dict:
+    """For every product's evaluation case: prototype distances (N, T) under both statistics and patch misfits
+    (N, T) under both statistics, with the true product's column index."""
+    cfg = model.config
+    names = list(products)
+    routers = {s: PrototypeRouter(cfg.router.__class__(**{**vars(cfg.router), "statistic": s})) for s in ("median", "mean")}
+    memory = PatchMemory(cfg.score.memory_fraction, cfg.train.seed, cfg.score.memory_max_tokens, cfg.score.memory_coreset)
+    for t, name in enumerate(names):
+        fit, cal = encode(model, products[name]["fit"]), encode(model, products[name]["cal"])
+        for s, router in routers.items():
+            router.add_task(t, torch.cat([fit[s], cal[s]]))
+        memory.add_task(t, fit["tokens"])
+        dist = memory.distances(cal["tokens"], t)
+        memory.set_norm(t, dist, dist)
+    out = {}
+    for t, name in enumerate(names):
+        images = products[name]["eval"]
+        arrays = [np.asarray(im) for im in images]
+        cases = {"good": images}
+        for a in AREAS:
+            cases[f"{a:g}"] = [Image.fromarray(paste_area_defect(x, a, rng, donor=arrays[(i + 1) % len(arrays)]))
+                               for i, x in enumerate(arrays)]
+        for case, imgs in cases.items():
+            e = encode(model, imgs)
+            z = torch.stack([memory.standardised_distances(e["tokens"], u) for u in range(len(names))], 1)
+            raw = torch.stack([memory.distances(e["tokens"], u) for u in range(len(names))], 1)
+            proto = {s: r.distances(e[s]) for s, r in routers.items()}
+            out[(name, case)] = {
+                "truth": t,
+                "prototype": _per_image(proto["median"], e["owner"], e["n"]),
+                "prototype_mean": _per_image(proto["mean"], e["owner"], e["n"]),
+                "patch_median": patch_misfit(z, e["owner"], e["n"], "median"),
+                "patch_median_raw": patch_misfit(raw, e["owner"], e["n"], "median"),
+                "patch_vote": patch_misfit(z, e["owner"], e["n"], "vote"),
+            }
+    return out
+
+
+def _per_image(distances: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
+    total = distances.new_zeros(n, distances.shape[1]).index_add_(0, owner, distances)
+    return total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(total)
+
+
+def gated_choice(proto: torch.Tensor, misfit: torch.Tensor, gate: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prototype choice unless the runner-up is within (1 + gate) x the nearest distance: then the smallest patch
+    misfit among the products within that factor. Returns choice (N,) and whether the patch vote ran (N,)."""
+    nearest = proto.min(1).values
+    candidates = proto <= nearest.unsqueeze(1) * (1 + gate)
+    doubt = candidates.sum(1) > 1
+    choice = torch.where(doubt, misfit.masked_fill(~candidates, float("inf")).argmin(1), proto.argmin(1))
+    return choice, doubt
+
+
+def routers(table: dict) -> dict[str, torch.Tensor]:
+    out = {k: table[k].argmin(1) for k in ("prototype", "prototype_mean", "patch_median", "patch_median_raw",
+                                            "patch_vote")}
+    for g in GATES:
+        out[f"gated_{g:g}"] = gated_choice(table["prototype"], table["patch_median"], g)[0]
+    return out
+
+
+def accuracy(tables: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """{router: {product: {case: accuracy}}}."""
+    acc: dict = defaultdict(lambda: defaultdict(dict))
+    for (name, case), table in tables.items():
+        for router, choice in routers(table).items():
+            acc[router][name][case] = float((choice == table["truth"]).double().mean())
+    return json.loads(json.dumps(acc))
+
+
+def margins(tables: dict) -> list[dict]:
+    """Per evaluated image: the patch-misfit margin (runner-up minus best) and whether patch_median was right."""
+    rows = []
+    for (name, case), table in tables.items():
+        top2 = table["patch_median"].topk(2, dim=1, largest=False).values if table["patch_median"].shape[1] > 1 else None
+        if top2 is None:
+            continue
+        right = table["patch_median"].argmin(1) == table["truth"]
+        rows += [{"product": name, "case": case, "margin": float(m), "right": bool(r)}
+                 for m, r in zip(top2[:, 1] - top2[:, 0], right)]
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--classes", nargs="+", required=True)
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--max-images", type=int, default=120, help="training images used per product (seeded)")
+    ap.add_argument("--max-images", type=int, default=60, help="fit images per product (evaluation: a third)")
+    ap.add_argument("--settings", nargs="+", default=["shared", "lighting", "boards", "synthetic"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     model = MoleFlow(Config.from_preset(args.preset))
     rng = np.random.default_rng(args.seed)
-    fit, held = {}, {}
-    for c in args.classes:
-        samples = load_class(args.data, c, "folder").train
-        order = rng.permutation(len(samples))[: args.max_images]
-        cut = int(round(0.8 * len(order)))
-        fit[c] = [load_rgb(samples[i].image) for i in order[:cut]]
-        held[c] = [load_rgb(samples[i].image) for i in order[cut:]]
-        print(f"{c}: {len(fit[c])} prototype images, {len(held[c])} held-out normals")
+    results: dict = {"setting": {k: str(v) for k, v in vars(args).items()}, "accuracy": {}, "margins": {}}
+    scenarios: dict[str, dict[str, dict[str, list]]] = {}
 
-    def pasted(images, area):
-        arrays = [np.asarray(im) for im in images]
-        from PIL import Image
-        return [Image.fromarray(paste_area_defect(a, area, rng, donor=arrays[(i + 1) % len(arrays)]))
-                for i, a in enumerate(arrays)]
+    def groups(cls: str) -> dict[Path, str]:
+        with open(args.data / cls / "provenance.csv") as fh:
+            return {args.data / cls / r["file"]: r["group"] for r in csv.DictReader(fh) if r["split"] == "train"}
 
-    results: dict = {"setting": vars(args) | {"data": str(args.data), "json": str(args.json)}, "products": {},
-                     "look_alike": {}}
-    # 1. routing among the products themselves
-    fit_f = {c: features(model, fit[c]) for c in args.classes}
-    for t, c in enumerate(args.classes):
-        cases = {"good": held[c], **{f"{a:g}": pasted(held[c], a) for a in AREAS}}
-        feats = {k: features(model, v) for k, v in cases.items()}
-        for s in STATISTICS:
-            cfg = model.config.router.__class__(**{**vars(model.config.router), "statistic": s})
-            train = {i: fit_f[k][s] for i, k in enumerate(args.classes)}
-            results["products"].setdefault(s, {})[c] = {k: route_accuracy(cfg, train, f[s], t) for k, f in feats.items()}
-        print(c, {s: results["products"][s][c] for s in STATISTICS})
-    # 2. look-alike pairs: product vs the same product under a global change
-    for c in args.classes:
-        for kind in LOOK_ALIKE_KINDS:
-            twin_fit = [look_alike(im, kind) for im in fit[c]]
-            twin_held = [look_alike(im, kind) for im in held[c]]
-            pair_fit = {0: features(model, fit[c]), 1: features(model, twin_fit)}
-            row = {}
-            for truth, images in ((0, held[c]), (1, twin_held)):
-                cases = {"good": images, **{f"{a:g}": pasted(images, a) for a in AREAS}}
-                feats = {k: features(model, v) for k, v in cases.items()}
-                for s in STATISTICS:
-                    cfg = model.config.router.__class__(**{**vars(model.config.router), "statistic": s})
-                    train = {i: pair_fit[i][s] for i in (0, 1)}
-                    for k, f in feats.items():
-                        row.setdefault(s, {}).setdefault(k, []).append(route_accuracy(cfg, train, f[s], truth))
-            results["look_alike"][f"{c}/{kind}"] = {s: {k: float(np.mean(v)) for k, v in d.items()}
-                                                    for s, d in row.items()}
-            print(c, kind, results["look_alike"][f"{c}/{kind}"])
-    summary = {}
-    for s in STATISTICS:
-        prod = [v for c in args.classes for v in results["products"][s][c].values()]
-        look = results["look_alike"]
-        summary[s] = {
-            "products_mean": float(np.mean(prod)),
-            "look_alike_good": float(np.mean([look[k][s]["good"] for k in look])),
-            **{f"look_alike_{a:g}": float(np.mean([look[k][s][f"{a:g}"] for k in look])) for a in AREAS},
-            "look_alike_min_up_to_10pct": float(min(look[k][s][f"{a:g}"] for k in look for a in AREAS if a <= 0.1)),
-        }
-    results["summary"] = summary
-    print(json.dumps(summary, indent=1))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+    if "shared" in args.settings:
+        scen = {}
+        for c in SHARED:
+            files = [s.image for s in load_class(args.data, c, "folder").train]
+            g = groups(c)
+            scen[c] = product_split(files, [g.get(Path(f), str(f)) for f in files], rng, args.max_images)
+        scenarios["shared"] = scen
+    if "lighting" in args.settings:
+        files = [s.image for s in load_class(args.data, "magnetic_tile", "folder").train]
+        g = groups("magnetic_tile")
+        fit, cal, ev = split_groups([g[Path(f)] for f in files], rng)  # one split for all lightings
+        by_exp: dict[str, dict[str, list]] = defaultdict(lambda: {"fit": [], "cal": [], "eval": []})
+        for f in files:
+            key = g[Path(f)]
+            by_exp[Path(f).name.split("_")[0]]["fit" if key in fit else "cal" if key in cal else "eval"].append(f)
+        for k, j in [(k, k + 1) for k in range(1, 6)] + [(k, k + 2) for k in range(1, 5)]:
+            pair = {}
+            for e in (f"exp{k}", f"exp{j}"):
+                pair[e] = {s: [load_rgb(f) for f in v[:args.max_images if s == "fit" else max(1, args.max_images // 3)]]
+                           for s, v in by_exp[e].items()}
+            scenarios[f"lighting {k}/{j}"] = pair
+    if "boards" in args.settings:
+        files = [s.image for s in load_class(args.data, "pcb_deeppcb", "folder").train]
+        g = groups("pcb_deeppcb")
+        by_board: dict[str, list] = defaultdict(list)
+        for f in files:
+            by_board[Path(f).name[:5]].append(f)
+        scenarios["boards"] = {b: product_split(v, [g[Path(f)] for f in v], rng, args.max_images)
+                               for b, v in sorted(by_board.items()) if len(v) >= 20}
+    if "synthetic" in args.settings:
+        shared = scenarios.get("shared") or {}
+        for c, split in shared.items():
+            for kind in LOOK_ALIKE_KINDS:
+                twin = {s: [look_alike(im, kind) for im in v] for s, v in split.items()}
+                scenarios[f"{c}/{kind}"] = {c: split, f"{c}+{kind}": twin}
+    for name, products in scenarios.items():
+        start = time.perf_counter()
+        tables = scenario_tables(model, products, rng)
+        results["accuracy"][name] = accuracy(tables)
+        results["margins"][name] = margins(tables)
+        sizes = ", ".join(f"{p}: {len(v['eval'])}" for p, v in products.items())
+        print(f"{name} ({time.perf_counter() - start:.0f} s; evaluated per product: {sizes})")
+        for router, per in results["accuracy"][name].items():
+            cells = {case: np.mean([per[p][case] for p in per]) for case in CASES}
+            print(f"  {router:18s} " + " ".join(f"{c}={v * 100:5.1f}" for c, v in cells.items()), flush=True)
+        if args.json:  # after every setting: a long run keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -126,6 +126,16 @@ class RouterConfig:
     # grid, which a defect on a minority of patches cannot move far, or the "mean" of the spec (§5, `repo`).
     # Chosen on held-out TRAINING normals with pasted defects (benchmarks/routing_stress.py, docs/decisions.md)
     statistic: Literal["mean", "median"] = "median"
+    # how an image's product is chosen (docs/decisions.md §8): "prototype", the nearest Gaussian prototype (spec
+    # §5); "patch", the product whose patch memory fits the image's patches best (`patch_statistic` of the
+    # standardised nearest-neighbour distances, needs score.source=flow+memory); "gated", the prototype unless
+    # the runner-up prototype is within a factor 1 + `gate` of the nearest, then "patch" among those products
+    mode: Literal["prototype", "patch", "gated"] = "prototype"
+    gate: float = 0.1
+    patch_statistic: Literal["median", "vote"] = "median"
+    # a part whose patch misfit lies within this of the best-fitting product's is "ambiguous": it is scored under
+    # each such product too, and flagged only if flagged under all of them (inspector.py, docs/decisions.md §8)
+    ambiguity_margin: float = 0.0
 
 
 @dataclass
@@ -263,6 +273,11 @@ class Config:
         check(s.calibration_keep_train >= 0, "score.calibration_keep_train must be >= 0")
         check(r.metric in ("mahalanobis", "euclidean"), "router.metric: mahalanobis|euclidean")
         check(r.covariance in ("ledoit_wolf", "oas", "ridge"), "router.covariance: ledoit_wolf|oas|ridge")
+        check(r.mode in ("prototype", "patch", "gated"), "router.mode: prototype|patch|gated")
+        check(r.patch_statistic in ("median", "vote"), "router.patch_statistic: median|vote")
+        check(r.gate >= 0 and r.ambiguity_margin >= 0, "router.gate and router.ambiguity_margin must be >= 0")
+        check(r.mode == "prototype" or s.source == "flow+memory",
+              f"router.mode={r.mode} routes on the products' patch memories: it needs score.source=flow+memory")
         check(d.image_size >= 32 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8, >= 32")
         check(d.resize_mode in ("squash", "letterbox", "resize_crop"), "data.resize_mode: squash|letterbox|resize_crop")
         check(d.tiling in ("none", "aspect"), "data.tiling: none|aspect")

@@ -51,6 +51,9 @@ class TaskInfo:
     train: dict[str, Any] = field(default_factory=dict)
     source: dict[str, Any] = field(default_factory=dict)  # where its images came from (root, dataset), if known
     step: int = -1  # the learning step that learned it (several products may share one); -1: not known yet
+    # its held-out normals routed among the products learned so far, as they are and with a pasted defect:
+    # {"n": images, "good": {product: share}, "defect": {...}, "ambiguous": {...}} (`MoleFlow._confusability`)
+    confusability: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -410,7 +413,7 @@ class MoleFlow:
                 train_tokens = self.stream_features(d.train_images)[0]
             self.inspector.memory.add_task(d.task, train_tokens)
         cal_tokens, cal_routing, cal_meta = self.stream_features(d.cal_images) if d.n_cal else (None, None, None)
-        self.router.add_task(d.task, d.routing if cal_routing is None else torch.cat([d.routing, cal_routing]))
+        self.router.add_task(d.task, d.routing)  # without the held-out images first: they measure confusability
         self.inspector.place()
         if cal_tokens is not None:
             tokens, meta, where = cal_tokens, cal_meta, "held-out normal training images"
@@ -418,9 +421,45 @@ class MoleFlow:
             tokens = train_tokens if train_tokens is not None else self.stream_features(d.train_images)[0]
             meta, where = d.train_meta, "training images (none held out; optimistic)"
         info = self._calibrate(d.task, d.name, classes, d.n_train, tokens, meta, where, report, d.rate)
+        if cal_tokens is not None:
+            info.confusability = self._confusability(d, cal_tokens, cal_routing, cal_meta)
+            self.router.remove_task(d.task)  # the prototype of all its images, as the spec builds it
+            self.router.add_task(d.task, torch.cat([d.routing, cal_routing]))
+            info.calibration["unknown_distance"] = self.router.unknown_threshold(d.task)
+            self.inspector.place()
         info.n_calibration, info.step, info.source = d.n_cal, step, dict(source or {})
         info.n_tiles = d.n_train_tiles + (len(cal_meta.owner) if cal_meta is not None else 0)
         return info
+
+    @torch.no_grad()
+    def _confusability(self, d: "_ExpertData", tokens, routing: torch.Tensor, meta: Prepared) -> dict[str, Any]:
+        """Route product `d`'s held-out normals (tiles' tokens, routing features, owners) among every product
+        learned so far, as they are and with one pasted defect covering 10 % of the image (image inputs only):
+        the share routed to each product and the share whose routing was ambiguous. Logged when any goes astray."""
+        tasks = self.router.task_ids
+        names = {t.task_id: t.name for t in self.tasks} | {d.task: d.name}
+        cases = {"good": (torch.as_tensor(np.asarray(tokens)), routing, meta)}
+        if not isinstance(d.cal_images, torch.Tensor):
+            from .data.batch import as_rgb
+            from .routing_stress import paste_area_defect
+            rng = np.random.default_rng(self.config.train.seed * 7919 + d.task)
+            arrays = [np.asarray(as_rgb(im)) for im in d.cal_images]
+            pasted = [paste_area_defect(a, 0.10, rng, donor=arrays[(i + 1) % len(arrays)]) for i, a in enumerate(arrays)]
+            cal_tokens, cal_routing, cal_meta = self.stream_features(pasted)
+            cases["defect"] = (torch.as_tensor(np.asarray(cal_tokens)), cal_routing, cal_meta)
+        out: dict[str, Any] = {"n": meta.n_images, "among": [names.get(t, str(t)) for t in tasks]}
+        for case, (tok, rout, m) in cases.items():
+            routed = self.inspector.route(tok.to(self.device).float(), rout.to(self.device).float(),
+                                          m.owner.to(self.device), m.n_images, tasks)
+            chosen = torch.tensor(tasks)[routed.index.cpu()]
+            out[case] = {names.get(t, str(t)): float((chosen == t).double().mean()) for t in tasks if (chosen == t).any()}
+            out.setdefault("ambiguous", {})[case] = float(routed.ambiguous.double().mean())
+            astray = {k: v for k, v in out[case].items() if k != d.name}
+            if astray:
+                log.warning("product %s: %.0f %% of its held-out %s parts route to other products: %s", d.name,
+                            100 * sum(astray.values()), "good" if case == "good" else "pasted-defect",
+                            ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(astray.items(), key=lambda x: -x[1])))
+        return out
 
     def _calibrate(self, task: int, name: str, classes: list[str], n_train: int, tokens, meta: Prepared, source: str,
                    report: TrainReport, rate: float) -> TaskInfo:
@@ -641,7 +680,8 @@ def concat_inspections(parts: list[Inspection]) -> Inspection:
         task_ids=torch.cat([p.task_ids for p in parts]), known=torch.cat([p.known for p in parts]),
         anomalous=torch.cat([p.anomalous for p in parts]),
         router_distance=torch.cat([p.router_distance for p in parts]),
-        thresholds=torch.cat([p.thresholds for p in parts]))
+        thresholds=torch.cat([p.thresholds for p in parts]), route_margin=torch.cat([p.route_margin for p in parts]),
+        ambiguous=torch.cat([p.ambiguous for p in parts]), alternatives=[a for p in parts for a in p.alternatives])
 
 
 def learn_expert_remotely(package: dict[str, Any], job: _AloneJob) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -297,28 +297,11 @@ class OnnxEngine:
         inspector = self.model.inspector
         tasks = inspector.task_ids
         tokens, routing = self._features(prep.pixels)
-        n, owner = prep.n_images, prep.owner
         if task_ids is None:
-            index, distance, known = inspector.router(routing, tasks, owner, n)
+            routed = inspector.route(tokens, routing, prep.owner, prep.n_images, tasks)
         else:
-            ids = [int(t) for t in task_ids]
-            if len(ids) != n:
-                raise MoleflowError(f"{len(ids)} task ids for {n} images")
-            unknown = set(ids) - set(tasks)
-            if unknown:
-                raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {tasks}")
-            tasks = sorted(set(ids))
-            index = torch.tensor([tasks.index(t) for t in ids], dtype=torch.long)
-            distance = torch.full((n,), float("nan"), dtype=torch.float64)
-            known = torch.ones(n, dtype=torch.bool)
-        patch = self._expert_scores(tokens, index[owner], tasks)
-        scores, maps, patch_maps = inspector.outputs(patch, prep)
-        limits = inspector.thresholds(tasks)[index].cpu()
-        scores = scores.float().cpu()
-        return Inspection(scores=scores, maps=maps.float().cpu(),
-                          patch_scores=patch_maps if isinstance(patch_maps, torch.Tensor) else list(patch_maps),
-                          task_ids=torch.tensor(tasks, dtype=torch.long)[index], known=known.cpu(),
-                          anomalous=scores.double() > limits, router_distance=distance.cpu(), thresholds=limits)
+            routed, tasks = inspector.oracle_routing(task_ids, prep.n_images)
+        return inspector.decide(prep, routed, tasks, lambda rows, index: self._expert_scores(tokens[rows], index, tasks))
 
 
 def make_engine(model: "MoleFlow", kind: str = "torch", **options) -> Engine:

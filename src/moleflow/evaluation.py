@@ -309,7 +309,8 @@ def step_record(step: int, infos: list[Any], evals: dict[str, ClassEvaluation],
     """One learning step: its experts (name, classes, threshold, calibration, training) and the results of every
     class learned so far. `train_seconds`: the step's wall time to learn (features, training, calibration)."""
     experts = [{"name": i.name, "task_id": i.task_id, "classes": list(i.classes), "threshold": i.threshold,
-                "calibration": i.calibration, "train_seconds": i.train.get("seconds"),
+                "calibration": i.calibration, "confusability": getattr(i, "confusability", {}),
+                "train_seconds": i.train.get("seconds"),
                 "skipped_batches": i.train.get("skipped_batches")} for i in infos]
     return {"step": step, "task_name": "+".join(i.name for i in infos), "classes": step_classes(infos),
             "experts": experts, "train_seconds": learn_seconds,

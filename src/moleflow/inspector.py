@@ -37,7 +37,7 @@ from .data.tiling import stitch_maps
 from .errors import MoleflowError
 from .memory import PatchMemory
 from .model import ExpertFlow
-from .router import PrototypeRouter
+from .router import PrototypeRouter, patch_misfit
 from .scoring import MapMaker, image_scores
 from .store.checkpoint import LazyPart
 
@@ -82,6 +82,45 @@ class Inspection:
     anomalous: torch.Tensor  # (N,) bool: score above the routed task's calibrated threshold
     router_distance: torch.Tensor  # (N,) distance to the chosen prototype (nan with oracle ids)
     thresholds: torch.Tensor  # (N,) the threshold each image was decided against
+    # (N,) float64: how much worse the runner-up product fits than the routed one (patch misfit; inf when the
+    # prototype router alone decided, nan with oracle ids)
+    route_margin: torch.Tensor
+    ambiguous: torch.Tensor  # (N,) bool: routing was in doubt; the part was scored under every plausible product
+    alternatives: list[list[int]]  # (N,) the other plausible products' task ids, best fit first
+
+
+@dataclass
+class Routing:
+    """The router's answer for N images among `tasks` (columns)."""
+
+    index: torch.Tensor  # (N,) long: the chosen column
+    distances: torch.Tensor  # (N, T) float64: distances to the products' prototypes (nan with oracle ids)
+    limits: torch.Tensor  # (T,) float64: the products' unknown-product distance limits (inf with oracle ids)
+    margin: torch.Tensor  # (N,) float64: runner-up patch misfit minus the chosen one's (inf: prototype only)
+    plausible: torch.Tensor  # (N, T) bool: products the part is scored under (the chosen one always)
+    misfit: torch.Tensor  # (N, T) float64: patch misfit where computed (inf elsewhere): the order of plausible ones
+
+    @classmethod
+    def oracle(cls, index: torch.Tensor, n_tasks: int) -> "Routing":
+        n = len(index)
+        return cls(index, torch.full((n, n_tasks), float("nan"), dtype=torch.float64),
+                   torch.full((n_tasks,), float("inf"), dtype=torch.float64),
+                   torch.full((n,), float("nan"), dtype=torch.float64),
+                   torch.nn.functional.one_hot(index.cpu(), n_tasks).bool(),
+                   torch.full((n, n_tasks), float("inf"), dtype=torch.float64))
+
+    @property
+    def ambiguous(self) -> torch.Tensor:
+        return self.plausible.sum(1) > 1
+
+    def distance(self, index: torch.Tensor) -> torch.Tensor:
+        """(N,) float64 distance of each image to the prototype of column index[i]."""
+        return self.distances.cpu().gather(1, index.cpu().unsqueeze(1)).squeeze(1)
+
+    def known(self, index: torch.Tensor) -> torch.Tensor:
+        """(N,) bool: each image within the unknown-product limit of column index[i] (oracle ids: True)."""
+        distance = self.distance(index)
+        return (distance <= self.limits.cpu()[index.cpu()]) | distance.isnan()
 
 
 class Inspector(nn.Module):
@@ -358,6 +397,56 @@ class Inspector(nn.Module):
         parts = [self.features(chunk.to(self.device)) for chunk in pixels.split(batch_size)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
+    # ------------------------------------------------------------------------------ routing
+    def route(self, tokens: torch.Tensor, routing: torch.Tensor, owner: torch.Tensor, n: int, tasks: list[int]
+              ) -> Routing:
+        """Which of `tasks` each of n images is (tiles: tokens (M, H, W, D), routing features (M, D), owner (M,)).
+
+        `router.mode`: "prototype" takes the nearest prototype. "patch" and "gated" compare the images' patches
+        with the candidate products' patch memories (`router.patch_misfit`): "patch" among all products, "gated"
+        only where the runner-up prototype is within a factor 1 + `router.gate` of the nearest, among those
+        products. Products whose misfit is within `router.ambiguity_margin` of the best are plausible."""
+        cfg = self.config.router
+        distances = self.router.image_distances(routing, tasks, owner, n)  # (N, T) float64
+        nearest, index = distances.min(1)
+        n_tasks = len(tasks)
+        margin = torch.full((n,), float("inf"), dtype=torch.float64, device=distances.device)
+        misfit = torch.full((n, n_tasks), float("inf"), dtype=torch.float64, device=distances.device)
+        plausible = torch.nn.functional.one_hot(index, n_tasks).bool()
+        if cfg.mode != "prototype" and n_tasks > 1:
+            gate = float("inf") if cfg.mode == "patch" else cfg.gate
+            candidates = distances <= nearest.unsqueeze(1) * (1 + gate)
+            doubt = candidates.sum(1) > 1
+            if bool(doubt.any()):
+                images = doubt.nonzero().squeeze(1)
+                rows = torch.isin(owner, images).nonzero().squeeze(1)
+                renumber = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+                renumber[images] = torch.arange(len(images), device=owner.device)
+                columns = candidates[images].any(0).nonzero().squeeze(1).tolist()
+                self.ensure_experts([tasks[c] for c in columns])  # their memories
+                z = tokens.new_full((len(rows), n_tasks, *tokens.shape[1:3]), float("inf"))
+                for c in columns:
+                    z[:, c] = self.memory.standardised_distances(tokens[rows], tasks[c])
+                fit = patch_misfit(z, renumber[owner[rows]], len(images), cfg.patch_statistic)
+                fit = fit.masked_fill(~candidates[images], float("inf"))
+                top = fit.topk(2, dim=1, largest=False)
+                index[images] = top.indices[:, 0]
+                margin[images] = top.values[:, 1] - top.values[:, 0]
+                misfit[images] = fit
+                plausible[images] = fit <= top.values[:, :1] + cfg.ambiguity_margin
+        return Routing(index, distances, self.router.limits(tasks), margin, plausible, misfit)
+
+    def oracle_routing(self, task_ids, n: int) -> tuple[Routing, list[int]]:
+        """The routing that oracle `task_ids` (N,) give, and the tasks its index points into."""
+        ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
+        if len(ids) != n:
+            raise MoleflowError(f"{len(ids)} task ids for {n} images")
+        unknown = set(ids.tolist()) - set(self.task_ids)
+        if unknown:
+            raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.task_ids}")
+        tasks = sorted(set(ids.tolist()))
+        return Routing.oracle(torch.tensor([tasks.index(t) for t in ids.tolist()], dtype=torch.long), len(tasks)), tasks
+
     # ------------------------------------------------------------------------------ inference
     @torch.no_grad()
     def inspect(self, prep: Prepared, task_ids: torch.Tensor | None = None, among: list[int] | None = None,
@@ -370,31 +459,56 @@ class Inspector(nn.Module):
             raise MoleflowError("the model has learned no task yet; call fit_task first")
         tokens, routing = self.extract(prep.pixels, batch_size)
         tokens, routing = tokens.float(), routing.float()
-        n = prep.n_images
         owner = prep.owner.to(self.device)
         if task_ids is None:
-            index, distance, known = self.router(routing, tasks, owner, n)
+            routed = self.route(tokens, routing, owner, prep.n_images, tasks)
         else:
-            ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-            if len(ids) != n:
-                raise MoleflowError(f"{len(ids)} task ids for {n} images")
-            unknown = set(ids.tolist()) - set(self.task_ids)
-            if unknown:
-                raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.task_ids}")
-            tasks = sorted(set(ids.tolist()))
-            index = torch.tensor([tasks.index(t) for t in ids.tolist()], dtype=torch.long, device=self.device)
-            distance = torch.full((n,), float("nan"), dtype=torch.float64)
-            known = torch.ones(n, dtype=torch.bool)
+            routed, tasks = self.oracle_routing(task_ids, prep.n_images)
+
+        def scorer(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+            return self.expert_scores(tokens[rows.to(self.device)], index.to(self.device), tasks, batch_size)
+
+        return self.decide(prep, routed, tasks, scorer)
+
+    def decide(self, prep: Prepared, routed: Routing, tasks: list[int], scorer) -> Inspection:
+        """Score the N images of `prep` under their routed products and decide; results on the CPU.
+
+        `scorer(rows (K,), index (K,)) -> patch scores (K, h, w)` scores tiles `rows` under tasks[index] (the torch
+        or onnxruntime experts). An ambiguous part is also scored under each other plausible product: it is
+        flagged only if flagged under all of them, else it is reported against the best-fitting product under which
+        it is normal. A good part of a plausible product is then flagged at most as often as under its own
+        threshold, so each product's false-alarm guarantee holds; a defect that looks normal to a look-alike
+        product's expert is missed (measured in docs/decisions.md §8)."""
+        index = routed.index.cpu()
+        owner = prep.owner.cpu()
         self.ensure_experts([tasks[i] for i in index.unique().tolist()])  # only the routed ones are read
-        patch = self.expert_scores(tokens, index[owner], tasks, batch_size)
+        patch = scorer(torch.arange(len(owner)), index[owner])
         scores, maps, patch_maps = self.outputs(patch, prep)
-        limits = self.thresholds(tasks)[index.to(self.device)].cpu()
-        scores = scores.float().cpu()
-        return Inspection(scores=scores, maps=maps.float().cpu(),
-                          patch_scores=patch_maps.cpu() if isinstance(patch_maps, torch.Tensor)
-                          else [m.cpu() for m in patch_maps],
-                          task_ids=torch.tensor(tasks, dtype=torch.long)[index.cpu()], known=known.cpu(),
-                          anomalous=scores.double() > limits, router_distance=distance.cpu(), thresholds=limits)
+        scores, maps = scores.float().cpu(), maps.float().cpu()
+        patch_maps = patch_maps.cpu() if isinstance(patch_maps, torch.Tensor) else [m.cpu() for m in patch_maps]
+        limits = self.thresholds(tasks).cpu()
+        chosen_limits = limits[index]
+        anomalous = scores.double() > chosen_limits
+        plausible, misfit = routed.plausible.cpu(), routed.misfit.cpu()
+        alternatives: list[list[int]] = [[] for _ in range(len(index))]
+        for i in routed.ambiguous.cpu().nonzero().squeeze(1).tolist():
+            order = [c for c in misfit[i].argsort().tolist() if plausible[i, c] and c != int(index[i])]
+            alternatives[i] = [tasks[c] for c in order]
+            if not anomalous[i]:
+                continue  # normal under the best-fitting product: reported against it
+            rows = (owner == i).nonzero().squeeze(1)
+            part = Prepared(prep.pixels, torch.zeros(len(rows), dtype=torch.long), [prep.layouts[i]])
+            for c in order:  # the first plausible product under which the part is normal, if any
+                self.ensure_experts([tasks[c]])
+                s, m, p = self.outputs(scorer(rows, torch.full((len(rows),), c, dtype=torch.long)), part)
+                if float(s[0]) <= float(limits[c]):
+                    index[i], scores[i], maps[i], chosen_limits[i], anomalous[i] = c, s[0].float(), m[0].float(), limits[c], False
+                    patch_maps[i] = p[0].cpu()
+                    break
+        return Inspection(scores=scores, maps=maps, patch_scores=patch_maps,
+                          task_ids=torch.tensor(tasks, dtype=torch.long)[index], known=routed.known(index),
+                          anomalous=anomalous, router_distance=routed.distance(index), thresholds=chosen_limits,
+                          route_margin=routed.margin.cpu(), ambiguous=routed.ambiguous.cpu(), alternatives=alternatives)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Square images (N, 3, S, S) routed among all tasks -> scores (N,) float32, maps (N, S, S) float32,
@@ -403,9 +517,36 @@ class Inspector(nn.Module):
         tasks = self.task_ids
         self.ensure_experts(tasks)  # traced: every expert is in the graph
         tokens, routing = self.features(images)
-        index, distance, known = self.router(routing, tasks)
-        patch = self.expert_scores(tokens.float(), index, tasks)
-        scores = image_scores(patch, self.config.score)
-        maps = self.map_maker(patch)
-        anomalous = scores.double() > self.thresholds(tasks).index_select(0, index)
-        return scores, maps, index, distance, known, anomalous
+        tokens = tokens.float()
+        if self.config.router.mode == "prototype":
+            index, distance, known = self.router(routing, tasks)
+            patch = self.expert_scores(tokens, index, tasks)
+            scores = image_scores(patch, self.config.score)
+            anomalous = scores.double() > self.thresholds(tasks).index_select(0, index)
+            return scores, self.map_maker(patch), index, distance, known, anomalous
+        # `route` and `decide` written with tensor ops only: every expert scores every image, the rule picks
+        cfg, n_tasks = self.config.router, len(tasks)
+        distances = self.router.distances(routing, tasks)  # (N, T)
+        nearest, first = distances.min(1)
+        gate = float("inf") if cfg.mode == "patch" else cfg.gate
+        candidates = distances <= nearest.unsqueeze(1) * (1 + gate)
+        z = torch.stack([self.memory.standardised_distances(tokens, t) for t in tasks], dim=1)  # (N, T, H, W)
+        fit = patch_misfit(z, statistic=cfg.patch_statistic).masked_fill(~candidates, float("inf"))
+        best, by_fit = fit.min(1)
+        doubt = candidates.sum(1) > 1
+        index = torch.where(doubt, by_fit, first)
+        own = torch.nn.functional.one_hot(index, n_tasks).bool()
+        plausible = (doubt.unsqueeze(1) & (fit <= best.unsqueeze(1) + cfg.ambiguity_margin)) | own  # no bool Where
+        every = torch.stack([self.patch_scores(tokens, t).float() for t in tasks], dim=1)  # (N, T, H, W)
+        h, w = every.shape[2:]
+        all_scores = image_scores(every.flatten(0, 1), self.config.score).reshape(-1, n_tasks)  # dynamic batch
+        normal = plausible & (all_scores.double() <= self.thresholds(tasks).unsqueeze(0))
+        # the routed product if the part is normal there, else the best-fitting plausible one where it is normal
+        order = torch.where(own, torch.full_like(fit, float("-inf")), fit)
+        rank = torch.where(normal, order, torch.full_like(fit, float("inf")))
+        anomalous = ~normal.any(1)
+        index = torch.where(anomalous, index, rank.argmin(1))
+        patch = every.gather(1, index.view(-1, 1, 1, 1).expand(-1, 1, h, w)).squeeze(1)
+        distance = distances.gather(1, index.unsqueeze(1)).squeeze(1)
+        known = distance <= self.router.limits(tasks).index_select(0, index)
+        return all_scores.gather(1, index.unsqueeze(1)).squeeze(1), self.map_maker(patch), index, distance, known, anomalous

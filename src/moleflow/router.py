@@ -52,6 +52,30 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     return ((diff @ precision) * diff).sum(-1).clamp_min(0).sqrt()
 
 
+def patch_misfit(z: torch.Tensor, owner: torch.Tensor | None = None, n_images: int | None = None,
+                 statistic: str = "median") -> torch.Tensor:
+    """How badly each image fits each candidate product, from its patches (lower fits better).
+
+    `z` (M, T, H, W): every tile patch's standardised nearest-neighbour distance to each of T products' patch
+    memories (`PatchMemory.standardised_distances`). `statistic`: "median", the median over a tile's patches (a
+    defect on a minority of patches cannot move it far), or "vote", minus the share of the tile's patches whose
+    nearest memory is that product's. Tiles of one image (`owner` (M,) into `n_images`) are averaged, as the
+    prototype router averages their distances. Returns (N, T) float64."""
+    flat = z.double().flatten(2)  # (M, T, P)
+    if statistic == "median":  # the lower median as a sort and a constant index, so that it exports to ONNX
+        per_tile = flat.sort(dim=2).values[..., (flat.shape[2] - 1) // 2]
+    elif statistic == "vote":
+        winner = flat.argmin(dim=1)  # (M, P): each patch votes for its nearest product
+        per_tile = -torch.nn.functional.one_hot(winner, flat.shape[1]).double().mean(1)
+    else:
+        raise MoleflowError(f"unknown patch statistic {statistic!r}: use median or vote")
+    if owner is None:
+        return per_tile
+    n = n_images if n_images is not None else int(owner.max()) + 1
+    total = per_tile.new_zeros(n, per_tile.shape[1]).index_add_(0, owner.to(per_tile.device), per_tile)
+    return total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(total)
+
+
 class PrototypeRouter(nn.Module):
     """Routes routing features (N, D) to the task whose prototype is nearest."""
 
@@ -142,15 +166,25 @@ class PrototypeRouter(nn.Module):
         groups rows into `n_images` images (the tiles of one image): an image goes to the task with the
         smallest mean distance over its rows. Default: every row is its own image."""
         tasks = self.task_ids if tasks is None else list(tasks)
-        distances = self.distances(features, tasks)  # (M, T) float64
-        if owner is not None:
-            n = n_images if n_images is not None else int(owner.max()) + 1
-            total = distances.new_zeros(n, len(tasks)).index_add_(0, owner, distances)
-            count = torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(distances.dtype)
-            distances = total / count
+        distances = self.image_distances(features, tasks, owner, n_images)
         best, index = distances.min(1)
-        limits = torch.stack([getattr(self, f"unknown_{t}") for t in tasks]).index_select(0, index)
-        return index, best, best <= limits
+        return index, best, best <= self.limits(tasks).index_select(0, index)
+
+    def image_distances(self, features: torch.Tensor, tasks: list[int], owner: torch.Tensor | None = None,
+                        n_images: int | None = None) -> torch.Tensor:
+        """(M, D) -> (N, T) float64: each image's distance to each prototype of `tasks`, the mean over its rows
+        (`owner` (M,) groups rows into `n_images` images, the tiles of one image; default: a row per image)."""
+        distances = self.distances(features, tasks)  # (M, T) float64
+        if owner is None:
+            return distances
+        n = n_images if n_images is not None else int(owner.max()) + 1
+        total = distances.new_zeros(n, len(tasks)).index_add_(0, owner, distances)
+        count = torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(distances.dtype)
+        return total / count
+
+    def limits(self, tasks: list[int]) -> torch.Tensor:
+        """(T,) float64 unknown-product distance limits of `tasks`."""
+        return torch.stack([getattr(self, f"unknown_{t}") for t in tasks])
 
     def route(self, features: torch.Tensor, tasks: list[int] | None = None, owner: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ from ..errors import MoleflowError
 from ..store import run_lock
 from ..store.atomic import atomic_write_json
 from .common import (add_lock_option, add_parallel_options, add_rate_option, add_runtime_options, apply_runtime,
-                     parallel_spec, parse_rates)
+                     describe_confusability, parallel_spec, parse_rates)
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,8 @@ def learn_checked(args: argparse.Namespace, model: MoleFlow, probe_samples: list
         for info in infos:
             print(f"learned {info.name}: {info.n_train} training images, threshold {info.threshold:.3f} "
                   f"({info.train['seconds']:.0f} s)")
+            if info.confusability:
+                print("  routing: " + describe_confusability(info.name, info.confusability))
     checked = verify_unchanged(model, probe, state, scores)
     path = model.save(args.run_dir)
     print(f"check passed: {checked} earlier tensors and the scores of {len(scores)} earlier tasks on "

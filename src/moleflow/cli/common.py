@@ -193,3 +193,20 @@ def format_table(rows: list[list[str]], header: list[str]) -> str:
 
 def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def describe_confusability(name: str, confusability: dict[str, Any]) -> str:
+    """One line: where product `name`'s held-out normals were routed when it was learned, good and with a pasted
+    defect (`TaskInfo.confusability`); empty when nothing was measured."""
+    parts = []
+    for case, label in (("good", "good"), ("defect", "with a 10 % pasted defect")):
+        shares = confusability.get(case)
+        if not shares:
+            continue
+        others = ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda x: -x[1]) if k != name)
+        ambiguous = confusability.get("ambiguous", {}).get(case, 0.0)
+        parts.append(f"{label}: {shares.get(name, 0.0):.0%} to itself" + (f" ({others})" if others else "")
+                     + (f", {ambiguous:.0%} ambiguous" if ambiguous else ""))
+    if not parts:
+        return ""
+    return f"{name}: {confusability.get('n', '?')} held-out normals routed among {len(confusability.get('among', []))} products; " + "; ".join(parts)

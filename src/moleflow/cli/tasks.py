@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..detector import MoleFlow
-from .common import format_table
+from .common import describe_confusability, format_table
 
 EXAMPLES = """examples:
   moleflow tasks runs/real
@@ -40,7 +40,7 @@ def task_table(model: MoleFlow) -> list[dict]:
                      "rule": cal.get("rule", "quantile (moleflow 0.1)"),
                      "supported_rate": cal.get("supported_rate", 1.0 / (n_cal + 1)),
                      "false_alarm_interval": cal.get("false_alarm_interval"), "warning": cal.get("warning", ""),
-                     "recalibrations": len(cal.get("history", []))})
+                     "recalibrations": len(cal.get("history", [])), "confusability": info.confusability})
     return rows
 
 
@@ -63,6 +63,9 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["warning"]:
             print(f"(!) {r['name']}: {r['warning']}")
+    for r in rows:
+        if r["confusability"]:
+            print("routing when learned: " + describe_confusability(r["name"], r["confusability"]))
     print(f"backbone {model.extractor.name} (sha256 {model.extractor.weights_sha256[:12]}), "
           f"shared flow {sum(p.numel() for p in model.flow.shared_parameters()):,} parameters")
     return 0

@@ -1,0 +1,140 @@
+"""Routing between look-alike products: the patch vote, the gated router, the ambiguity rule, confusability."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moleflow import MoleFlow, MoleflowError
+from moleflow.export import export_onnx, predict_onnx
+from moleflow.router import patch_misfit
+
+from helpers import product_images, tiny_config
+
+SHIFTS = (0.0, 1.5, -1.5)
+
+
+def images(seed: int, n: int, shift: float) -> torch.Tensor:
+    return torch.randn(n, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) + shift
+
+
+def test_patch_misfit_ignores_a_minority_of_foreign_patches():
+    z = torch.zeros(3, 2, 10, 10)  # 3 images, 2 products
+    z[:, 1] = 1.0  # product 1 fits worse everywhere ...
+    z[:, 0, :3] = 50.0  # ... except under a "defect" over 30 % of the patches, where product 0 fits terribly
+    for statistic in ("median", "vote"):
+        misfit = patch_misfit(z, statistic=statistic)
+        assert misfit.shape == (3, 2) and misfit.argmin(1).tolist() == [0, 0, 0], statistic
+    assert patch_misfit(z, statistic="median")[0].tolist() == [0.0, 1.0]
+    assert patch_misfit(z, statistic="vote")[0].tolist() == pytest.approx([-0.7, -0.3])
+    # the tiles of one image are averaged: image 0 has tiles 0 and 1, image 1 has tile 2
+    z[1, 0] = 9.0
+    tiled = patch_misfit(z, torch.tensor([0, 0, 1]), 2, "median")
+    assert tiled[0].tolist() == [4.5, 1.0] and tiled[1].tolist() == [0.0, 1.0]
+    with pytest.raises(MoleflowError, match="unknown patch statistic"):
+        patch_misfit(z, statistic="mode")
+
+
+def test_patch_modes_need_a_patch_memory():
+    with pytest.raises(MoleflowError, match="needs score.source=flow\\+memory"):
+        tiny_config(**{"router.mode": "gated"})
+    with pytest.raises(MoleflowError, match="router.mode"):
+        tiny_config(**{"router.mode": "nearest", "score.source": "flow+memory"})
+
+
+@pytest.fixture(scope="module")
+def model() -> MoleFlow:
+    m = MoleFlow(tiny_config(**{"score.source": "flow+memory", "router.mode": "gated", "train.epochs": 1}))
+    for i, shift in enumerate(SHIFTS):
+        m.fit_task(images(i, 14, shift), name=f"product{i}")
+    return m
+
+
+@pytest.fixture(scope="module")
+def probe() -> torch.Tensor:
+    parts = [images(100 + i, 2, shift) for i, shift in enumerate(SHIFTS)]
+    mixed = torch.stack([p[j] for j in range(2) for p in parts])
+    defect = mixed[:1].clone()
+    defect[:, :, 30:80, 30:80] += 6.0  # a large defect on a product-0 part
+    return torch.cat([mixed, defect])
+
+
+def _with_router(model: MoleFlow, **fields):
+    """Context: the model's router settings changed for a block (routing happens at inference only)."""
+    class _Ctx:
+        def __enter__(self):
+            self.old = {k: getattr(model.config.router, k) for k in fields}
+            for k, v in fields.items():
+                setattr(model.config.router, k, v)
+
+        def __exit__(self, *exc):
+            for k, v in self.old.items():
+                setattr(model.config.router, k, v)
+    return _Ctx()
+
+
+@pytest.mark.parametrize("mode", ["prototype", "patch", "gated"])
+def test_every_router_mode_routes_distinct_products(model, probe, mode):
+    with _with_router(model, mode=mode, gate=10.0):
+        pred = model.predict(probe[:6])
+    assert pred.task_ids.tolist() == [0, 1, 2, 0, 1, 2]
+    if mode == "prototype":
+        assert torch.isinf(pred.route_margin).all() and not pred.ambiguous.any()
+    else:  # the patch vote ran and chose clearly: the margin is positive and finite
+        assert torch.isfinite(pred.route_margin).all() and (pred.route_margin > 0).all()
+
+
+def test_ambiguous_parts_are_flagged_only_if_flagged_under_every_plausible_product(model, probe):
+    with _with_router(model, mode="patch", ambiguity_margin=1e9):  # every product is plausible for every part
+        pred = model.predict(probe)
+    assert pred.ambiguous.all()
+    assert all(sorted(alt + [t]) == [0, 1, 2] for alt, t in zip(pred.alternatives, pred.task_ids.tolist()))
+    under = {t: model.predict(probe, task_ids=[t] * len(probe)) for t in (0, 1, 2)}  # oracle: each product
+    flagged_under_all = torch.stack([under[t].anomalous for t in (0, 1, 2)]).all(0)
+    assert torch.equal(pred.anomalous, flagged_under_all)
+    for i, t in enumerate(pred.task_ids.tolist()):  # reported against a product it passes under, with its score
+        if not pred.anomalous[i]:
+            assert not under[t].anomalous[i]
+        assert float(pred.scores[i]) == pytest.approx(float(under[t].scores[i]), rel=1e-5, abs=1e-5)
+        assert float(pred.thresholds[i]) == float(under[t].thresholds[i])
+    assert bool(pred.anomalous[6])  # the large defect is flagged under all three
+    with _with_router(model, mode="patch", ambiguity_margin=0.0):  # no doubt: each part under its routed product
+        plain = model.predict(probe)
+    assert not plain.ambiguous.any() and plain.alternatives == [[]] * len(probe)
+    assert (pred.anomalous <= plain.anomalous).all()  # the rule only ever clears a flag
+
+
+@pytest.mark.parametrize("margin", [0.0, 1e9])
+def test_the_exported_graph_and_the_onnx_engine_follow_the_same_rule(model, probe, margin, tmp_path):
+    from moleflow.engine import make_engine
+
+    with _with_router(model, mode="gated", gate=10.0, ambiguity_margin=margin):
+        pred = model.predict(probe)
+        out = predict_onnx(export_onnx(model, tmp_path), probe.numpy())
+        engine = make_engine(model, "onnx", cache_dir=tmp_path / "engine").inspect(model.prepare(probe))
+    np.testing.assert_array_equal(np.array([0, 1, 2])[out["task_index"]], pred.task_ids.numpy())
+    np.testing.assert_array_equal(out["anomalous"], pred.anomalous.numpy())
+    assert np.abs(out["scores"] - pred.scores.numpy()).max() < 1e-4
+    assert np.abs(out["maps"] - pred.maps.numpy()).max() < 1e-4
+    np.testing.assert_allclose(out["router_distance"], pred.router_distance.numpy(), rtol=1e-4, atol=1e-4)
+    assert torch.equal(engine.task_ids, pred.task_ids) and torch.equal(engine.anomalous, pred.anomalous)
+    assert torch.equal(engine.ambiguous, pred.ambiguous) and engine.alternatives == pred.alternatives
+    assert float((engine.scores - pred.scores).abs().max()) < 1e-4
+
+
+def test_confusability_is_measured_when_a_product_is_learned():
+    data = product_images(("brick", "coins"), n_train=24, n_test_good=1)
+    m = MoleFlow(tiny_config(**{"score.source": "flow+memory", "router.mode": "gated", "train.epochs": 1,
+                                "score.calibration_fraction": 0.25}))
+    first = m.fit_task(data["brick"][0], name="brick")
+    second = m.fit_task(data["coins"][0], name="coins")
+    assert first.confusability["among"] == ["brick"] and first.confusability["good"] == {"brick": 1.0}
+    conf = second.confusability
+    assert conf["n"] == second.n_calibration > 0 and conf["among"] == ["brick", "coins"]
+    for case in ("good", "defect"):  # shares over the products learned so far, for good and pasted-defect parts
+        assert sum(conf[case].values()) == pytest.approx(1.0) and set(conf[case]) <= {"brick", "coins"}
+        assert 0.0 <= conf["ambiguous"][case] <= 1.0
+    assert conf["good"].get("coins", 0.0) >= 0.5
+    # the final prototype holds the held-out images too (as the spec builds it): the router's limit is recorded
+    assert second.calibration["unknown_distance"] == m.router.unknown_threshold(second.task_id)
