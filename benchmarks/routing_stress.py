@@ -22,8 +22,9 @@ Routers compared (all from the same backbone tokens, so the comparison is exact)
 * `prototype`: nearest Gaussian prototype of the median token (today's default); `prototype_mean`: of the mean;
 * `patch_median`: smallest median over the patches of the standardised nearest-neighbour distance to each
   product's patch memory; `patch_vote`: most patches whose nearest memory is that product's;
-* `gated_<g>`: the prototype router, unless the second-nearest prototype is within a factor 1 + g of the nearest;
-  then `patch_median` among the products within that factor.
+* `patch_median_raw`: the same with the raw distances (not standardised by each product's held-out patches);
+* `gated_<g>` / `gated_raw_<g>`: the prototype router, unless the second-nearest prototype is within a factor
+  1 + g of the nearest; then `patch_median` / `patch_median_raw` among the products within that factor.
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ def routers(table: dict) -> dict[str, torch.Tensor]:
                                             "patch_vote")}
     for g in GATES:
         out[f"gated_{g:g}"] = gated_choice(table["prototype"], table["patch_median"], g)[0]
+        out[f"gated_raw_{g:g}"] = gated_choice(table["prototype"], table["patch_median_raw"], g)[0]
     return out
 
 
@@ -176,12 +178,14 @@ def main() -> None:
     ap.add_argument("--settings", nargs="+", default=["shared", "lighting", "boards", "synthetic"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--tables", type=Path, help="also save every image's distances and misfits (torch.save)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     model = MoleFlow(Config.from_preset(args.preset))
     rng = np.random.default_rng(args.seed)
     results: dict = {"setting": {k: str(v) for k, v in vars(args).items()}, "accuracy": {}, "margins": {}}
     scenarios: dict[str, dict[str, dict[str, list]]] = {}
+    saved: dict = {}
 
     def groups(cls: str) -> dict[Path, str]:
         with open(args.data / cls / "provenance.csv") as fh:
@@ -227,6 +231,9 @@ def main() -> None:
         tables = scenario_tables(model, products, rng)
         results["accuracy"][name] = accuracy(tables)
         results["margins"][name] = margins(tables)
+        if args.tables:
+            saved[name] = {f"{p}|{c}": v for (p, c), v in tables.items()}
+            torch.save(saved, args.tables)
         sizes = ", ".join(f"{p}: {len(v['eval'])}" for p, v in products.items())
         print(f"{name} ({time.perf_counter() - start:.0f} s; evaluated per product: {sizes})")
         for router, per in results["accuracy"][name].items():

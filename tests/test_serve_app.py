@@ -248,3 +248,80 @@ def test_settings_are_checked():
         ServeSettings(run="x", optimization="max")
     settings = ServeSettings(run="x", max_wait_ms=2.5)
     assert ServeSettings.from_json(settings.to_json()) == settings
+
+
+# ------------------------------------------------------------------------------------------ on the line
+def test_health_is_503_until_the_model_is_loaded(run, monkeypatch):
+    """A client that waits for /health and then posts must not be told "the model is still loading"."""
+    import threading
+
+    from moleflow.serve.holder import ModelHolder
+
+    _, run_dir = run
+    release, original = threading.Event(), ModelHolder._load
+
+    def slow_load(self):
+        assert release.wait(60)
+        return original(self)
+
+    monkeypatch.setattr(ModelHolder, "_load", slow_load)
+    with TestClient(create_app(ServeSettings(run=str(run_dir), engine="torch", watch_interval=0))) as c:
+        health = c.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading" and health.json()["model"] is None
+        assert c.get("/ready").status_code == 503
+        release.set()
+        deadline = time.monotonic() + 60
+        while (health := c.get("/health")).status_code != 200:
+            assert health.json()["status"] == "loading" and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert health.json()["status"] == "ok" and health.json()["products"] == ["brick", "grass"]
+        assert c.post("/predict", content=png(np.zeros((64, 64, 3), np.uint8)),
+                      headers={"content-type": "image/png"}).status_code == 200
+
+
+def test_tokens_guard_every_endpoint_but_health_and_every_verdict_is_recorded(run, tmp_path):
+    import hashlib
+
+    from moleflow.store.verdicts import VerdictStore, model_sha256, sqlite_url
+
+    data, run_dir = run
+    url = sqlite_url(tmp_path / "verdicts.sqlite")
+    settings = ServeSettings(run=str(run_dir), watch_interval=0, store=url,
+                             tokens={"alice": "alice-secret-1", "plc": "plc-secret-2"})
+    brick, grass = sample_image(data, "brick", "scratch").read_bytes(), sample_image(data, "grass").read_bytes()
+    alice, plc = {"authorization": "Bearer alice-secret-1"}, {"authorization": "bearer plc-secret-2"}
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        assert c.get("/health").status_code == 200 and c.get("/health").json()["access"] == "token"
+        for method, path in (("get", "/tasks"), ("get", "/verdicts"), ("post", "/predict"), ("post", "/reload"),
+                             ("get", "/"), ("get", "/docs"), ("get", "/openapi.json"), ("get", "/nowhere")):
+            response = getattr(c, method)(path)
+            assert_one_line_error(response, 401, "Authorization: Bearer")
+            assert response.headers["www-authenticate"].startswith("Bearer")
+        for header in ({"authorization": "Bearer wrong"}, {"authorization": "alice-secret-1"},
+                       {"authorization": "Basic YWxpY2U6eA=="}):
+            assert_one_line_error(c.get("/tasks", headers=header), 401)
+        assert c.get("/tasks", headers=alice).status_code == 200 and c.get("/", headers=plc).status_code == 200
+        assert_one_line_error(c.post("/predict", content=brick, headers={"content-type": "image/png"}), 401)
+
+        first = c.post("/predict", files=files(("brick.png", brick), ("grass.png", grass)), headers=alice)
+        second = c.post("/predict", content=grass, headers={"content-type": "image/png", "x-filename": "cam3.png",
+                                                            **plc})
+        assert first.status_code == second.status_code == 200, (first.text, second.text)
+        answered = first.json()["results"] + second.json()["results"]
+        recent = c.get("/verdicts", headers=alice).json()["verdicts"]
+        assert [v["verdict_id"] for v in recent[:3]] == [answered[2]["verdict_id"], answered[1]["verdict_id"],
+                                                          answered[0]["verdict_id"]]
+        store_health = c.get("/health").json()["store"]
+        assert store_health == {"database": "sqlite", "recorded": 3, "errors": 0, "last_error": None}
+    with VerdictStore(url) as store:
+        rows = {r["id"]: r for r in store.verdicts()}
+    assert len(rows) == 3
+    for verdict, body in zip(answered, (brick, grass, grass)):
+        row = rows[verdict["verdict_id"]]
+        assert row["path"] == verdict["file"] and row["sha256"] == hashlib.sha256(body).hexdigest()
+        assert (row["product"], row["decision"], row["nearest_product"]) == \
+            (verdict["product"], verdict["decision"], verdict["nearest_product"])
+        assert row["score"] == pytest.approx(verdict["score"]) and row["threshold"] == pytest.approx(verdict["threshold"])
+        assert row["source"] == "serve" and row["engine"] == "onnx" and row["latency_ms"] > 0
+        assert row["model_sha256"] == model_sha256(run_dir) and row["model_sha256"][:12] == verdict["model"]

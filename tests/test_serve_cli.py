@@ -68,3 +68,44 @@ def test_bench_serve_measures_a_real_server(run, tmp_path):
         assert 0 < level["latency_ms_p50"] <= level["latency_ms_p99"]
     assert result["levels"][0]["mean_batch_size"] == 1.0
     assert result["serve_args"] == [str(run_dir), "--max-wait-ms", "20"]
+
+
+def test_serve_store_default_token_and_the_open_network_warning(run, tmp_path, monkeypatch, caplog):
+    """`serve` records into RUN/verdicts.sqlite unless --no-store; tokens from --token or MOLEFLOW_TOKEN; a
+    warning when it listens beyond 127.0.0.1 without one (uvicorn itself is not started here)."""
+    import logging
+
+    import uvicorn
+
+    from moleflow.serve.auth import exposure_warning, parse_tokens
+    from serve_support import copy_run
+
+    _, run_dir = run
+    work = copy_run(run_dir, tmp_path / "run")
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: started.append((app.state.settings, kw)))
+    monkeypatch.delenv("MOLEFLOW_TOKEN", raising=False)
+    caplog.set_level(logging.WARNING)
+
+    assert main(["serve", str(work), "--host", "0.0.0.0", "--engine", "torch"]) == 0
+    settings, options = started[-1]
+    assert options["host"] == "0.0.0.0" and settings.tokens == {}
+    assert settings.store == f"sqlite:///{(work / 'verdicts.sqlite').resolve()}" and (work / "verdicts.sqlite").is_file()
+    assert any("WITHOUT A TOKEN" in r.getMessage() for r in caplog.records)
+
+    caplog.clear()
+    monkeypatch.setenv("MOLEFLOW_TOKEN", "alice:a-secret,plc:p-secret")
+    assert main(["serve", str(work), "--host", "0.0.0.0", "--engine", "torch", "--no-store"]) == 0
+    settings, _ = started[-1]
+    assert settings.tokens == {"alice": "a-secret", "plc": "p-secret"} and settings.store is None
+    assert not any("WITHOUT A TOKEN" in r.getMessage() for r in caplog.records)
+    assert main(["serve", str(work), "--engine", "torch", "--token", "only-one", "--no-store"]) == 0
+    assert started[-1][0].tokens == {"token": "only-one"}
+
+    assert exposure_warning("127.0.0.1", {}) is None and exposure_warning("localhost", {}) is None
+    assert exposure_warning("::1", {}) is None and exposure_warning("10.0.0.5", {}) is not None
+    assert exposure_warning("line3.factory", {}) is not None and exposure_warning("0.0.0.0", {"a": "b"}) is None
+    for bad in ("alice:", "a:x,a:y", "a:x,b:x"):
+        with pytest.raises(Exception, match="--token"):
+            parse_tokens(bad)
+    assert main(["serve", str(work), "--store", "x.sqlite", "--no-store"]) == 2

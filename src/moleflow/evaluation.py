@@ -134,7 +134,7 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     oracle = oracle or not model.config.router.enabled
     dataset = ImageDataset(split.test, model.transform)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    scores, routed, known, anomalous, maps, masks = [], [], [], [], [], []
+    scores, routed, known, anomalous, maps, masks, ambiguous = [], [], [], [], [], [], []
     for batch in loader:
         ids = [true_task] * len(batch["image"]) if oracle else None
         # with tiling the model cuts each image file itself; otherwise the loader's square tensors are used
@@ -144,6 +144,7 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
         routed.append(pred.task_ids.numpy())
         known.append(pred.known.numpy())
         anomalous.append(pred.anomalous.numpy())
+        ambiguous.append(pred.ambiguous.numpy())
         maps.append(pred.maps.numpy().astype(np.float32))
         masks.append(batch["mask"].numpy())
     s, r = np.concatenate(scores).astype(np.float64), np.concatenate(routed)
@@ -163,6 +164,9 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     flagged = np.concatenate(anomalous) | ~np.concatenate(known)
     metrics["false_alarms"] = int(flagged[labels == 0].sum())
     metrics["false_alarm_rate_realised"] = float(flagged[labels == 0].mean()) if (labels == 0).any() else None
+    # defective parts flagged by their decision (what routing costs in decisions: compare with the oracle pass)
+    metrics["detection_rate"] = float(flagged[labels == 1].mean()) if (labels == 1).any() else None
+    metrics["ambiguous_rate"] = float(np.concatenate(ambiguous).mean())  # parts scored under several products
     metrics["n_test"] = int(len(labels))
     metrics["n_anomalous"] = int(labels.sum())
     defect_types = [x.defect_type for x in split.test]

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from ..errors import MoleflowError
+from ..serve.auth import ENV_TOKEN, exposure_warning, parse_tokens
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +19,19 @@ EXAMPLES = """examples:
   moleflow serve runs/real --workers 2 --threads 1      # 2 processes, 1 onnxruntime thread each
   curl -F files=@part1.png -F files=@part2.png http://127.0.0.1:8000/predict
   curl --data-binary @part.png -H 'Content-Type: image/png' 'http://127.0.0.1:8000/predict?maps=true'
+  moleflow serve runs/real --host 0.0.0.0 --token alice:$(openssl rand -hex 16),plc:$(openssl rand -hex 16)
+  curl -H "Authorization: Bearer $TOKEN" -F files=@part1.png http://HOST:8000/predict
+  moleflow serve runs/real --store postgresql://qa@db.local/line      # record verdicts in a shared database
 
 After `moleflow add-task`, `remove-task` or `calibrate` on the run, the service loads the new model by
 itself (it watches RUN/model/manifest.json; or POST /reload); requests keep being answered meanwhile, and a
 model that fails to load leaves the old one serving (GET /health shows the error). The onnx engine exports
 the backbone and each product's expert to RUN/export/engine once (later starts reuse them).
+
+Every verdict is recorded in RUN/verdicts.sqlite (image SHA-256, product, score, threshold, decision, model,
+latency; --store another database, --no-store none). With --token (or MOLEFLOW_TOKEN) every endpoint but
+GET /health and GET /ready needs 'Authorization: Bearer TOKEN'; listening beyond 127.0.0.1 without a token
+logs a warning. GET /health answers 503 until the model is loaded.
 """
 
 
@@ -57,6 +66,14 @@ def add_parser(sub) -> None:
     g.add_argument("--watch-interval", type=float, default=2.0,
                    help="seconds between checks of the run's manifest for a new model (default 2; 0 = off)")
     g.add_argument("--recent", type=int, default=100, help="recent verdicts kept for the review page (default 100)")
+    g = p.add_argument_group("verdict store and access (README 'On the line')")
+    g.add_argument("--store", metavar="URL|FILE",
+                   help="record every verdict here: a SQLAlchemy URL (postgresql://user@host/db) or a SQLite file "
+                        "(default RUN_DIR/verdicts.sqlite)")
+    g.add_argument("--no-store", action="store_true", help="record nothing")
+    g.add_argument("--token", metavar="TOKEN|NAME:TOKEN,...",
+                   help="require 'Authorization: Bearer TOKEN' on every endpoint but /health and /ready; several as "
+                        f"NAME:TOKEN pairs separated by commas (default: the environment variable {ENV_TOKEN})")
     p.set_defaults(run=run)
 
 
@@ -65,12 +82,25 @@ def settings_from_args(args: argparse.Namespace):
     from ..store.checkpoint import find_model
 
     find_model(args.run_dir)  # a clear error now rather than a service that never becomes ready
+    if args.no_store and args.store:
+        raise MoleflowError("--store and --no-store contradict each other; give one")
+    store = None
+    if not args.no_store:
+        try:
+            from ..store.verdicts import VerdictStore, resolve_url
+        except MoleflowError as exc:
+            raise MoleflowError(f"{exc}; or start the service with --no-store (nothing recorded)") from None
+
+        store = resolve_url(args.store, args.run_dir)
+        VerdictStore(store).close()  # created or migrated once here, before any worker starts
+    token_text = args.token if args.token is not None else os.environ.get(ENV_TOKEN)
     return ServeSettings(run=str(args.run_dir), engine=args.engine, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_images=args.max_images,
                          max_pixels=args.max_pixels, max_body_mb=args.max_body_mb,
                          watch_interval=args.watch_interval, threads=args.threads, optimization=args.optimization,
                          cache_dir=str(args.cache_dir) if args.cache_dir else None,
-                         backbone_weights=args.backbone_weights, recent=args.recent)
+                         backbone_weights=args.backbone_weights, recent=args.recent, store=store,
+                         tokens=parse_tokens(token_text))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,8 +120,17 @@ def run(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise MoleflowError("--workers must be at least 1")
     settings = settings_from_args(args)
+    warning = exposure_warning(args.host, settings.tokens)
+    if warning:
+        log.warning(warning)
     print(f"moleflow serve: {settings.run} on http://{args.host}:{args.port} (engine {settings.engine}, "
           f"{args.workers} worker{'s' if args.workers > 1 else ''}); review page /, API docs /docs")
+    if settings.store:
+        from ..store.verdicts import describe_url
+
+        print(f"recording every verdict in {describe_url(settings.store)}")
+    if settings.tokens:
+        print(f"access: bearer token required ({', '.join(settings.tokens)}); /health and /ready are open")
     if args.workers == 1:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
     else:  # each worker process builds its own app (and model) from the settings in its environment

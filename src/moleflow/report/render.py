@@ -624,9 +624,37 @@ def _routing_section(run: RunData) -> list[Block]:
     blocks.append(Image("routing_confusion", png,
                         "Rows: true product; columns: task chosen by the router (last column: flagged as an "
                         "unknown product). Colours are row-normalised; numbers are image counts (blank = 0)."))
-    rows = [[md_escape(c), fmt_pct((final.get(c) or {}).get("routing_accuracy_good")),
-             fmt_pct((final.get(c) or {}).get("routing_accuracy_defective"))] for c in rc["classes"]]
-    blocks.append(Table(["Product", "Good parts routed right (%)", "Defective parts routed right (%)"], rows))
+    oracle = run.results.get("oracle") or {}
+    rows = [[md_escape(c)] + [fmt_pct((final.get(c) or {}).get(k)) for k in
+                              ("routing_accuracy_good", "routing_accuracy_defective", "ambiguous_rate", "detection_rate")]
+            + [fmt_pct((oracle.get(c) or {}).get("detection_rate"))] for c in rc["classes"]]
+    blocks.append(Table(["Product", "Good parts routed right (%)", "Defective parts routed right (%)",
+                         "Ambiguous routing (%)", "Defective parts flagged, routed (%)",
+                         "Defective parts flagged, oracle product (%)"], rows))
+    blocks.append(Para("An ambiguous part (two products fit its patches almost equally) is scored under each plausible "
+                       "product and flagged only if flagged under all of them. The last two columns show what routing "
+                       "costs in decisions: the share of defective parts flagged when the router chooses the product, "
+                       "and when the true product is given.", small=True))
+    learned = [(e["name"], e.get("confusability") or {}) for step in run.results.get("steps", [])
+               for e in step.get("experts", [])]
+    learned = [(n, c) for n, c in learned if c.get("good")]
+    if learned:
+        def share(c: dict, case: str, own: bool, name: str) -> str:
+            shares = c.get(case) or {}
+            value = shares.get(name, 0.0) if own else sum(v for k, v in shares.items() if k != name)
+            return fmt_pct(value) if shares else "n/a"
+
+        def worst(c: dict, name: str) -> str:
+            others = {k: v for case in ("good", "defect") for k, v in (c.get(case) or {}).items() if k != name}
+            return md_escape(max(others, key=others.get)) if others else "-"
+
+        rows = [[md_escape(n), str(c.get("n", "")), str(len(c.get("among", []))), share(c, "good", True, n),
+                 share(c, "defect", True, n), worst(c, n)] for n, c in learned]
+        blocks.append(Table(["Product", "held-out normals", "products then", "good routed to itself (%)",
+                             "with a 10 % pasted defect (%)", "most confused with"], rows))
+        blocks.append(Para("Confusability measured when each product was learned: its held-out normal training images "
+                           "routed among the products learned up to then, as they are and with one pasted defect.",
+                           small=True))
     stress = run.results.get("routing_stress") or {}
     if stress.get("per_class"):
         areas = stress["areas"]

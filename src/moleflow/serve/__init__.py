@@ -9,9 +9,11 @@
     batcher.py    dynamic batching: concurrent requests gathered into batches for one model thread
     uploads.py    request bodies -> checked RGB images (one-line 4xx errors naming the problem)
     verdicts.py   an inspection -> JSON verdicts (product, score, threshold, decision, heat map PNG)
+    auth.py       bearer tokens (--token / MOLEFLOW_TOKEN) and the open-network warning
     static/       the review page (plain HTML + JavaScript)
 
 Every score comes from an `engine.Engine`: `Inspector.inspect` in PyTorch, or its pieces in ONNX Runtime.
+Every verdict is recorded in the verdict store (`store.verdicts`) when `settings.store` is set.
 Import `moleflow.serve.app` only where FastAPI is installed (`pip install "moleflow[serve]"`).
 """
 

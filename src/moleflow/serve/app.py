@@ -2,7 +2,8 @@
 
     POST /predict[?maps=true]   images (multipart files, or one raw image body) -> one verdict per image
     GET  /tasks                 the learned products: name, threshold and its source, unknown-product limit
-    GET  /health                liveness, served model, last reload, batching counters (always 200)
+    GET  /health                state, served model, last reload, batching and store counters (200 once a model
+                                is served; 503, same body, while loading or when no model could be loaded)
     GET  /ready                 200 once a model is loaded, else 503 (for load balancers)
     POST /reload                load RUN's model again (after add-task / remove-task / calibrate)
     GET  /verdicts              the most recent verdicts (newest first), for the review page
@@ -10,13 +11,21 @@
 
 Every error is JSON `{"error": "one line naming the problem"}` with a 4xx (the request) or 5xx (the
 service) status; a refused request never stops the service. The app holds all its state (model holder,
-batcher, recent verdicts) itself: nothing is global, so tests and uvicorn workers each build their own.
+batcher, recent verdicts, verdict store) itself: nothing is global, so tests and uvicorn workers each build
+their own.
+
+With `settings.store`, every verdict is also recorded in the verdict store (`store.verdicts`) before the
+answer is sent, and its row id is returned as `verdict_id`; a store that cannot be written is logged and
+counted in /health (`store.errors`), and the verdicts are still answered. With `settings.tokens`, every
+endpoint but /health and /ready needs `Authorization: Bearer <token>` (`auth.BearerTokens`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
+import threading
 import time
 from collections import deque
 from contextlib import asynccontextmanager
@@ -59,9 +68,15 @@ class Verdict(BaseModel):
     decision: str = Field(description="normal, anomalous or unknown product")
     unknown_product: bool
     router_distance: float | None
+    route_margin: float | None = Field(None, description="how much worse the runner-up product fits (patch misfit); "
+                                       "null when the prototype router alone decided")
+    route_ambiguous: bool = Field(False, description="routing was in doubt: the part was scored under every "
+                                  "plausible product and flagged only if flagged under all of them")
+    plausible_products: list[str] = Field(default_factory=list, description="the other plausible products")
     width: int
     height: int
     model: str = Field(description="version of the model that scored it (manifest SHA-256, 12 digits)")
+    verdict_id: int | None = Field(None, description="the verdict's row in the verdict store (when recording)")
     heatmap_png: str | None = Field(None, description="base64 PNG of the pixel anomaly map (?maps=true)")
     overlay_png: str | None = Field(None, description="base64 PNG of the map over the image (?maps=true)")
 
@@ -137,6 +152,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
     batcher: Batcher[Item, Any] = Batcher(partial(run_batch, holder), settings.max_batch, settings.max_wait_ms,
                                           settings.max_queue)
     recent: deque[dict[str, Any]] = deque(maxlen=settings.recent)
+    store = None
+    if settings.store:
+        from ..store.verdicts import VerdictStore
+
+        store = VerdictStore(settings.store)  # created or migrated now: a bad --store stops the start
+    recording: dict[str, Any] = {"recorded": 0, "errors": 0, "last_error": None}
+    recording_lock = threading.Lock()  # the counters are updated from the threadpool
 
     async def reload_quietly() -> None:
         try:
@@ -166,11 +188,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             await batcher.stop()
+            if store is not None:
+                store.close()
 
     app = FastAPI(title="moleflow", version=__version__, lifespan=lifespan,
                   description="Continual industrial anomaly detection (MoLE-Flow): each image is routed to the "
                               "product it shows, scored and decided against that product's calibrated threshold.")
     app.state.settings, app.state.holder, app.state.batcher, app.state.recent = settings, holder, batcher, recent
+    app.state.store = store
+    if settings.tokens:
+        from .auth import BearerTokens
+
+        app.add_middleware(BearerTokens, tokens=settings.tokens)
 
     # ---------------------------------------------------------------------- errors: one JSON line each
     @app.exception_handler(UploadError)
@@ -199,6 +228,27 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise UploadError(503, why)
         return served
 
+    def record(rows: list[dict[str, Any]], results: list[Any], hashes: list[str], latency_ms: float) -> list[int]:
+        """Write a request's verdicts to the store in one transaction; their ids ([] if the store failed)."""
+        from ..store.verdicts import verdict_record
+
+        records = [verdict_record({**row, "route_margin": result.route_margin,
+                                   "route_ambiguous": result.route_ambiguous},
+                                  sha256=sha, path=row["file"], model_sha256=result.served.manifest_sha256,
+                                  engine=settings.engine, latency_ms=latency_ms, source="serve")
+                   for row, result, sha in zip(rows, results, hashes)]
+        try:
+            ids = store.add_many(records, return_ids=True)
+        except MoleflowError as exc:  # the verdicts are still answered; /health shows the failure
+            with recording_lock:
+                recording["errors"] += len(records)
+                recording["last_error"] = str(exc)
+            log.error("%d verdicts not recorded: %s", len(records), exc)
+            return []
+        with recording_lock:
+            recording["recorded"] += len(records)
+        return ids
+
     # ---------------------------------------------------------------------- routes
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
               openapi_extra=PREDICT_BODY, responses=ERRORS,
@@ -209,10 +259,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
         served = served_or_503()
         uploads = await read_uploads(request, settings)
 
-        def decode_all() -> list[Item]:
-            return [prepare_item(decode(u, settings.max_pixels), served) for u in uploads]
+        def decode_all() -> tuple[list[Item], list[str]]:
+            items = [prepare_item(decode(u, settings.max_pixels), served) for u in uploads]
+            return items, [hashlib.sha256(u.data).hexdigest() for u in uploads] if store is not None else []
 
-        items = await run_in_threadpool(decode_all)
+        items, hashes = await run_in_threadpool(decode_all)
         try:
             results = await batcher.submit(items)
         except QueueFull as exc:
@@ -226,6 +277,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
         rows = [verdict(result, item.decoded.name, item.decoded.width, item.decoded.height)
                 for item, result in zip(items, results)]
+        if store is not None:
+            ids = await run_in_threadpool(record, rows, results, hashes, 1000 * (time.perf_counter() - start))
+            if ids:
+                rows = [{**row, "verdict_id": i} for row, i in zip(rows, ids)]
         now = time.time()
         recent.extendleft({**row, "at": now} for row in rows)  # in the event loop: no lock needed
         if maps:
@@ -240,17 +295,21 @@ def create_app(settings: ServeSettings) -> FastAPI:
         served = served_or_503()
         return {"model": served.version, "tasks": served.task_rows()}
 
-    @app.get("/health", summary="liveness and state (always 200 while the process runs)")
-    async def health() -> dict[str, Any]:
+    @app.get("/health", responses={503: {"description": "no model served yet (status loading or error); same body"}},
+             summary="state: 200 once a model is served, 503 while loading or when no model could be loaded")
+    async def health() -> Any:
         served = holder.current
-        return jsonable_encoder({
+        body = jsonable_encoder({
             "status": "ok" if served is not None else ("error" if holder.last_error else "loading"),
             "version": __version__, "run": settings.run, "engine": settings.engine,
             "model": served.version if served else None,
             "products": [t.name for t in served.model.tasks] if served else [],
             "reloads": holder.reloads, "last_reload": holder.last_attempt, "reload_error": holder.last_error,
             "queued": batcher.queued, "batching": {"max_batch": settings.max_batch,
-                                                   "max_wait_ms": settings.max_wait_ms, **batcher.stats.to_dict()}})
+                                                   "max_wait_ms": settings.max_wait_ms, **batcher.stats.to_dict()},
+            "store": {"database": store.dialect, **recording} if store is not None else None,
+            "access": "token" if settings.tokens else "open"})
+        return body if served is not None else JSONResponse(body, status_code=503)
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}}, summary="200 once a model is loaded")
     async def ready() -> dict[str, Any]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..data.batch import Prepared
+from ..decisions import route_fields
 from ..errors import MoleflowError
 from .holder import ModelHolder, Served
 from .uploads import Decoded
@@ -42,5 +43,6 @@ def run_batch(holder: ModelHolder, items: list[Item]) -> list[ImageResult]:
     out = served.engine.inspect(Prepared.concat(preps))
     return [ImageResult(task_id=int(out.task_ids[i]), score=float(out.scores[i]), threshold=float(out.thresholds[i]),
                         known=bool(out.known[i]), anomalous=bool(out.anomalous[i]),
-                        router_distance=float(out.router_distance[i]), map=out.maps[i].numpy(), served=served)
+                        router_distance=float(out.router_distance[i]), map=out.maps[i].numpy(), served=served,
+                        **route_fields(out, i))
             for i in range(len(items))]

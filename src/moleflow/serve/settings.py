@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from ..errors import MoleflowError
 
@@ -30,6 +30,8 @@ class ServeSettings:
     cache_dir: str | None = None
     backbone_weights: str | None = None
     recent: int = 100  # verdicts kept for GET /verdicts and the review page
+    store: str | None = None  # SQLAlchemy URL of the verdict store every verdict is recorded in; None = none
+    tokens: dict[str, str] = field(default_factory=dict)  # name -> bearer token; empty = no access control
 
     def __post_init__(self) -> None:
         from ..engine import ENGINES
@@ -46,7 +48,8 @@ class ServeSettings:
                   (self.threads is None or self.threads >= 1, "--threads must be at least 1"),
                   (self.optimization in OPTIMIZATION_LEVELS,
                    f"--optimization {self.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}"),
-                  (self.recent >= 0, "--recent must be 0 or more")]
+                  (self.recent >= 0, "--recent must be 0 or more"),
+                  (all(self.tokens.values()), "--token: an empty token is not accepted")]
         for ok, message in checks:
             if not ok:
                 raise MoleflowError(message)

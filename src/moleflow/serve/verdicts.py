@@ -2,7 +2,7 @@
 
 A verdict: product (or "unknown product"), nearest product, task id, score, threshold, threshold source,
 decision (normal / anomalous / unknown product), unknown-product flag, router distance, the image's size and
-the model version that produced it. The same decision rule as `moleflow predict`.
+the model version that produced it. The decision rule is `decisions.decision`, as in `moleflow predict`.
 """
 
 from __future__ import annotations
@@ -10,16 +10,15 @@ from __future__ import annotations
 import base64
 import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ..calibration import threshold_source
+from ..decisions import UNKNOWN, decision  # noqa: F401 - the one verdict rule (predict, watch, serve)
 from .holder import Served
-
-UNKNOWN = "unknown product"
 
 
 @dataclass
@@ -34,15 +33,14 @@ class ImageResult:
     router_distance: float
     map: np.ndarray  # (S, S) float32 pixel anomaly map
     served: Served  # the model that produced it
+    route_margin: float | None = None  # decisions.route_fields
+    route_ambiguous: bool | None = None
+    alternatives: list[int] = field(default_factory=list)  # other plausible products' task ids (ambiguous routing)
 
 
 def _number(value: float) -> float | None:
     value = float(value)
     return value if math.isfinite(value) else None
-
-
-def decision(known: bool, anomalous: bool) -> str:
-    return UNKNOWN if not known else ("anomalous" if anomalous else "normal")
 
 
 def verdict(result: ImageResult, name: str, width: int, height: int) -> dict[str, Any]:
@@ -52,7 +50,10 @@ def verdict(result: ImageResult, name: str, width: int, height: int) -> dict[str
             "task_id": result.task_id, "score": _number(result.score), "threshold": _number(result.threshold),
             "threshold_source": threshold_source(info.calibration),
             "decision": decision(result.known, result.anomalous), "unknown_product": not result.known,
-            "router_distance": _number(result.router_distance), "width": width, "height": height,
+            "router_distance": _number(result.router_distance), "route_margin": result.route_margin,
+            "route_ambiguous": result.route_ambiguous,
+            "plausible_products": [result.served.tasks[t].name for t in result.alternatives],
+            "width": width, "height": height,
             "model": result.served.version}
 
 
