@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from moleflow import MoleFlow
+from moleflow import Config, MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.evaluation import evaluate_classes, threshold_summary
 
@@ -30,7 +30,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
     ap.add_argument("--data", type=Path, help="dataset root (default: the run's)")
-    ap.add_argument("--modes", nargs="+", default=["prototype", "gated", "patch"])
+    ap.add_argument("--modes", nargs="+", default=["prototype", "gated:ambiguity_margin=0", "gated"],
+                    help="router modes, each optionally with router fields: gated:ambiguity_margin=0")
     ap.add_argument("--set", nargs="*", default=[], help="router fields, e.g. gate=0.1 ambiguity_margin=0.5")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
@@ -38,7 +39,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     model = MoleFlow.load(args.run)
     results = json.loads((args.run / "results.json").read_text())
-    root = args.data or Path(results["data"]["root"] if isinstance(results.get("data"), dict) else results["data"])
+    root = args.data or Path(results["dataset"]["root"])
+    # runs saved before the gated router: its fields take the `cpu` preset's values unless --set says otherwise
+    if "gated" in " ".join(args.modes) and model.config.router.ambiguity_margin == 0:
+        model.config.router.ambiguity_margin = Config.from_preset("cpu").router.ambiguity_margin
     class_task = {c: t.task_id for t in model.tasks for c in t.classes}
     splits = {c: load_class(root, c, "folder") for c in class_task}
     for item in args.set:
@@ -46,8 +50,15 @@ def main() -> None:
         setattr(model.config.router, key, type(getattr(model.config.router, key))(value))
     out: dict = {"run": str(args.run), "router": vars(model.config.router) | {"mode": None}, "modes": {}}
     oracle = {c: e.metrics for c, e in evaluate_classes(model, splits, class_task, oracle=True).items()}
-    for mode in args.modes:
-        model.config.router.mode = mode
+    defaults = dict(vars(model.config.router))
+    for mode in args.modes:  # "gated" or "gated:ambiguity_margin=0"
+        name, _, extra = mode.partition(":")
+        for k, v in defaults.items():
+            setattr(model.config.router, k, v)
+        model.config.router.mode = name
+        for item in filter(None, extra.split(",")):
+            key, value = item.split("=", 1)
+            setattr(model.config.router, key, type(defaults[key])(value))
         final = {c: e.metrics for c, e in evaluate_classes(model, splits, class_task).items()}
         limits = threshold_summary(model, final)
         rows = {}

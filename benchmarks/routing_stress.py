@@ -110,8 +110,9 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
                                for i, x in enumerate(arrays)]
         for case, imgs in cases.items():
             e = encode(model, imgs)
-            z = torch.stack([memory.standardised_distances(e["tokens"], u) for u in range(len(names))], 1)
             raw = torch.stack([memory.distances(e["tokens"], u) for u in range(len(names))], 1)
+            norm = torch.stack([getattr(memory, f"norm_{u}") for u in range(len(names))])  # (T, 4)
+            z = (raw - norm[:, 2].view(1, -1, 1, 1)) / norm[:, 3].view(1, -1, 1, 1)  # in units of each product's own
             proto = {s: r.distances(e[s]) for s, r in routers.items()}
             out[(name, case)] = {
                 "truth": t,

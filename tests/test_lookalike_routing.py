@@ -138,3 +138,17 @@ def test_confusability_is_measured_when_a_product_is_learned():
     assert conf["good"].get("coins", 0.0) >= 0.5
     # the final prototype holds the held-out images too (as the spec builds it): the router's limit is recorded
     assert second.calibration["unknown_distance"] == m.router.unknown_threshold(second.task_id)
+
+
+def test_gated_evidence_weighs_prototype_distance_and_patch_misfit_in_log_units(model):
+    distances = torch.tensor([[1.0, 1.1], [1.0, 1.1]], dtype=torch.float64)
+    misfit = torch.tensor([[2.0, 1.0], [1.0, 1.02]], dtype=torch.float64)
+    with _with_router(model, mode="gated", patch_weight=2.0):
+        evidence = model.inspector._evidence(distances, misfit)
+    expected = distances.log() + 2.0 * misfit.log()
+    assert torch.allclose(evidence, expected)
+    assert evidence.argmin(1).tolist() == [1, 0]  # the patches overrule a close prototype, not a clear one
+    scaled = model.inspector._evidence(distances * 7.0, misfit * 3.0)  # no unit of the features enters a margin
+    assert torch.allclose(scaled[:, 1] - scaled[:, 0], evidence[:, 1] - evidence[:, 0])
+    with _with_router(model, mode="patch"):
+        assert torch.allclose(model.inspector._evidence(distances, misfit), misfit.log())

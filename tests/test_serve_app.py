@@ -116,7 +116,7 @@ def test_tasks_health_ready_verdicts_docs_and_page(client):
     assert "swagger" in client.get("/docs").text.lower()
     page = client.get("/")
     assert page.status_code == 200 and 'id="drop"' in page.text and "/static/app.js" in page.text
-    assert "fetch(\"/predict?maps=true\"" in client.get("/static/app.js").text
+    assert "api(\"/predict?maps=true\"" in client.get("/static/app.js").text
     assert_one_line_error(client.get("/nowhere"), 404)
 
 
@@ -294,10 +294,14 @@ def test_tokens_guard_every_endpoint_but_health_and_every_verdict_is_recorded(ru
         wait_ready(c)
         assert c.get("/health").status_code == 200 and c.get("/health").json()["access"] == "token"
         for method, path in (("get", "/tasks"), ("get", "/verdicts"), ("post", "/predict"), ("post", "/reload"),
-                             ("get", "/"), ("get", "/docs"), ("get", "/openapi.json"), ("get", "/nowhere")):
+                             ("get", "/docs"), ("get", "/openapi.json"), ("get", "/nowhere"), ("get", "/reviews/queue"),
+                             ("post", "/reviews"), ("get", "/drift"), ("get", "/unknowns"), ("post", "/static/app.js")):
             response = getattr(c, method)(path)
             assert_one_line_error(response, 401, "Authorization: Bearer")
             assert response.headers["www-authenticate"].startswith("Bearer")
+        # the review page's own files hold no data: served without a token (the page sends it with its API calls)
+        assert c.get("/").status_code == 200 and c.get("/static/app.js").status_code == 200
+        assert "Authorization" in c.get("/static/app.js").text
         for header in ({"authorization": "Bearer wrong"}, {"authorization": "alice-secret-1"},
                        {"authorization": "Basic YWxpY2U6eA=="}):
             assert_one_line_error(c.get("/tasks", headers=header), 401)

@@ -109,3 +109,11 @@ def test_serve_store_default_token_and_the_open_network_warning(run, tmp_path, m
         with pytest.raises(Exception, match="--token"):
             parse_tokens(bad)
     assert main(["serve", str(work), "--store", "x.sqlite", "--no-store"]) == 2
+    # the review side's options
+    assert main(["serve", str(work), "--engine", "torch", "--audit-rate", "0.2", "--thumbnails", "--keep-images",
+                 str(tmp_path / "kept"), "--drift-interval", "5", "--min-pile", "4"]) == 0
+    settings = started[-1][0]
+    assert (settings.audit_rate, settings.thumbnails, settings.drift_interval, settings.min_pile) == (0.2, True, 5.0, 4)
+    assert settings.keep_images == str((tmp_path / "kept").resolve()) and (tmp_path / "kept").is_dir()
+    assert main(["serve", str(work), "--thumbnails", "--no-store"]) == 2
+    assert main(["serve", str(work), "--audit-rate", "1.5"]) == 2

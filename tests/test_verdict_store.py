@@ -95,7 +95,7 @@ def url(request, tmp_path):
 # ------------------------------------------------------------------------------------------ both databases
 def test_schema_filters_counts_and_known_hashes(url):
     with VerdictStore(url) as store:
-        assert store.schema_version() == vs.SCHEMA_VERSION == 1
+        assert store.schema_version() == vs.SCHEMA_VERSION == 2
         store.add(row(at="2025-01-01T08:00:00+00:00"))
         ids = store.add_many([
             row(at="2025-01-02T08:00:00+00:00", sha256=SHA_B, decision="anomalous", score=3.5),
@@ -215,29 +215,79 @@ def test_a_newer_or_foreign_schema_is_refused_naming_the_file(tmp_path):
 
 
 def test_an_older_store_is_migrated_in_place(tmp_path, monkeypatch):
-    """The migration path: a version-1 store holding verdicts, opened by a moleflow whose schema is version 2."""
+    """The migration path: a version-1 store holding verdicts (as moleflow wrote it before thumbnails) is
+    upgraded to version 2 (the thumbnails table); then a made-up version 3 step runs on top of it."""
     path = tmp_path / "v.sqlite"
+    with monkeypatch.context() as patch:
+        patch.setattr(vs, "SCHEMA_VERSION", 1)
+        with VerdictStore(sqlite_url(path)) as store:
+            store.add(row())
+            assert store.schema_version() == 1
+            with store.engine.connect() as conn:
+                assert "thumbnails" not in [r[0] for r in conn.exec_driver_sql(
+                    "SELECT name FROM sqlite_master WHERE type='table'")]
     with VerdictStore(sqlite_url(path)) as store:
-        store.add(row())
-        assert store.schema_version() == 1
+        assert store.schema_version() == 2
+        assert len(store) == 1 and store.verdicts()[0]["sha256"] == SHA_A  # the data survived
+        store.add_thumbnails({store.verdicts()[0]["id"]: (b"png", 4, 3)})
+        assert store.thumbnail(store.verdicts()[0]["id"]) == b"png"
 
     def add_line_column(conn) -> None:
         from sqlalchemy import text
 
         conn.execute(text("ALTER TABLE verdicts ADD COLUMN line TEXT"))
 
-    monkeypatch.setattr(vs, "SCHEMA_VERSION", 2)
-    monkeypatch.setitem(vs.MIGRATIONS, 1, add_line_column)
+    monkeypatch.setattr(vs, "SCHEMA_VERSION", 3)
+    monkeypatch.setitem(vs.MIGRATIONS, 2, add_line_column)
     with VerdictStore(sqlite_url(path)) as store:
-        assert store.schema_version() == 2
-        assert len(store) == 1 and store.verdicts()[0]["sha256"] == SHA_A  # the data survived
+        assert store.schema_version() == 3
         with store.engine.connect() as conn:
             columns = [r[1] for r in conn.exec_driver_sql("PRAGMA table_info(verdicts)")]
             versions = [r[0] for r in conn.exec_driver_sql("SELECT version FROM schema_version ORDER BY version")]
-        assert "line" in columns and versions == [1, 2]
-    monkeypatch.setattr(vs, "SCHEMA_VERSION", 3)  # a version with no migration step written: a clear error
-    with pytest.raises(MoleflowError, match="no migration from verdict store schema version 2"):
+        assert "line" in columns and versions == [1, 2, 3]
+    monkeypatch.setattr(vs, "SCHEMA_VERSION", 4)  # a version with no migration step written: a clear error
+    with pytest.raises(MoleflowError, match="no migration from verdict store schema version 3"):
         VerdictStore(sqlite_url(path))
+
+
+def test_review_queries_scores_and_thumbnails(url):
+    """What the review side reads (feedback.py, drift.py, serve/review.py), on SQLite and PostgreSQL."""
+    with VerdictStore(url) as store:
+        ids = store.add_many([row(at="2025-03-01T10:00:00Z"), row(decision="anomalous", score=3.0,
+                                                                   at="2025-03-01T11:00:00Z"),
+                              row(product="grass", at="2025-03-02T09:00:00Z"),
+                              row(score=1.5, threshold=2.5, at="2025-03-02T10:00:00Z")], return_ids=True)
+        first, flagged, grass, later = ids
+        with pytest.raises(MoleflowError, match="good_confirmed, not a false alarm"):
+            store.add_review(first, "false_alarm", reviewer="alice")
+        with pytest.raises(MoleflowError, match="is a false_alarm"):
+            store.add_review(flagged, "good_confirmed", reviewer="alice")
+        store.add_review(flagged, "defect_confirmed", reviewer="alice")
+        store.add_review(flagged, "false_alarm", reviewer="bob", note="dust")  # a second look: the latest counts
+        store.add_review(first, "good_confirmed", reviewer="alice")
+        latest = store.latest_reviews([first, flagged, grass])
+        assert set(latest) == {first, flagged} and latest[flagged]["label"] == "false_alarm"
+        reviewed = store.reviewed(product="brick")
+        assert [(r["id"], r["label"], r["reviewer"]) for r in reviewed] == [(first, "good_confirmed", "alice"),
+                                                                           (flagged, "false_alarm", "bob")]
+        assert reviewed[1]["review_at"] and reviewed[1]["decision"] == "anomalous" and reviewed[1]["note"] == "dust"
+        assert [r["label"] for r in store.reviews(reviewer="alice")] == ["good_confirmed", "defect_confirmed"]
+        assert store.reviews(product="grass") == []
+        assert [r["id"] for r in store.verdicts(reviewed=False)] == [later, grass]
+        assert [r["id"] for r in store.verdicts(reviewed=True)] == [flagged, first]
+        assert [r["id"] for r in store.verdicts(before_id=grass)] == [flagged, first]
+        assert store.verdict(grass)["product"] == "grass" and store.verdict(999) is None
+        # the drift monitor's stream: one product, decisions, one threshold, oldest first
+        assert [r[0] for r in store.scores("brick", "normal", threshold=2.0)] == [first]
+        assert [r[0] for r in store.scores("brick", ("normal", "anomalous"))] == [first, flagged, later]
+        assert [r[0] for r in store.scores("brick", ("normal", "anomalous"), limit=2)] == [flagged, later]
+        assert sorted(store.daily_counts()) == [("2025-03-01", "brick", "anomalous", 1),
+                                                ("2025-03-01", "brick", "normal", 1),
+                                                ("2025-03-02", "brick", "normal", 1), ("2025-03-02", "grass", "normal", 1)]
+        store.add_thumbnails({flagged: (b"\x89PNG first", 8, 8)})
+        store.add_thumbnails({flagged: (b"\x89PNG again", 8, 8), grass: (b"\x89PNG grass", 4, 4)})  # replaced
+        assert store.thumbnail(flagged) == b"\x89PNG again" and store.thumbnail(first) is None
+        assert store.thumbnail_ids(ids) == {flagged, grass}
 
 
 def test_store_urls(tmp_path):

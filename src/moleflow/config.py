@@ -127,14 +127,15 @@ class RouterConfig:
     # Chosen on held-out TRAINING normals with pasted defects (benchmarks/routing_stress.py, docs/decisions.md)
     statistic: Literal["mean", "median"] = "median"
     # how an image's product is chosen (docs/decisions.md §8): "prototype", the nearest Gaussian prototype (spec
-    # §5); "patch", the product whose patch memory fits the image's patches best (`patch_statistic` of the
-    # standardised nearest-neighbour distances, needs score.source=flow+memory); "gated", the prototype unless
-    # the runner-up prototype is within a factor 1 + `gate` of the nearest, then "patch" among those products
+    # §5); "patch", the product whose patch memory fits the image's patches best (the median over the patches of
+    # the nearest-neighbour distance; needs score.source=flow+memory); "gated", the prototype unless the runner-up
+    # prototype is within a factor 1 + `gate` of the nearest, then among the products within that factor the
+    # smallest log(prototype distance) + patch_weight x log(patch misfit)
     mode: Literal["prototype", "patch", "gated"] = "prototype"
-    gate: float = 0.1
-    patch_statistic: Literal["median", "vote"] = "median"
-    # a part whose patch misfit lies within this of the best-fitting product's is "ambiguous": it is scored under
-    # each such product too, and flagged only if flagged under all of them (inspector.py, docs/decisions.md §8)
+    gate: float = 0.2
+    patch_weight: float = 2.0
+    # a part whose evidence (log units, see `mode`) is within this of the best-fitting product's is "ambiguous":
+    # it is scored under each such product too and flagged only if flagged under all of them (0: never)
     ambiguity_margin: float = 0.0
 
 
@@ -274,8 +275,8 @@ class Config:
         check(r.metric in ("mahalanobis", "euclidean"), "router.metric: mahalanobis|euclidean")
         check(r.covariance in ("ledoit_wolf", "oas", "ridge"), "router.covariance: ledoit_wolf|oas|ridge")
         check(r.mode in ("prototype", "patch", "gated"), "router.mode: prototype|patch|gated")
-        check(r.patch_statistic in ("median", "vote"), "router.patch_statistic: median|vote")
-        check(r.gate >= 0 and r.ambiguity_margin >= 0, "router.gate and router.ambiguity_margin must be >= 0")
+        check(r.gate >= 0 and r.ambiguity_margin >= 0 and r.patch_weight >= 0,
+              "router.gate, router.patch_weight and router.ambiguity_margin must be >= 0")
         check(r.mode == "prototype" or s.source == "flow+memory",
               f"router.mode={r.mode} routes on the products' patch memories: it needs score.source=flow+memory")
         check(d.image_size >= 32 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8, >= 32")
@@ -463,6 +464,11 @@ def _cpu() -> Config:
     # 20,000-token random memory (docs/decisions.md §7); the exact search is then ~20x cheaper
     cfg.score.memory_coreset = 1000
     cfg.data.tiling = "aspect"
+    # routing weighs the prototype and the patch memory where two products' prototypes are close, and scores an
+    # ambiguous part under every plausible product: chosen on held-out training images with pasted defects and
+    # real look-alike pairs (benchmarks/routing_choice.py, docs/decisions.md §8)
+    cfg.router.mode = "gated"
+    cfg.router.ambiguity_margin = 0.17
     return cfg
 
 

@@ -82,8 +82,8 @@ class Inspection:
     anomalous: torch.Tensor  # (N,) bool: score above the routed task's calibrated threshold
     router_distance: torch.Tensor  # (N,) distance to the chosen prototype (nan with oracle ids)
     thresholds: torch.Tensor  # (N,) the threshold each image was decided against
-    # (N,) float64: how much worse the runner-up product fits than the routed one (patch misfit; inf when the
-    # prototype router alone decided, nan with oracle ids)
+    # (N,) float64: how much worse the runner-up product fits than the routed one (log units of the evidence,
+    # `Inspector._evidence`; inf when the prototype router alone decided, nan with oracle ids)
     route_margin: torch.Tensor
     ambiguous: torch.Tensor  # (N,) bool: routing was in doubt; the part was scored under every plausible product
     alternatives: list[list[int]]  # (N,) the other plausible products' task ids, best fit first
@@ -96,9 +96,9 @@ class Routing:
     index: torch.Tensor  # (N,) long: the chosen column
     distances: torch.Tensor  # (N, T) float64: distances to the products' prototypes (nan with oracle ids)
     limits: torch.Tensor  # (T,) float64: the products' unknown-product distance limits (inf with oracle ids)
-    margin: torch.Tensor  # (N,) float64: runner-up patch misfit minus the chosen one's (inf: prototype only)
+    margin: torch.Tensor  # (N,) float64: runner-up evidence minus the chosen one's (inf: prototype only)
     plausible: torch.Tensor  # (N, T) bool: products the part is scored under (the chosen one always)
-    misfit: torch.Tensor  # (N, T) float64: patch misfit where computed (inf elsewhere): the order of plausible ones
+    misfit: torch.Tensor  # (N, T) float64: evidence where computed (inf elsewhere): the order of plausible ones
 
     @classmethod
     def oracle(cls, index: torch.Tensor, n_tasks: int) -> "Routing":
@@ -402,10 +402,13 @@ class Inspector(nn.Module):
               ) -> Routing:
         """Which of `tasks` each of n images is (tiles: tokens (M, H, W, D), routing features (M, D), owner (M,)).
 
-        `router.mode`: "prototype" takes the nearest prototype. "patch" and "gated" compare the images' patches
-        with the candidate products' patch memories (`router.patch_misfit`): "patch" among all products, "gated"
-        only where the runner-up prototype is within a factor 1 + `router.gate` of the nearest, among those
-        products. Products whose misfit is within `router.ambiguity_margin` of the best are plausible."""
+        `router.mode`: "prototype" takes the nearest prototype. "patch" and "gated" also compare the images'
+        patches with the candidate products' patch memories (`router.patch_misfit`: the median over an image's
+        patches of the distance to the nearest remembered patch, which a defect on a minority of them cannot move
+        far): "patch" chooses on that misfit alone among all products; "gated", where the runner-up prototype is
+        within a factor 1 + `router.gate` of the nearest, weighs prototype distance and patch misfit among those
+        products (`_evidence`). Products whose evidence is within `router.ambiguity_margin` (log units) of the
+        best are plausible."""
         cfg = self.config.router
         distances = self.router.image_distances(routing, tasks, owner, n)  # (N, T) float64
         nearest, index = distances.min(1)
@@ -426,8 +429,8 @@ class Inspector(nn.Module):
                 self.ensure_experts([tasks[c] for c in columns])  # their memories
                 z = tokens.new_full((len(rows), n_tasks, *tokens.shape[1:3]), float("inf"))
                 for c in columns:
-                    z[:, c] = self.memory.standardised_distances(tokens[rows], tasks[c])
-                fit = patch_misfit(z, renumber[owner[rows]], len(images), cfg.patch_statistic)
+                    z[:, c] = self.memory.distances(tokens[rows], tasks[c])
+                fit = self._evidence(distances[images], patch_misfit(z, renumber[owner[rows]], len(images)))
                 fit = fit.masked_fill(~candidates[images], float("inf"))
                 top = fit.topk(2, dim=1, largest=False)
                 index[images] = top.indices[:, 0]
@@ -435,6 +438,15 @@ class Inspector(nn.Module):
                 misfit[images] = fit
                 plausible[images] = fit <= top.values[:, :1] + cfg.ambiguity_margin
         return Routing(index, distances, self.router.limits(tasks), margin, plausible, misfit)
+
+    def _evidence(self, distances: torch.Tensor, misfit: torch.Tensor) -> torch.Tensor:
+        """(N, T) prototype distances and patch misfits -> (N, T) how badly each product fits, in log units (lower
+        is better; differences are log ratios, so no unit of the features enters): "gated" weighs both,
+        log distance + `router.patch_weight` x log misfit; "patch" takes the log misfit alone."""
+        log_misfit = misfit.clamp_min(1e-12).log()
+        if self.config.router.mode == "patch":
+            return log_misfit
+        return distances.clamp_min(1e-12).log() + self.config.router.patch_weight * log_misfit
 
     def oracle_routing(self, task_ids, n: int) -> tuple[Routing, list[int]]:
         """The routing that oracle `task_ids` (N,) give, and the tasks its index points into."""
@@ -530,8 +542,8 @@ class Inspector(nn.Module):
         nearest, first = distances.min(1)
         gate = float("inf") if cfg.mode == "patch" else cfg.gate
         candidates = distances <= nearest.unsqueeze(1) * (1 + gate)
-        z = torch.stack([self.memory.standardised_distances(tokens, t) for t in tasks], dim=1)  # (N, T, H, W)
-        fit = patch_misfit(z, statistic=cfg.patch_statistic).masked_fill(~candidates, float("inf"))
+        z = torch.stack([self.memory.distances(tokens, t) for t in tasks], dim=1)  # (N, T, H, W)
+        fit = self._evidence(distances, patch_misfit(z)).masked_fill(~candidates, float("inf"))
         best, by_fit = fit.min(1)
         doubt = candidates.sum(1) > 1
         index = torch.where(doubt, by_fit, first)

@@ -113,12 +113,6 @@ class PatchMemory(nn.Module):
         b, h, w, d = tokens.shape
         return nearest_distance(tokens.reshape(-1, d), bank).reshape(b, h, w)
 
-    def standardised_distances(self, tokens: torch.Tensor, task: int) -> torch.Tensor:
-        """tokens (B, H, W, D) -> (B, H, W): the memory distance in units of task `task`'s own held-out normal
-        patches ((distance - mean) / std, `set_norm`), comparable across products (patch routing)."""
-        norm = getattr(self, f"norm_{task}").to(tokens.dtype)
-        return (self.distances(tokens, task) - norm[2]) / norm[3]
-
     def combine(self, nll: torch.Tensor, tokens: torch.Tensor, task: int) -> torch.Tensor:
         """Patch score (B, H, W): standardised flow NLL + standardised memory distance of task `task`."""
         norm = getattr(self, f"norm_{task}").to(nll.dtype)

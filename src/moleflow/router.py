@@ -56,11 +56,12 @@ def patch_misfit(z: torch.Tensor, owner: torch.Tensor | None = None, n_images: i
                  statistic: str = "median") -> torch.Tensor:
     """How badly each image fits each candidate product, from its patches (lower fits better).
 
-    `z` (M, T, H, W): every tile patch's standardised nearest-neighbour distance to each of T products' patch
-    memories (`PatchMemory.standardised_distances`). `statistic`: "median", the median over a tile's patches (a
-    defect on a minority of patches cannot move it far), or "vote", minus the share of the tile's patches whose
-    nearest memory is that product's. Tiles of one image (`owner` (M,) into `n_images`) are averaged, as the
-    prototype router averages their distances. Returns (N, T) float64."""
+    `z` (M, T, H, W): every tile patch's nearest-neighbour distance to each of T products' patch memories
+    (`PatchMemory.distances`). `statistic`: "median", the median over a tile's patches (a defect on a minority
+    of the patches cannot move it far: what the router uses), or "vote", minus the share of the tile's patches
+    whose nearest memory is that product's (measured and not taken, docs/decisions.md §8). Tiles of one image
+    (`owner` (M,) into `n_images`) are averaged, as the prototype router averages their distances.
+    Returns (N, T) float64."""
     flat = z.double().flatten(2)  # (M, T, P)
     if statistic == "median":  # the lower median as a sort and a constant index, so that it exports to ONNX
         per_tile = flat.sort(dim=2).values[..., (flat.shape[2] - 1) // 2]

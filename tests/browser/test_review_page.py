@@ -79,3 +79,70 @@ def test_pick_drop_and_read_verdicts_in_the_page(browser, tmp_path_factory, tmp_
             page.wait_for_function("document.querySelector('#status').textContent.includes('verdict')")
             page.screenshot(path=shot, full_page=True)
         page.close()
+
+
+def test_review_queue_with_a_token(browser, tmp_path_factory, tmp_path):
+    """The queue on a service started with tokens: the page's files load without one, the API calls fail until
+    the inspector enters hers, then she marks a part with the buttons; the review carries her token's name."""
+    import httpx
+
+    from moleflow.store.verdicts import VerdictStore, sqlite_url
+
+    data, run_dir = shared_run(tmp_path_factory)
+    url = sqlite_url(tmp_path / "verdicts.sqlite")
+    settings = ServeSettings(run=str(run_dir), engine="torch", watch_interval=0, store=url, audit_rate=1.0,
+                             thumbnails=True, drift_interval=0, tokens={"alice": "alice-secret", "plc": "plc-secret"})
+    with running_server(create_app(settings)) as base:
+        files = [("files", (name, path.read_bytes(), "image/png")) for name, path in
+                 (("scratch.png", sample_image(data, "brick", "scratch")), ("good.png", sample_image(data, "grass")))]
+        sent = httpx.post(f"{base}/predict", files=files, headers={"authorization": "Bearer plc-secret"}, timeout=60)
+        assert sent.status_code == 200, sent.text
+        page = browser.new_page(viewport={"width": 1100, "height": 900})
+        page.goto(base)
+        page.click("#tabs button[data-tab=queue]")
+        page.wait_for_selector("#error:not([hidden])")
+        assert "401" in page.text_content("#error") and "token" in page.text_content("#error")
+
+        page.fill("#token", "alice-secret")
+        page.click("#token-form button")
+        assert page.text_content("#token-state") == "token set"
+        page.click("#tabs button[data-tab=queue]")
+        page.wait_for_selector("#queue .qcard >> nth=1")
+        cards = page.query_selector_all("#queue .qcard")
+        assert len(cards) == 2 and "2 part(s) to review" in page.text_content("#queue-status")
+        page.wait_for_function("Array.from(document.querySelectorAll('#queue .qcard img'))"
+                               ".every(img => img.complete && img.naturalWidth > 0)")  # thumbnails, fetched with the token
+        first = cards[0]
+        verdict_id = int(first.get_attribute("data-verdict"))
+        first.query_selector("input.note").fill("seen at the bench")
+        first.query_selector("button.defect").click()
+        page.wait_for_selector(f"#queue .qcard.reviewed[data-verdict='{verdict_id}']")
+        assert "defect_confirmed by alice" in first.query_selector(".review-state").text_content()
+        second = cards[1]
+        second.query_selector("select.correct").select_option("brick")
+        second.query_selector("button.wrong").click()
+        page.wait_for_selector("#queue .qcard.reviewed >> nth=1")
+        assert "wrong_product (brick) by alice" in second.query_selector(".review-state").text_content()
+
+        # filters: only flagged parts, then the reviewed ones shown too
+        page.select_option("#q-decision", "anomalous")
+        page.check("#q-reviewed")
+        page.click("#queue-filters button[type=submit]")
+        page.wait_for_function("Array.from(document.querySelectorAll('#queue .qcard'))"
+                               ".every(c => c.dataset.decision === 'anomalous' && c.classList.contains('reviewed'))")
+        flagged = [c for c in page.query_selector_all("#queue .qcard")]
+        assert len(flagged) == sum(1 for r in sent.json()["results"] if r["decision"] == "anomalous")
+
+        # the other sections draw from the store
+        page.click("#tabs button[data-tab=quality]")
+        page.wait_for_selector("#quality .quality[data-product=brick] svg.plot")
+        page.click("#tabs button[data-tab=drift]")
+        page.wait_for_selector("#drift .drift[data-product=grass]")
+        page.click("#tabs button[data-tab=unknowns]")
+        page.wait_for_selector("#unknowns p.pile")
+        page.close()
+    with VerdictStore(url) as store:
+        reviews = {r["verdict_id"]: r for r in store.reviews()}
+    assert reviews[verdict_id]["label"] == "defect_confirmed" and reviews[verdict_id]["reviewer"] == "alice"
+    assert reviews[verdict_id]["note"] == "seen at the bench"
+    assert any(r["label"] == "wrong_product" and r["correct_product"] == "brick" for r in reviews.values())

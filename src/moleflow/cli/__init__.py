@@ -13,7 +13,7 @@ from importlib import import_module
 
 from ..errors import MoleflowError
 
-COMMANDS = ("demo", "train", "evaluate", "predict", "watch", "add-task", "tasks", "rename-task", "remove-task", "export", "ablate", "tune", "bench", "info", "migrate", "config", "calibrate", "serve", "sweep")
+COMMANDS = ("demo", "train", "evaluate", "predict", "watch", "add-task", "tasks", "rename-task", "remove-task", "export", "ablate", "tune", "bench", "info", "migrate", "config", "calibrate", "serve", "status", "unknowns", "sweep")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,7 @@ EXAMPLES = """examples:
   moleflow serve runs/real --host 0.0.0.0 --token alice:$(openssl rand -hex 16),plc:$(openssl rand -hex 16)
   curl -H "Authorization: Bearer $TOKEN" -F files=@part1.png http://HOST:8000/predict
   moleflow serve runs/real --store postgresql://qa@db.local/line      # record verdicts in a shared database
+  moleflow serve runs/real --token alice:$A,plc:$P --thumbnails --audit-rate 0.05   # the review queue at /
 
 After `moleflow add-task`, `remove-task` or `calibrate` on the run, the service loads the new model by
 itself (it watches RUN/model/manifest.json; or POST /reload); requests keep being answered meanwhile, and a
@@ -30,8 +31,11 @@ the backbone and each product's expert to RUN/export/engine once (later starts r
 
 Every verdict is recorded in RUN/verdicts.sqlite (image SHA-256, product, score, threshold, decision, model,
 latency; --store another database, --no-store none). With --token (or MOLEFLOW_TOKEN) every endpoint but
-GET /health and GET /ready needs 'Authorization: Bearer TOKEN'; listening beyond 127.0.0.1 without a token
-logs a warning. GET /health answers 503 until the model is loaded.
+GET /health, GET /ready and the review page's files needs 'Authorization: Bearer TOKEN' (the page asks for
+the token); listening beyond 127.0.0.1 without a token logs a warning. GET /health answers 503 until the
+model is loaded, and lists the products in drift alert. The review page's queue shows every flagged and
+unknown-product part and --audit-rate of the passed ones; reviews feed `moleflow calibrate --from-reviews`
+and `moleflow status` (README "On the line").
 """
 
 
@@ -74,6 +78,19 @@ def add_parser(sub) -> None:
     g.add_argument("--token", metavar="TOKEN|NAME:TOKEN,...",
                    help="require 'Authorization: Bearer TOKEN' on every endpoint but /health and /ready; several as "
                         f"NAME:TOKEN pairs separated by commas (default: the environment variable {ENV_TOKEN})")
+    g = p.add_argument_group("review and feedback (README 'On the line')")
+    g.add_argument("--audit-rate", type=float, default=0.05,
+                   help="share of passed parts sampled into the review queue (default 0.05; flagged and unknown "
+                        "parts are always queued); give `calibrate --from-reviews` the same")
+    g.add_argument("--thumbnails", action="store_true",
+                   help="keep a small overlay PNG of every part the review queue shows in the verdict store")
+    g.add_argument("--keep-images", type=Path, metavar="DIR",
+                   help="keep every uploaded image in DIR (named by its SHA-256) and record that path: the review "
+                        "page can redraw it, `calibrate --from-reviews` re-score it, `unknowns --export` copy it")
+    g.add_argument("--drift-interval", type=float, default=60.0,
+                   help="seconds between the drift checks /health reports (default 60; 0 = only GET /drift)")
+    g.add_argument("--min-pile", type=int, default=10,
+                   help="unknown-product parts needed before GET /unknowns clusters them (default 10)")
     p.set_defaults(run=run)
 
 
@@ -94,13 +111,19 @@ def settings_from_args(args: argparse.Namespace):
         store = resolve_url(args.store, args.run_dir)
         VerdictStore(store).close()  # created or migrated once here, before any worker starts
     token_text = args.token if args.token is not None else os.environ.get(ENV_TOKEN)
+    if args.keep_images:
+        from ..store.atomic import check_writable
+
+        check_writable(args.keep_images)
     return ServeSettings(run=str(args.run_dir), engine=args.engine, max_batch=args.max_batch,
                          max_wait_ms=args.max_wait_ms, max_queue=args.max_queue, max_images=args.max_images,
                          max_pixels=args.max_pixels, max_body_mb=args.max_body_mb,
                          watch_interval=args.watch_interval, threads=args.threads, optimization=args.optimization,
                          cache_dir=str(args.cache_dir) if args.cache_dir else None,
                          backbone_weights=args.backbone_weights, recent=args.recent, store=store,
-                         tokens=parse_tokens(token_text))
+                         tokens=parse_tokens(token_text), audit_rate=args.audit_rate, thumbnails=args.thumbnails,
+                         keep_images=str(args.keep_images.resolve()) if args.keep_images else None,
+                         drift_interval=args.drift_interval, min_pile=args.min_pile)
 
 
 def run(args: argparse.Namespace) -> int:

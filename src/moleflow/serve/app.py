@@ -7,6 +7,8 @@
     GET  /ready                 200 once a model is loaded, else 503 (for load balancers)
     POST /reload                load RUN's model again (after add-task / remove-task / calibrate)
     GET  /verdicts              the most recent verdicts (newest first), for the review page
+    GET  /reviews/queue, POST /reviews, GET /reviews, GET /verdicts/{id}/image, GET /products/{name}/quality,
+    GET  /drift, GET /unknowns  the review side, on the verdict store (`review.py`)
     GET  /                      the review page;  GET /docs  the OpenAPI docs
 
 Every error is JSON `{"error": "one line naming the problem"}` with a 4xx (the request) or 5xx (the
@@ -16,14 +18,19 @@ their own.
 
 With `settings.store`, every verdict is also recorded in the verdict store (`store.verdicts`) before the
 answer is sent, and its row id is returned as `verdict_id`; a store that cannot be written is logged and
-counted in /health (`store.errors`), and the verdicts are still answered. With `settings.tokens`, every
-endpoint but /health and /ready needs `Authorization: Bearer <token>` (`auth.BearerTokens`).
+counted in /health (`store.errors`), and the verdicts are still answered. With `settings.keep_images` the
+uploaded bytes are kept in that folder (named by their SHA-256) and that file is the recorded path; with
+`settings.thumbnails` a small overlay PNG of every part the review queue will show (flagged, unknown product,
+audit sample) is kept in the store. With `settings.tokens`, every endpoint but /health, /ready and the
+review page's own files needs `Authorization: Bearer <token>` (`auth.BearerTokens`). /health reports the
+products in drift alert (`drift.py`), checked every `settings.drift_interval` seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import logging
 import threading
 import time
@@ -48,6 +55,7 @@ from ..errors import MoleflowError
 from .batcher import Batcher, BatcherStopped, QueueFull
 from .holder import ModelHolder
 from .inference import Item, prepare_item, run_batch
+from .review import check_drift, review_routes, thumbnail_png
 from .settings import ServeSettings
 from .uploads import Upload, UploadError, check_content_type, check_count, decode
 from .verdicts import heat_images, verdict
@@ -158,6 +166,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
         store = VerdictStore(settings.store)  # created or migrated now: a bad --store stops the start
     recording: dict[str, Any] = {"recorded": 0, "errors": 0, "last_error": None}
+    if settings.thumbnails:
+        recording["thumbnails"] = 0
+    drift_cache: dict[str, Any] = {"checked_at": None, "alert": [], "error": None, "model": None}
     recording_lock = threading.Lock()  # the counters are updated from the threadpool
 
     async def reload_quietly() -> None:
@@ -175,12 +186,23 @@ def create_app(settings: ServeSettings) -> FastAPI:
             if await asyncio.to_thread(holder.manifest_changed):
                 await reload_quietly()
 
+    async def watch_drift() -> None:
+        """Check every product for drift (for /health) every `drift_interval` seconds, once a model is served."""
+        while True:
+            if holder.current is not None:
+                await check_drift(holder, store, drift_cache)
+                await asyncio.sleep(settings.drift_interval)
+            else:
+                await asyncio.sleep(0.5)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await batcher.start()
         background = [asyncio.create_task(reload_quietly())]
         if settings.watch_interval > 0:
             background.append(asyncio.create_task(watch()))
+        if store is not None and settings.drift_interval > 0:
+            background.append(asyncio.create_task(watch_drift()))
         try:
             yield
         finally:
@@ -228,15 +250,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise UploadError(503, why)
         return served
 
-    def record(rows: list[dict[str, Any]], results: list[Any], hashes: list[str], latency_ms: float) -> list[int]:
+    def record(rows: list[dict[str, Any]], results: list[Any], hashes: list[str], latency_ms: float,
+               kept: list[str | None]) -> list[int]:
         """Write a request's verdicts to the store in one transaction; their ids ([] if the store failed)."""
         from ..store.verdicts import verdict_record
 
         records = [verdict_record({**row, "route_margin": result.route_margin,
                                    "route_ambiguous": result.route_ambiguous},
-                                  sha256=sha, path=row["file"], model_sha256=result.served.manifest_sha256,
+                                  sha256=sha, path=where or row["file"], model_sha256=result.served.manifest_sha256,
                                   engine=settings.engine, latency_ms=latency_ms, source="serve")
-                   for row, result, sha in zip(rows, results, hashes)]
+                   for row, result, sha, where in zip(rows, results, hashes, kept)]
         try:
             ids = store.add_many(records, return_ids=True)
         except MoleflowError as exc:  # the verdicts are still answered; /health shows the failure
@@ -248,6 +271,48 @@ def create_app(settings: ServeSettings) -> FastAPI:
         with recording_lock:
             recording["recorded"] += len(records)
         return ids
+
+    def keep(uploads: list[Upload], hashes: list[str]) -> list[str | None]:
+        """`settings.keep_images`: each upload's bytes in DIR/<sha256[:2]>/<sha256><suffix> (written once)."""
+        if not settings.keep_images:
+            return [None] * len(uploads)
+        paths = []
+        for upload, sha in zip(uploads, hashes):
+            target = Path(settings.keep_images) / sha[:2] / f"{sha}{_suffix(upload.data, upload.name)}"
+            try:
+                if not target.is_file():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = target.with_name(f".{target.name}.{threading.get_ident()}.tmp")
+                    tmp.write_bytes(upload.data)
+                    tmp.replace(target)
+                paths.append(str(target))
+            except OSError as exc:
+                log.error("%s: cannot keep the image in %s (%s)", upload.name, target.parent, exc.strerror or exc)
+                paths.append(None)
+        return paths
+
+    def keep_thumbnails(rows: list[dict[str, Any]], results: list[Any], items: list[Item],
+                        pictures: list[dict[str, str]] | None) -> None:
+        """`settings.thumbnails`: a small overlay of each part the review queue will show, kept in the store."""
+        from ..feedback import why_queued
+
+        kept: dict[int, tuple[bytes, int, int]] = {}
+        for i, row in enumerate(rows):
+            vid = row.get("verdict_id")
+            if vid is None or why_queued({"id": vid, "decision": row["decision"]}, settings.audit_rate) is None:
+                continue
+            overlay = pictures[i]["overlay_png"] if pictures else heat_images(results[i], items[i].decoded.image)[
+                "overlay_png"]
+            kept[vid] = thumbnail_png(overlay)
+        try:
+            store.add_thumbnails(kept)
+        except MoleflowError as exc:
+            log.error("%d thumbnails not kept: %s", len(kept), exc)
+            with recording_lock:
+                recording["last_error"] = str(exc)
+            return
+        with recording_lock:
+            recording["thumbnails"] += len(kept)
 
     # ---------------------------------------------------------------------- routes
     @app.post("/predict", response_model=PredictResponse, response_model_exclude_none=True,
@@ -278,14 +343,19 @@ def create_app(settings: ServeSettings) -> FastAPI:
         rows = [verdict(result, item.decoded.name, item.decoded.width, item.decoded.height)
                 for item, result in zip(items, results)]
         if store is not None:
-            ids = await run_in_threadpool(record, rows, results, hashes, 1000 * (time.perf_counter() - start))
+            kept = await run_in_threadpool(keep, uploads, hashes)
+            ids = await run_in_threadpool(record, rows, results, hashes, 1000 * (time.perf_counter() - start), kept)
             if ids:
                 rows = [{**row, "verdict_id": i} for row, i in zip(rows, ids)]
         now = time.time()
         recent.extendleft({**row, "at": now} for row in rows)  # in the event loop: no lock needed
+        pictures = None
         if maps:
             pictures = await run_in_threadpool(
                 lambda: [heat_images(result, item.decoded.image) for item, result in zip(items, results)])
+        if settings.thumbnails and store is not None:
+            await run_in_threadpool(keep_thumbnails, rows, results, items, pictures)
+        if pictures:
             rows = [{**row, **picture} for row, picture in zip(rows, pictures)]
         return {"model": results[0].served.version, "engine": settings.engine,
                 "elapsed_ms": 1000 * (time.perf_counter() - start), "results": rows}
@@ -308,6 +378,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             "queued": batcher.queued, "batching": {"max_batch": settings.max_batch,
                                                    "max_wait_ms": settings.max_wait_ms, **batcher.stats.to_dict()},
             "store": {"database": store.dialect, **recording} if store is not None else None,
+            "drift": {**drift_cache, "interval": settings.drift_interval} if store is not None else None,
             "access": "token" if settings.tokens else "open"})
         return body if served is not None else JSONResponse(body, status_code=503)
 
@@ -330,12 +401,29 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def verdicts(limit: int = Query(50, ge=1, le=1000)) -> dict[str, Any]:
         return {"verdicts": list(recent)[:limit]}
 
+    app.include_router(review_routes(settings, holder, batcher, store, drift_cache, served_or_503))
+
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html")
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _suffix(data: bytes, name: str) -> str:
+    """The file suffix of image bytes (by their content; else the upload name's; else .png)."""
+    from PIL import Image
+
+    suffixes = {"PNG": ".png", "JPEG": ".jpg", "TIFF": ".tif", "BMP": ".bmp"}
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.format in suffixes:
+                return suffixes[img.format]
+    except Exception:  # noqa: BLE001 - decoded already; this only names the file
+        pass
+    suffix = Path(name).suffix.lower()
+    return suffix if suffix in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff") else ".png"
 
 
 def app_from_env() -> FastAPI:

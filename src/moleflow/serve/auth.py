@@ -3,9 +3,11 @@
     tokens = parse_tokens("alice:s3cret-1,bob:s3cret-2")    # name -> token ("TOKEN" alone is named "token")
     app.add_middleware(BearerTokens, tokens=tokens)         # 401 without `Authorization: Bearer <token>`
 
-With tokens set, every request except GET /health and GET /ready (load balancers probe them) needs one of
-them; the matching token's name is put in the request's state (`request.state.token_name`), so that what a
-request records (a review) can say who sent it. Tokens are compared in constant time.
+With tokens set, every request needs one of them except GET /health and GET /ready (load balancers probe
+them) and the review page's own files (GET / and /static/...: HTML, script and style, no data; the page asks
+for a token and sends it with each of its API calls). The matching token's name is put in the request's
+state (`request.state.token_name`), so that what a request records (a review) can say who sent it. Tokens
+are compared in constant time.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from typing import Any, Awaitable, Callable
 from ..errors import MoleflowError
 
 ENV_TOKEN = "MOLEFLOW_TOKEN"
-OPEN_PATHS = ("/health", "/ready")
+OPEN_PATHS = ("/health", "/ready", "/")
+OPEN_PREFIXES = ("/static/",)  # the review page's script and style
 DEFAULT_NAME = "token"
 
 
@@ -82,13 +85,21 @@ ASGIApp = Callable[[Scope, Callable, Callable], Awaitable[None]]
 
 
 class BearerTokens:
-    """ASGI middleware: requests other than `OPEN_PATHS` need a known bearer token (else 401, one JSON line)."""
+    """ASGI middleware: requests other than `OPEN_PATHS` and GETs under `OPEN_PREFIXES` need a known bearer token
+    (else 401, one JSON line)."""
 
-    def __init__(self, app: ASGIApp, tokens: dict[str, str], open_paths: tuple[str, ...] = OPEN_PATHS) -> None:
-        self.app, self.tokens, self.open_paths = app, dict(tokens), open_paths
+    def __init__(self, app: ASGIApp, tokens: dict[str, str], open_paths: tuple[str, ...] = OPEN_PATHS,
+                 open_prefixes: tuple[str, ...] = OPEN_PREFIXES) -> None:
+        self.app, self.tokens, self.open_paths, self.open_prefixes = app, dict(tokens), open_paths, open_prefixes
+
+    def is_open(self, scope: Scope) -> bool:
+        path = scope.get("path") or ""
+        if path in self.open_paths:
+            return True
+        return scope.get("method") in ("GET", "HEAD") and path.startswith(self.open_prefixes) and ".." not in path
 
     async def __call__(self, scope: Scope, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http" or scope.get("path") in self.open_paths:
+        if scope["type"] != "http" or self.is_open(scope):
             await self.app(scope, receive, send)
             return
         header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), None)
@@ -96,7 +107,7 @@ class BearerTokens:
         if name is None:
             why = "a bearer token is required" if not header else "the bearer token is not valid"
             body = json.dumps({"error": f"{why}: send the header 'Authorization: Bearer <token>' "
-                                        "(GET /health and /ready need none)"}).encode()
+                                        "(GET /health, /ready and the review page's files need none)"}).encode()
             await send({"type": "http.response.start", "status": 401,
                         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                     (b"www-authenticate", b'Bearer realm="moleflow"')]})

@@ -32,6 +32,11 @@ class ServeSettings:
     recent: int = 100  # verdicts kept for GET /verdicts and the review page
     store: str | None = None  # SQLAlchemy URL of the verdict store every verdict is recorded in; None = none
     tokens: dict[str, str] = field(default_factory=dict)  # name -> bearer token; empty = no access control
+    audit_rate: float = 0.05  # share of passed parts sampled into the review queue (feedback.py)
+    thumbnails: bool = False  # keep a small overlay PNG of every queued part in the store
+    keep_images: str | None = None  # folder where every uploaded image is kept (by SHA-256), recorded as its path
+    drift_interval: float = 60.0  # seconds between drift checks for /health; 0 = only on GET /drift
+    min_pile: int = 10  # unknown parts with image files needed before GET /unknowns clusters them
 
     def __post_init__(self) -> None:
         from ..engine import ENGINES
@@ -49,7 +54,12 @@ class ServeSettings:
                   (self.optimization in OPTIMIZATION_LEVELS,
                    f"--optimization {self.optimization!r}: use one of {', '.join(OPTIMIZATION_LEVELS)}"),
                   (self.recent >= 0, "--recent must be 0 or more"),
-                  (all(self.tokens.values()), "--token: an empty token is not accepted")]
+                  (all(self.tokens.values()), "--token: an empty token is not accepted"),
+                  (0.0 <= self.audit_rate <= 1.0, "--audit-rate must be between 0 and 1"),
+                  (not (self.thumbnails or self.keep_images) or self.store,
+                   "--thumbnails and --keep-images need the verdict store (not --no-store)"),
+                  (self.drift_interval >= 0, "--drift-interval must be 0 (only on request) or more seconds"),
+                  (self.min_pile >= 2, "--min-pile must be at least 2")]
         for ok, message in checks:
             if not ok:
                 raise MoleflowError(message)

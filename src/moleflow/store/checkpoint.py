@@ -143,6 +143,20 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
+def read_tasks(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
+    """(the manifest's SHA-256, the learned tasks as the manifest lists them: name, threshold, calibration,
+    ...) without reading any tensor (`moleflow status`); a legacy model.pt is loaded instead."""
+    found = find_model(path)
+    if found.suffix == ".pt":
+        from dataclasses import asdict
+
+        from ..detector import MoleFlow
+
+        return sha256_file(found), [asdict(t) for t in MoleFlow.load(found).tasks]
+    manifest = _read_manifest(found)
+    return sha256_file(found / MANIFEST), list(manifest.get("tasks", []))
+
+
 def _unreadable(path: Path, exc: OSError) -> MoleflowError:
     return MoleflowError(f"{path}: cannot read this model file ({exc.strerror or exc}); the run is incomplete; "
                          "restore it from a copy")

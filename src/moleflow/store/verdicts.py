@@ -7,18 +7,28 @@
     store.verdicts(product="brick", since="2025-01-01", decision="anomalous")   # newest first
     store.counts(product="brick")                              # {"normal": 120, "anomalous": 3, ...}
     store.add_review(verdict_id, "false_alarm", reviewer="alice", note="dust")
-    store.reviews(label="false_alarm")
+    store.reviews(label="false_alarm", product="brick")          # each with its verdict's fields
+    store.latest_reviews([12, 13])                              # verdict id -> its latest review
+    store.add_thumbnails({12: png_bytes}); store.thumbnail(12)  # small overlay PNGs (serve --thumbnails)
 
-Tables (schema version 1):
+Tables (schema version 2):
     verdicts        id, at (UTC ISO 8601, microseconds), sha256 (of the image file's bytes), path (or upload
                     name), product (routed product, or "unknown product"; "" when unreadable), nearest_product,
                     router_distance, route_margin and route_ambiguous (when the inspection provides them),
                     score, threshold, decision (normal / anomalous / unknown product / unreadable), reason
                     (why unreadable), model_sha256 (of RUN/model/manifest.json), engine, latency_ms,
                     source (serve / predict / watch)
-    reviews         id, verdict_id, label (defect_confirmed / false_alarm / wrong_product), correct_product,
-                    reviewer, at, note
+    reviews         id, verdict_id, label (defect_confirmed / false_alarm / good_confirmed / wrong_product),
+                    correct_product, reviewer, at, note; a verdict may be reviewed again: its latest review
+                    counts (`latest_reviews`)
+    thumbnails      verdict_id, png (a small overlay of the part, `serve --thumbnails`), width, height
+                    (added by schema version 2)
     schema_version  one row per migration applied (version, at); the highest is the store's version
+
+Review labels: `defect_confirmed` (a person saw a defect: a flagged part rightly flagged, or a passed part
+that escaped), `false_alarm` (a flagged part that is good), `good_confirmed` (a passed part that is good:
+the audit sample of passed parts, `feedback.py`), `wrong_product` (routed to the wrong product; with
+`correct_product` when known).
 
 Opening a store migrates it: a new database gets the current schema; an older version is upgraded in place,
 one step of `MIGRATIONS` at a time, in one transaction; a store written by a newer moleflow is refused with a
@@ -39,19 +49,19 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from ..errors import MoleflowError
 
 try:
-    from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
-                            create_engine, event, func, insert, inspect, select, text)
+    from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
+                            Text, create_engine, delete, event, func, insert, inspect, select, text)
     from sqlalchemy.engine import Connection, Engine, make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise MoleflowError('the verdict store needs SQLAlchemy; run `pip install "moleflow[serve]"` '
                         '(or `pip install "sqlalchemy>=2.0"`)') from exc
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_FILE = "verdicts.sqlite"
 SOURCES = ("serve", "predict", "watch")
 DECISIONS = ("normal", "anomalous", "unknown product", "unreadable")
-REVIEW_LABELS = ("defect_confirmed", "false_alarm", "wrong_product")
+REVIEW_LABELS = ("defect_confirmed", "false_alarm", "good_confirmed", "wrong_product")
 BUSY_TIMEOUT_MS = 30_000  # how long a SQLite writer waits for another process's transaction
 _PG_LOCK_KEY = 0x6D6F6C65  # "mole": the advisory lock a PostgreSQL migration holds
 
@@ -105,8 +115,18 @@ def _tables_v1(metadata: MetaData) -> tuple[Table, Table, Table]:
     return version, verdicts, reviews
 
 
+def _thumbnails_v2(metadata: MetaData) -> Table:
+    """The table schema version 2 adds: one small overlay PNG per verdict (`serve --thumbnails`)."""
+    return Table("thumbnails", metadata,
+                 Column("verdict_id", Integer, ForeignKey("verdicts.id"), primary_key=True, autoincrement=False),
+                 Column("png", LargeBinary, nullable=False),
+                 Column("width", Integer, nullable=False),
+                 Column("height", Integer, nullable=False))
+
+
 METADATA = MetaData()
 SCHEMA_TABLE, VERDICTS, REVIEWS = _tables_v1(METADATA)  # the current schema (version SCHEMA_VERSION)
+THUMBNAILS = _thumbnails_v2(METADATA)
 
 
 def _create_v1(conn: Connection) -> None:
@@ -116,9 +136,16 @@ def _create_v1(conn: Connection) -> None:
     metadata.create_all(conn)
 
 
+def _add_thumbnails_v2(conn: Connection) -> None:
+    """Migration 1 -> 2: the thumbnails table (the version-1 tables are left as they are)."""
+    metadata = MetaData()
+    _tables_v1(metadata)  # for the foreign key to verdicts.id
+    _thumbnails_v2(metadata).create(conn)
+
+
 # MIGRATIONS[v] upgrades a store of version v to v + 1, inside the migration's transaction. Version 0 is an
 # empty database. A new schema version adds one entry here (ALTER TABLE ... on the tables as they are).
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _create_v1}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {0: _create_v1, 1: _add_thumbnails_v2}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -346,7 +373,8 @@ class VerdictStore:
             raise self._fail(f"record {len(records)} verdict{'s' if len(records) != 1 else ''}", exc) from None
 
     def _where(self, product: str | None, since: Any, until: Any, decision: str | Sequence[str] | None,
-               source: str | None, sha256: str | None) -> list:
+               source: str | None, sha256: str | None, reviewed: bool | None = None, before_id: int | None = None
+               ) -> list:
         c = VERDICTS.c
         clauses = []
         if product is not None:
@@ -361,15 +389,24 @@ class VerdictStore:
             clauses.append(c.source == source)
         if sha256 is not None:
             clauses.append(c.sha256 == sha256)
+        if reviewed is not None:
+            has_review = select(REVIEWS.c.id).where(REVIEWS.c.verdict_id == c.id).exists()
+            clauses.append(has_review if reviewed else ~has_review)
+        if before_id is not None:
+            clauses.append(c.id < int(before_id))
         return clauses
 
     def verdicts(self, product: str | None = None, since: Any = None, until: Any = None,
                  decision: str | Sequence[str] | None = None, source: str | None = None, sha256: str | None = None,
-                 limit: int | None = None, newest_first: bool = True) -> list[dict[str, Any]]:
-        """Verdicts as dicts, filtered by product, time (since <= at < until), decision(s), source or image
-        hash; newest first unless asked otherwise."""
+                 limit: int | None = None, newest_first: bool = True, reviewed: bool | None = None,
+                 before_id: int | None = None) -> list[dict[str, Any]]:
+        """Verdicts as dicts, filtered by product, time (since <= at < until), decision(s), source, image
+        hash, whether a person reviewed them, and id (< before_id: to page through newest first); newest
+        first unless asked otherwise."""
         order = VERDICTS.c.id.desc() if newest_first else VERDICTS.c.id.asc()
-        query = select(VERDICTS).where(*self._where(product, since, until, decision, source, sha256)).order_by(order)
+        query = (select(VERDICTS)
+                 .where(*self._where(product, since, until, decision, source, sha256, reviewed, before_id))
+                 .order_by(order))
         if limit is not None:
             query = query.limit(limit)
         try:
@@ -377,6 +414,35 @@ class VerdictStore:
                 return [dict(r._mapping) for r in conn.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("read verdicts", exc) from None
+
+    def verdict(self, verdict_id: int) -> dict[str, Any] | None:
+        """One verdict by its id, or None."""
+        try:
+            with self.engine.connect() as conn:
+                found = conn.execute(select(VERDICTS).where(VERDICTS.c.id == int(verdict_id))).first()
+        except SQLAlchemyError as exc:
+            raise self._fail(f"read verdict {verdict_id}", exc) from None
+        return dict(found._mapping) if found is not None else None
+
+    def scores(self, product: str, decision: str | Sequence[str], threshold: float | None = None,
+               limit: int | None = None, since: Any = None) -> list[tuple[int, str, float, str]]:
+        """(id, at, score, decision) of a product's verdicts with these decisions and a score, decided under
+        `threshold` (to 1e-9 relative; None: any) at or after `since`, the newest `limit` of them, oldest first
+        (the drift monitor's stream, `drift.py`)."""
+        c = VERDICTS.c
+        clauses = self._where(product, since, None, decision, None, None) + [c.score.is_not(None)]
+        if threshold is not None and math.isfinite(threshold):
+            band = abs(threshold) * 1e-9
+            clauses.append(c.threshold.between(threshold - band, threshold + band))
+        query = select(c.id, c.at, c.score, c.decision).where(*clauses).order_by(c.id.desc())
+        if limit is not None:
+            query = query.limit(limit)
+        try:
+            with self.engine.connect() as conn:
+                rows = [(int(i), str(at), float(sc), str(d)) for i, at, sc, d in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail(f"read the scores of {product}", exc) from None
+        return rows[::-1]
 
     def counts(self, product: str | None = None, since: Any = None, until: Any = None, source: str | None = None
                ) -> dict[str, int]:
@@ -389,6 +455,19 @@ class VerdictStore:
                 return {str(d): int(n) for d, n in conn.execute(query)}
         except SQLAlchemyError as exc:
             raise self._fail("count verdicts", exc) from None
+
+    def daily_counts(self, product: str | None = None, since: Any = None, until: Any = None
+                     ) -> list[tuple[str, str, str, int]]:
+        """(day (UTC, YYYY-MM-DD), product, decision, verdicts) for every day, product and decision that occur."""
+        day = func.substr(VERDICTS.c.at, 1, 10)
+        query = (select(day, VERDICTS.c.product, VERDICTS.c.decision, func.count())
+                 .where(*self._where(product, since, until, None, None, None))
+                 .group_by(day, VERDICTS.c.product, VERDICTS.c.decision).order_by(day))
+        try:
+            with self.engine.connect() as conn:
+                return [(str(d), str(p), str(dec), int(n)) for d, p, dec, n in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail("count verdicts per day", exc) from None
 
     def known(self, hashes: Iterable[str]) -> dict[str, str]:
         """Of these image hashes, those already recorded -> the decision of their latest verdict."""
@@ -417,8 +496,9 @@ class VerdictStore:
     # ------------------------------------------------------------------------------ reviews
     def add_review(self, verdict_id: int, label: str, reviewer: str, correct_product: str | None = None,
                    note: str | None = None, at: str | datetime | None = None) -> int:
-        """Record a person's review of a verdict; its id. `label`: defect_confirmed, false_alarm or
-        wrong_product (then `correct_product` may name the right product)."""
+        """Record a person's review of a verdict; its id. `label`: defect_confirmed, false_alarm (a flagged
+        part that is good), good_confirmed (a passed part that is good) or wrong_product (then
+        `correct_product` may name the right product)."""
         if label not in REVIEW_LABELS:
             raise MoleflowError(f"review label {label!r}: use one of {', '.join(REVIEW_LABELS)}")
         if not reviewer:
@@ -429,16 +509,24 @@ class VerdictStore:
                "reviewer": reviewer, "at": as_iso(at) if at is not None else now_iso(), "note": note}
         try:
             with self._writer.begin() as conn:
-                exists = conn.execute(select(VERDICTS.c.id).where(VERDICTS.c.id == int(verdict_id))).first()
-                if exists is None:
+                decided = conn.execute(select(VERDICTS.c.decision).where(VERDICTS.c.id == int(verdict_id))).first()
+                if decided is None:
                     raise MoleflowError(f"{self.name}: no verdict {verdict_id} to review")
+                if label == "false_alarm" and decided[0] == "normal":
+                    raise MoleflowError(f"verdict {verdict_id} passed (normal): a passed part that is good is "
+                                        "good_confirmed, not a false alarm")
+                if label == "good_confirmed" and decided[0] != "normal":
+                    raise MoleflowError(f"verdict {verdict_id} was not passed ({decided[0]}): a good part that was "
+                                        "flagged is a false_alarm (or wrong_product)")
                 return int(conn.execute(insert(REVIEWS).returning(REVIEWS.c.id), row).scalar_one())
         except SQLAlchemyError as exc:
             raise self._fail("record the review", exc) from None
 
     def reviews(self, verdict_id: int | None = None, label: str | None = None, since: Any = None,
-                until: Any = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Reviews (newest first), each with its verdict's path, product, score and decision."""
+                until: Any = None, limit: int | None = None, product: str | None = None,
+                reviewer: str | None = None) -> list[dict[str, Any]]:
+        """Reviews (newest first), each with its verdict's path, product, score and decision; filtered by
+        verdict, label, review time (since <= at < until), the verdict's product and the reviewer."""
         r, v = REVIEWS.c, VERDICTS.c
         query = (select(REVIEWS, v.path, v.product, v.score, v.decision, v.sha256)
                  .join(VERDICTS, r.verdict_id == v.id).order_by(r.id.desc()))
@@ -450,6 +538,10 @@ class VerdictStore:
             query = query.where(r.at >= as_iso(since))
         if until is not None:
             query = query.where(r.at < as_iso(until))
+        if product is not None:
+            query = query.where(v.product == product)
+        if reviewer is not None:
+            query = query.where(r.reviewer == reviewer)
         if limit is not None:
             query = query.limit(limit)
         try:
@@ -457,6 +549,81 @@ class VerdictStore:
                 return [dict(row._mapping) for row in conn.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("read reviews", exc) from None
+
+    def _latest(self):
+        """Subquery: the id of each reviewed verdict's latest review."""
+        return (select(REVIEWS.c.verdict_id, func.max(REVIEWS.c.id).label("review_id"))
+                .group_by(REVIEWS.c.verdict_id).subquery())
+
+    def latest_reviews(self, verdict_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """Verdict id -> its latest review (label, correct_product, reviewer, at, note), for those reviewed."""
+        wanted = sorted({int(i) for i in verdict_ids})
+        latest = self._latest()
+        out: dict[int, dict[str, Any]] = {}
+        try:
+            with self.engine.connect() as conn:
+                for start in range(0, len(wanted), 500):
+                    chunk = wanted[start:start + 500]
+                    query = (select(REVIEWS).join(latest, REVIEWS.c.id == latest.c.review_id)
+                             .where(REVIEWS.c.verdict_id.in_(chunk)))
+                    for row in conn.execute(query):
+                        out[int(row.verdict_id)] = dict(row._mapping)
+        except SQLAlchemyError as exc:
+            raise self._fail("read reviews", exc) from None
+        return out
+
+    def reviewed(self, product: str | None = None, since: Any = None, until: Any = None,
+                 decision: str | Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Every reviewed verdict (filtered on the verdict: product, time, decision) with its latest review's
+        label, correct_product, reviewer, review_at and note; oldest verdict first."""
+        latest = self._latest()
+        r, v = REVIEWS.c, VERDICTS.c
+        query = (select(VERDICTS, r.label, r.correct_product, r.reviewer, r.at.label("review_at"), r.note,
+                        r.id.label("review_id"))
+                 .join(latest, latest.c.verdict_id == v.id).join(REVIEWS, r.id == latest.c.review_id)
+                 .where(*self._where(product, since, until, decision, None, None)).order_by(v.id))
+        try:
+            with self.engine.connect() as conn:
+                return [dict(row._mapping) for row in conn.execute(query)]
+        except SQLAlchemyError as exc:
+            raise self._fail("read reviewed verdicts", exc) from None
+
+    # ------------------------------------------------------------------------------ thumbnails
+    def add_thumbnails(self, pictures: Mapping[int, tuple[bytes, int, int]]) -> None:
+        """Keep a small PNG per verdict: {verdict id: (png bytes, width, height)} (one transaction; a verdict's
+        earlier picture is replaced)."""
+        if not pictures:
+            return
+        rows = [{"verdict_id": int(i), "png": bytes(png), "width": int(w), "height": int(h)}
+                for i, (png, w, h) in pictures.items()]
+        try:
+            with self._writer.begin() as conn:
+                conn.execute(delete(THUMBNAILS).where(THUMBNAILS.c.verdict_id.in_([r["verdict_id"] for r in rows])))
+                conn.execute(insert(THUMBNAILS), rows)
+        except SQLAlchemyError as exc:
+            raise self._fail(f"record {len(rows)} thumbnails", exc) from None
+
+    def thumbnail(self, verdict_id: int) -> bytes | None:
+        """The verdict's kept PNG, or None."""
+        try:
+            with self.engine.connect() as conn:
+                png = conn.execute(select(THUMBNAILS.c.png).where(THUMBNAILS.c.verdict_id == int(verdict_id))).scalar()
+        except SQLAlchemyError as exc:
+            raise self._fail(f"read the thumbnail of verdict {verdict_id}", exc) from None
+        return bytes(png) if png is not None else None
+
+    def thumbnail_ids(self, verdict_ids: Iterable[int]) -> set[int]:
+        """Of these verdicts, those with a kept PNG."""
+        wanted = sorted({int(i) for i in verdict_ids})
+        found: set[int] = set()
+        try:
+            with self.engine.connect() as conn:
+                for start in range(0, len(wanted), 500):
+                    query = select(THUMBNAILS.c.verdict_id).where(THUMBNAILS.c.verdict_id.in_(wanted[start:start + 500]))
+                    found.update(int(i) for i in conn.execute(query).scalars())
+        except SQLAlchemyError as exc:
+            raise self._fail("look up thumbnails", exc) from None
+        return found
 
 
 def _read_version(conn: Connection, name: str) -> int:
