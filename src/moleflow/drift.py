@@ -2,7 +2,7 @@
 
     p_high, p_low = conformal_pvalues(scores, calibration_scores, threshold)   # parts decided good
     monitor = DriftMonitor()                         # 1 % chance of a false alert per 10,000 good parts
-    result = monitor.run(p_high, p_low)              # .alert, .first (part index), .onset, .statistic, .side
+    result = monitor.run(p_high, p_low, m)           # m: passing calibration scores; .alert, .first, .onset, .side
     states = product_drift(store, tasks)             # one `DriftState` per product, from the verdict store
 
 The p-values
@@ -49,7 +49,7 @@ guarantee its conformal threshold gives. Since an unlucky calibration draw shift
 and 300 (a sweep, 2,000 simulated products each). Fewer calibration scores: larger k and h, slower alerts
 (`moleflow calibrate` adds scores). The onset estimate is the last part where the alerting CUSUM was 0
 before it crossed h (the CUSUM's change-point estimate). h is simulated once per process and m (4,000
-products; about a second).
+products of 10,000 parts: 1-4 s on 2 busy cores; `GET /drift` and `moleflow status` pay it once).
 
 Measured (benchmarks/drift.py, BENCHMARKS.md "Drift"): the false-alert rate on unshifted streams and the
 delay to an alert after a lighting shift (brightness x 1.15) on a tiny trained model's parts, for both
@@ -290,7 +290,7 @@ class DriftState:
     calibration_scores: int  # passing calibration scores the p-values rest on
     alert: bool
     statistic: float
-    threshold: float
+    threshold: float | None  # h (None: nothing to test yet)
     direction: str | None = None  # "higher" / "lower" scores than at calibration, or "more flags"
     alert_verdict_id: int | None = None
     alert_at: str | None = None
@@ -343,8 +343,8 @@ def product_drift(store: Any, tasks: Iterable[Any], monitor: DriftMonitor | None
             rows = store.scores(name, "normal", threshold, limit=monitor.horizon, since=since)
             if not rows:
                 out.append(DriftState(test="p-values", parts=0, calibration_scores=passing, alert=False, statistic=0.0,
-                                      threshold=monitor.threshold(passing), message="no parts passed yet under the current "
-                                      "calibration", **common))
+                                      threshold=None, message="no parts passed yet under the current calibration",
+                                      **common))
                 continue
             p_high, p_low = conformal_pvalues([r[2] for r in rows], scores, threshold)
             result = monitor.run(p_high, p_low, passing)
@@ -354,7 +354,7 @@ def product_drift(store: Any, tasks: Iterable[Any], monitor: DriftMonitor | None
                 cal.get("false_alarm_rate")
             if not rate or not 0.0 < float(rate) < 1.0:
                 out.append(DriftState(test="none", parts=0, calibration_scores=passing, alert=False, statistic=0.0,
-                                      threshold=math.inf, message="no calibration scores and no calibrated rate: "
+                                      threshold=None, message="no calibration scores and no calibrated rate: "
                                       "drift cannot be tested; run `moleflow calibrate`", **common))
                 continue
             rows = store.scores(name, ("normal", "anomalous"), threshold, limit=monitor.horizon, since=since)

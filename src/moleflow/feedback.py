@@ -48,7 +48,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
