@@ -104,11 +104,18 @@ def test_watch_does_not_read_a_file_while_it_is_written(run, tmp_path, caplog):
     target = inbox / "slow.png"
     url = sqlite_url(tmp_path / "verdicts.sqlite")
 
+    def refused() -> list[str]:
+        return [r.getMessage() for r in list(caplog.records) if "slow.png" in r.getMessage() and "waiting" in r.getMessage()]
+
     def write_slowly() -> None:
         with open(target, "wb") as fh:
             fh.write(content[: len(content) // 2])
             fh.flush()
-            time.sleep(1.2)  # stalled: unchanged over several polls, and truncated
+            # stalled, truncated: until the watcher has seen it unchanged and refused it (however long the model
+            # takes to load on a busy machine), at most a minute
+            deadline = time.monotonic() + 60
+            while not refused() and time.monotonic() < deadline:
+                time.sleep(0.05)
             cut = len(content) - 64  # the end of the image data and IEND come last, in one write
             for start in range(len(content) // 2, cut, 2048):
                 fh.write(content[start:min(start + 2048, cut)])
@@ -129,8 +136,7 @@ def test_watch_does_not_read_a_file_while_it_is_written(run, tmp_path, caplog):
         rows = store.verdicts()
     assert len(rows) == 1
     assert rows[0]["sha256"] == hashlib.sha256(content).hexdigest() and rows[0]["decision"] != "unreadable"
-    refused = [r.getMessage() for r in caplog.records if "slow.png" in r.getMessage() and "waiting" in r.getMessage()]
-    assert refused, "the stalled, truncated file was never seen unchanged and refused"  # the test did test something
+    assert refused(), "the stalled, truncated file was never seen unchanged and refused"  # the test did test something
 
 
 def test_predict_record_writes_every_verdict_with_its_hash(run, tmp_path, capsys):
