@@ -301,7 +301,8 @@ class OnnxEngine:
             routed = inspector.route(tokens, routing, prep.owner, prep.n_images, tasks)
         else:
             routed, tasks = inspector.oracle_routing(task_ids, prep.n_images)
-        return inspector.decide(prep, routed, tasks, lambda rows, index: self._expert_scores(tokens[rows], index, tasks))
+        return inspector.decide(prep, routed, tasks, lambda rows, index: self._expert_scores(
+            tokens if rows is None else tokens[rows], index, tasks))
 
 
 def make_engine(model: "MoleFlow", kind: str = "torch", **options) -> Engine:

@@ -477,16 +477,17 @@ class Inspector(nn.Module):
         else:
             routed, tasks = self.oracle_routing(task_ids, prep.n_images)
 
-        def scorer(rows: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-            return self.expert_scores(tokens[rows.to(self.device)], index.to(self.device), tasks, batch_size)
+        def scorer(rows: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
+            chosen = tokens if rows is None else tokens[rows.to(self.device)]
+            return self.expert_scores(chosen, index.to(self.device), tasks, batch_size)
 
         return self.decide(prep, routed, tasks, scorer)
 
     def decide(self, prep: Prepared, routed: Routing, tasks: list[int], scorer) -> Inspection:
         """Score the N images of `prep` under their routed products and decide; results on the CPU.
 
-        `scorer(rows (K,), index (K,)) -> patch scores (K, h, w)` scores tiles `rows` under tasks[index] (the torch
-        or onnxruntime experts). An ambiguous part is also scored under each other plausible product: it is
+        `scorer(rows (K,) or None for all, index (K,)) -> patch scores (K, h, w)` scores tiles `rows` under
+        tasks[index] (the torch or onnxruntime experts). An ambiguous part is also scored under each other plausible product: it is
         flagged only if flagged under all of them, else it is reported against the best-fitting product under which
         it is normal. A good part of a plausible product is then flagged at most as often as under its own
         threshold, so each product's false-alarm guarantee holds; a defect that looks normal to a look-alike
@@ -494,7 +495,7 @@ class Inspector(nn.Module):
         index = routed.index.cpu()
         owner = prep.owner.cpu()
         self.ensure_experts([tasks[i] for i in index.unique().tolist()])  # only the routed ones are read
-        patch = scorer(torch.arange(len(owner)), index[owner])
+        patch = scorer(None, index[owner])
         scores, maps, patch_maps = self.outputs(patch, prep)
         scores, maps = scores.float().cpu(), maps.float().cpu()
         patch_maps = patch_maps.cpu() if isinstance(patch_maps, torch.Tensor) else [m.cpu() for m in patch_maps]

@@ -209,4 +209,6 @@ def describe_confusability(name: str, confusability: dict[str, Any]) -> str:
                      + (f", {ambiguous:.0%} ambiguous" if ambiguous else ""))
     if not parts:
         return ""
-    return f"{name}: {confusability.get('n', '?')} held-out normals routed among {len(confusability.get('among', []))} products; " + "; ".join(parts)
+    among = len(confusability.get("among", []))
+    return (f"{name}: {confusability.get('n', '?')} held-out normals routed among {among} "
+            f"product{'' if among == 1 else 's'}; " + "; ".join(parts))
