@@ -10,13 +10,9 @@ from moleflow import MoleFlow, MoleflowError
 from moleflow.export import export_onnx, predict_onnx
 from moleflow.router import patch_misfit
 
-from helpers import product_images, tiny_config
+from helpers import product_images, random_images, tiny_config
 
 SHIFTS = (0.0, 1.5, -1.5)
-
-
-def images(seed: int, n: int, shift: float) -> torch.Tensor:
-    return torch.randn(n, 3, 112, 112, generator=torch.Generator().manual_seed(seed)) + shift
 
 
 def test_patch_misfit_ignores_a_minority_of_foreign_patches():
@@ -47,14 +43,14 @@ def test_patch_modes_need_a_patch_memory():
 def model() -> MoleFlow:
     m = MoleFlow(tiny_config(**{"score.source": "flow+memory", "router.mode": "gated", "train.epochs": 1}))
     for i, shift in enumerate(SHIFTS):
-        m.fit_task(images(i, 14, shift), name=f"product{i}")
+        m.fit_task(random_images(i, 14, shift=shift), name=f"product{i}")
     return m
 
 
 @pytest.fixture(scope="module")
 def probe() -> torch.Tensor:
-    parts = [images(100 + i, 2, shift) for i, shift in enumerate(SHIFTS)]
-    mixed = torch.stack([p[j] for j in range(2) for p in parts])
+    parts = [random_images(100 + i, 2, shift=shift) for i, shift in enumerate(SHIFTS)]
+    mixed = torch.stack([p[j] for j in range(2) for p in parts])  # interleaved products
     defect = mixed[:1].clone()
     defect[:, :, 30:80, 30:80] += 6.0  # a large defect on a product-0 part
     return torch.cat([mixed, defect])

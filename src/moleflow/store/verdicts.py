@@ -407,13 +407,17 @@ class VerdictStore:
         query = (select(VERDICTS)
                  .where(*self._where(product, since, until, decision, source, sha256, reviewed, before_id))
                  .order_by(order))
+        return self._rows(query, limit, "read verdicts")
+
+    def _rows(self, query, limit: int | None, what: str) -> list[dict[str, Any]]:
+        """The rows of `query` (at most `limit`) as dicts; a database error names `what` was being done."""
         if limit is not None:
             query = query.limit(limit)
         try:
             with self.engine.connect() as conn:
-                return [dict(r._mapping) for r in conn.execute(query)]
+                return [dict(row._mapping) for row in conn.execute(query)]
         except SQLAlchemyError as exc:
-            raise self._fail("read verdicts", exc) from None
+            raise self._fail(what, exc) from None
 
     def verdict(self, verdict_id: int) -> dict[str, Any] | None:
         """One verdict by its id, or None."""
@@ -542,13 +546,7 @@ class VerdictStore:
             query = query.where(v.product == product)
         if reviewer is not None:
             query = query.where(r.reviewer == reviewer)
-        if limit is not None:
-            query = query.limit(limit)
-        try:
-            with self.engine.connect() as conn:
-                return [dict(row._mapping) for row in conn.execute(query)]
-        except SQLAlchemyError as exc:
-            raise self._fail("read reviews", exc) from None
+        return self._rows(query, limit, "read reviews")
 
     def _latest(self):
         """Subquery: the id of each reviewed verdict's latest review."""
