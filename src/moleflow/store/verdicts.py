@@ -407,9 +407,9 @@ class VerdictStore:
         query = (select(VERDICTS)
                  .where(*self._where(product, since, until, decision, source, sha256, reviewed, before_id))
                  .order_by(order))
-        return self._rows(query, limit, "read verdicts")
+        return self._select(query, limit, "read verdicts")
 
-    def _rows(self, query, limit: int | None, what: str) -> list[dict[str, Any]]:
+    def _select(self, query, limit: int | None, what: str) -> list[dict[str, Any]]:
         """The rows of `query` (at most `limit`) as dicts; a database error names `what` was being done."""
         if limit is not None:
             query = query.limit(limit)
@@ -546,7 +546,7 @@ class VerdictStore:
             query = query.where(v.product == product)
         if reviewer is not None:
             query = query.where(r.reviewer == reviewer)
-        return self._rows(query, limit, "read reviews")
+        return self._select(query, limit, "read reviews")
 
     def _latest(self):
         """Subquery: the id of each reviewed verdict's latest review."""
