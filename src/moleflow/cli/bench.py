@@ -64,7 +64,8 @@ def add_parser(sub) -> None:
     serve.add_argument("--requests", type=int, default=200, help="requests per level (default 200)")
     serve.add_argument("--images", type=Path, help="folder of images to send (default: 16 generated 640x480 PNGs)")
     serve.add_argument("--serve-args", default="", metavar="'ARGS'",
-                       help="more `moleflow serve` options, e.g. '--engine torch --max-batch 8'")
+                       help="more `moleflow serve` options, written with '=' since they start with '-': "
+                            "--serve-args='--engine torch --max-batch 8' or --serve-args=--no-store")
     serve.add_argument("--json", type=Path, required=True, help="output JSON")
     serve.set_defaults(run=run_serve)
 
