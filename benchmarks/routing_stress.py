@@ -44,7 +44,7 @@ from moleflow import Config, MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.data.transforms import load_rgb
 from moleflow.memory import PatchMemory
-from moleflow.router import PrototypeRouter, patch_misfit
+from moleflow.router import PrototypeRouter, mean_per_image, patch_misfit
 from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_area_defect
 
 SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
@@ -116,18 +116,13 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
             proto = {s: r.distances(e[s]) for s, r in routers.items()}
             out[(name, case)] = {
                 "truth": t,
-                "prototype": _per_image(proto["median"], e["owner"], e["n"]),
-                "prototype_mean": _per_image(proto["mean"], e["owner"], e["n"]),
+                "prototype": mean_per_image(proto["median"], e["owner"], e["n"]),
+                "prototype_mean": mean_per_image(proto["mean"], e["owner"], e["n"]),
                 "patch_median": patch_misfit(z, e["owner"], e["n"], "median"),
                 "patch_median_raw": patch_misfit(raw, e["owner"], e["n"], "median"),
                 "patch_vote": patch_misfit(z, e["owner"], e["n"], "vote"),
             }
     return out
-
-
-def _per_image(distances: torch.Tensor, owner: torch.Tensor, n: int) -> torch.Tensor:
-    total = distances.new_zeros(n, distances.shape[1]).index_add_(0, owner, distances)
-    return total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(total)
 
 
 def gated_choice(proto: torch.Tensor, misfit: torch.Tensor, gate: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,7 +98,7 @@ class Routing:
     limits: torch.Tensor  # (T,) float64: the products' unknown-product distance limits (inf with oracle ids)
     margin: torch.Tensor  # (N,) float64: runner-up evidence minus the chosen one's (inf: prototype only)
     plausible: torch.Tensor  # (N, T) bool: products the part is scored under (the chosen one always)
-    misfit: torch.Tensor  # (N, T) float64: evidence where computed (inf elsewhere): the order of plausible ones
+    evidence: torch.Tensor  # (N, T) float64: `Inspector._evidence` where computed (inf elsewhere): plausible ones' order
 
     @classmethod
     def oracle(cls, index: torch.Tensor, n_tasks: int) -> "Routing":
@@ -414,7 +414,7 @@ class Inspector(nn.Module):
         nearest, index = distances.min(1)
         n_tasks = len(tasks)
         margin = torch.full((n,), float("inf"), dtype=torch.float64, device=distances.device)
-        misfit = torch.full((n, n_tasks), float("inf"), dtype=torch.float64, device=distances.device)
+        evidence = torch.full((n, n_tasks), float("inf"), dtype=torch.float64, device=distances.device)
         plausible = torch.nn.functional.one_hot(index, n_tasks).bool()
         if cfg.mode != "prototype" and n_tasks > 1:
             gate = float("inf") if cfg.mode == "patch" else cfg.gate
@@ -435,9 +435,9 @@ class Inspector(nn.Module):
                 top = fit.topk(2, dim=1, largest=False)
                 index[images] = top.indices[:, 0]
                 margin[images] = top.values[:, 1] - top.values[:, 0]
-                misfit[images] = fit
+                evidence[images] = fit
                 plausible[images] = fit <= top.values[:, :1] + cfg.ambiguity_margin
-        return Routing(index, distances, self.router.limits(tasks), margin, plausible, misfit)
+        return Routing(index, distances, self.router.limits(tasks), margin, plausible, evidence)
 
     def _evidence(self, distances: torch.Tensor, misfit: torch.Tensor) -> torch.Tensor:
         """(N, T) prototype distances and patch misfits -> (N, T) how badly each product fits, in log units (lower
@@ -502,10 +502,10 @@ class Inspector(nn.Module):
         limits = self.thresholds(tasks).cpu()
         chosen_limits = limits[index]
         anomalous = scores.double() > chosen_limits
-        plausible, misfit = routed.plausible.cpu(), routed.misfit.cpu()
+        plausible, evidence = routed.plausible.cpu(), routed.evidence.cpu()
         alternatives: list[list[int]] = [[] for _ in range(len(index))]
         for i in routed.ambiguous.cpu().nonzero().squeeze(1).tolist():
-            order = [c for c in misfit[i].argsort().tolist() if plausible[i, c] and c != int(index[i])]
+            order = [c for c in evidence[i].argsort().tolist() if plausible[i, c] and c != int(index[i])]
             alternatives[i] = [tasks[c] for c in order]
             if not anomalous[i]:
                 continue  # normal under the best-fitting product: reported against it

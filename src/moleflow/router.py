@@ -70,10 +70,13 @@ def patch_misfit(z: torch.Tensor, owner: torch.Tensor | None = None, n_images: i
         per_tile = -torch.nn.functional.one_hot(winner, flat.shape[1]).double().mean(1)
     else:
         raise MoleflowError(f"unknown patch statistic {statistic!r}: use median or vote")
-    if owner is None:
-        return per_tile
+    return per_tile if owner is None else mean_per_image(per_tile, owner, n_images)
+
+
+def mean_per_image(values: torch.Tensor, owner: torch.Tensor, n_images: int | None = None) -> torch.Tensor:
+    """(M, T) values of tiles -> (N, T): the mean over each image's tiles (`owner` (M,) into `n_images`)."""
     n = n_images if n_images is not None else int(owner.max()) + 1
-    total = per_tile.new_zeros(n, per_tile.shape[1]).index_add_(0, owner.to(per_tile.device), per_tile)
+    total = values.new_zeros(n, values.shape[1]).index_add_(0, owner.to(values.device), values)
     return total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(total)
 
 
@@ -176,12 +179,7 @@ class PrototypeRouter(nn.Module):
         """(M, D) -> (N, T) float64: each image's distance to each prototype of `tasks`, the mean over its rows
         (`owner` (M,) groups rows into `n_images` images, the tiles of one image; default: a row per image)."""
         distances = self.distances(features, tasks)  # (M, T) float64
-        if owner is None:
-            return distances
-        n = n_images if n_images is not None else int(owner.max()) + 1
-        total = distances.new_zeros(n, len(tasks)).index_add_(0, owner, distances)
-        count = torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(distances.dtype)
-        return total / count
+        return distances if owner is None else mean_per_image(distances, owner, n_images)
 
     def limits(self, tasks: list[int]) -> torch.Tensor:
         """(T,) float64 unknown-product distance limits of `tasks`."""
