@@ -85,15 +85,18 @@ def routing_under_defects(route: Callable[[list[Image.Image]], np.ndarray], prod
 
 
 def inspector_route(model, batch_size: int = 32) -> Callable[[list[Image.Image]], np.ndarray]:
-    """The trained model's routing only (backbone + router, no expert): images -> (N,) task ids."""
+    """The trained model's routing only (backbone, router and, for `router.mode` patch or gated, the candidate
+    products' patch memories; no flow): images -> (N,) task ids."""
 
     @torch.no_grad()
     def route(images: list[Image.Image]) -> np.ndarray:
-        ids = []
+        ids, tasks = [], model.inspector.task_ids
         for start in range(0, len(images), batch_size):
             prep = model.prepare(images[start:start + batch_size])
-            _, routing = model.inspector.extract(prep.pixels, batch_size)
-            ids.append(model.router.route(routing, None, prep.owner.to(routing.device))[0].numpy())
+            tokens, routing = model.inspector.extract(prep.pixels, batch_size)
+            routed = model.inspector.route(tokens.float(), routing.float(), prep.owner.to(routing.device),
+                                           prep.n_images, tasks)
+            ids.append(torch.tensor(tasks)[routed.index.cpu()].numpy())
         return np.concatenate(ids)
 
     return route
