@@ -317,7 +317,8 @@ def test_tokens_guard_every_endpoint_but_health_and_every_verdict_is_recorded(ru
         assert [v["verdict_id"] for v in recent[:3]] == [answered[2]["verdict_id"], answered[1]["verdict_id"],
                                                           answered[0]["verdict_id"]]
         store_health = c.get("/health").json()["store"]
-        assert store_health == {"database": "sqlite", "recorded": 3, "errors": 0, "last_error": None}
+        assert store_health == {"database": "sqlite", "recorded": 3, "errors": 0, "last_error": None,
+                                "transactions": 2, "queued": 0}  # two requests, one after the other
     with VerdictStore(url) as store:
         rows = {r["id"]: r for r in store.verdicts()}
     assert len(rows) == 3

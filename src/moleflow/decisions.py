@@ -1,6 +1,7 @@
 """The verdict rule, in one place: an inspection of N images -> one verdict per image.
 
     decision(known, anomalous)                 "normal", "anomalous" or "unknown product"
+    verdict_fields(info, known, ...)           one verdict from its parts (the one rule)
     image_verdict(pred, i, tasks)              image i of an `inspector.Inspection` as a dict: product,
                                                nearest product, task id, score, threshold and its source,
                                                decision, router distance, routing margin and ambiguity
@@ -50,19 +51,26 @@ def route_fields(pred: Any, i: int) -> dict[str, Any]:
             "alternatives": list(pred.alternatives[i])}
 
 
-def image_verdict(pred: Any, i: int, tasks: Mapping[int, Any]) -> dict[str, Any]:
-    """Image i of an `Inspection` (`tasks`: task id -> TaskInfo) as a verdict dict. Scores and distances are
-    plain floats (nan stays nan: the caller decides how to write it)."""
+def verdict_fields(info: Any, known: bool, anomalous: bool, score: float, threshold: float,
+                   router_distance: float, route: Mapping[str, Any], plausible: list[str]) -> dict[str, Any]:
+    """One verdict from its parts: `info` is the nearest product's TaskInfo, `route` is `route_fields`'s dict and
+    `plausible` the other plausible products' names. Numbers as given (the caller decides how to write nan)."""
     from .calibration import threshold_source
 
-    info = tasks[int(pred.task_ids[i])]
-    known = bool(pred.known[i])
     return {"product": info.name if known else UNKNOWN, "nearest_product": info.name, "task_id": int(info.task_id),
-            "score": float(pred.scores[i]), "threshold": float(pred.thresholds[i]),
-            "threshold_source": threshold_source(info.calibration),
-            "decision": decision(known, bool(pred.anomalous[i])), "unknown_product": not known,
-            "router_distance": float(pred.router_distance[i]), **route_fields(pred, i),
-            "plausible_products": " ".join(tasks[t].name for t in pred.alternatives[i])}
+            "score": score, "threshold": threshold, "threshold_source": threshold_source(info.calibration),
+            "decision": decision(known, anomalous), "unknown_product": not known,
+            "router_distance": router_distance, **route, "plausible_products": plausible}
+
+
+def image_verdict(pred: Any, i: int, tasks: Mapping[int, Any]) -> dict[str, Any]:
+    """Image i of an `Inspection` (`tasks`: task id -> TaskInfo) as a verdict dict. Scores and distances are
+    plain floats (nan stays nan: the caller decides how to write it); plausible products space-separated."""
+    route = route_fields(pred, i)
+    verdict = verdict_fields(tasks[int(pred.task_ids[i])], bool(pred.known[i]), bool(pred.anomalous[i]),
+                             float(pred.scores[i]), float(pred.thresholds[i]), float(pred.router_distance[i]),
+                             route, [tasks[t].name for t in route["alternatives"]])
+    return {**verdict, "plausible_products": " ".join(verdict["plausible_products"])}
 
 
 def unreadable_verdict(reason: str) -> dict[str, Any]:

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from matplotlib.colors import Normalize
 from PIL import Image
 
 from ..data.datasets import IMAGE_EXTENSIONS
@@ -19,7 +18,7 @@ from ..store.atomic import atomic_write_bytes, atomic_write_json, check_writable
 from ..decisions import UNKNOWN, UNREADABLE, image_verdict, unreadable_verdict  # noqa: F401
 from ..detector import MoleFlow
 from ..errors import MoleflowError
-from ..report.figures import overlay_tile
+from ..heatmap import overlay_tile, product_norm
 from .common import add_runtime_options, apply_runtime, format_table
 
 log = logging.getLogger(__name__)
@@ -139,11 +138,9 @@ def run(args: argparse.Namespace) -> int:
             info, decision = names[verdict["task_id"]], verdict["decision"]
             row = {**{k: verdict.get(k, "") for k in CSV_FIELDS}, "file": str(path), "overlay": "", "reason": ""}
             if not args.csv_only:
-                cal = info.calibration
-                vmin = cal.get("normal_pixel_median", float(pred.maps[i].min()))
-                vmax = max(cal.get("normal_pixel_max", float(pred.maps[i].max())), vmin + 1e-6)
+                amap = pred.maps[i].numpy()
                 image = model.transform.to_array(pil[i])
-                picture = overlay_tile(image, pred.maps[i].numpy(), None, Normalize(vmin, vmax), len(image))
+                picture = overlay_tile(image, amap, None, product_norm(info.calibration, amap), len(image))
                 name = f"{len(rows):05d}_{path.stem}_{decision.replace(' ', '_')}.png"
                 Image.fromarray(np.concatenate([image, picture], axis=1)).save(args.out / name)
                 row["overlay"] = name

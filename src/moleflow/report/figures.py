@@ -26,6 +26,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from PIL import Image as PILImage
 
+from ..heatmap import overlay_tile, resize_rgb as _tile
+
 __all__ = [
     "DPI",
     "bar_chart",
@@ -362,53 +364,6 @@ def map_range(maps: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[f
         return 0.0, 1.0
     lo, hi = (float(v) for v in np.percentile(vals, [low, high]))
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
-
-
-def _tile(rgb: np.ndarray, size: int) -> np.ndarray:
-    """An (S,S,3) uint8 image resized to (size,size,3) (bilinear)."""
-    if rgb.shape[0] == size and rgb.shape[1] == size:
-        return rgb
-    return np.asarray(PILImage.fromarray(rgb).resize((size, size), PILImage.Resampling.BILINEAR))
-
-
-def _mask_tile(mask: np.ndarray, size: int) -> np.ndarray:
-    """A bool mask resized to (size,size) (nearest)."""
-    if mask.shape == (size, size):
-        return mask
-    return np.asarray(PILImage.fromarray(mask.astype(np.uint8) * 255).resize(
-        (size, size), PILImage.Resampling.NEAREST)) > 127
-
-
-def _dilate(mask: np.ndarray) -> np.ndarray:
-    """One step of 4-neighbour binary dilation."""
-    out = mask.copy()
-    out[1:] |= mask[:-1]
-    out[:-1] |= mask[1:]
-    out[:, 1:] |= mask[:, :-1]
-    out[:, :-1] |= mask[:, 1:]
-    return out
-
-
-def overlay_tile(image: np.ndarray, amap: np.ndarray, mask: np.ndarray | None, norm: Normalize,
-                 size: int, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
-    """(size,size,3) uint8: `amap` coloured with `cmap` under `norm`, blended over `image`, with the
-    outline of `mask` (if it has any pixel) drawn white on a black rim."""
-    amap = np.nan_to_num(np.asarray(amap, dtype=np.float32), nan=norm.vmin, posinf=norm.vmax, neginf=norm.vmin)
-    heat = (colormaps[cmap](np.clip(norm(amap), 0, 1))[..., :3] * 255).astype(np.float32)
-    blend = (1 - alpha) * np.asarray(image, dtype=np.float32) + alpha * heat
-    out = _tile(np.clip(blend + 0.5, 0, 255).astype(np.uint8), size).copy()
-    if mask is not None and np.any(mask):
-        m = _mask_tile(np.asarray(mask, dtype=bool), size)
-        inner = _dilate(m) & ~m | (m & ~_erode(m))
-        outer = _dilate(_dilate(m)) & ~_dilate(m)
-        out[outer] = 0
-        out[inner] = 255
-    return out
-
-
-def _erode(mask: np.ndarray) -> np.ndarray:
-    """One step of 4-neighbour binary erosion."""
-    return ~_dilate(~mask)
 
 
 @_styled

@@ -20,27 +20,23 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
+from ..drift import alerts, product_drift
 from ..errors import MoleflowError
+from ..feedback import cluster_pile, discover_command, quality, review_queue, unknown_pile
+from .context import ServeContext, context
+from .schemas import ReviewIn
 from .uploads import Upload, UploadError, decode
 
 log = logging.getLogger(__name__)
+router = APIRouter()
 THUMBNAIL = 160  # largest side of a kept thumbnail, pixels (kept as a 256-colour PNG: about a third of the bytes)
 _RENDERED = 64  # redrawn overlays kept in memory
-
-
-class ReviewIn(BaseModel):
-    verdict_id: int = Field(description="the verdict's id (verdict_id of POST /predict, id in the queue)")
-    label: str = Field(description="defect_confirmed, false_alarm (flagged but good), good_confirmed (passed and "
-                                   "good) or wrong_product")
-    correct_product: str | None = Field(None, description="with wrong_product: the product it is")
-    note: str | None = Field(None, max_length=2000)
 
 
 def thumbnail_png(overlay_b64: str, size: int = THUMBNAIL) -> tuple[bytes, int, int]:
@@ -74,176 +70,161 @@ def _public(row: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def review_routes(settings: Any, holder: Any, batcher: Any, store: Any, drift_cache: dict[str, Any],
-                  served_or_503: Callable[[], Any]) -> APIRouter:
-    """The routes above, bound to one app's state."""
-    from ..drift import alerts, product_drift
-    from ..feedback import cluster_pile, discover_command, quality, review_queue, unknown_pile
+@router.get("/reviews/queue", summary="parts to review: flagged, unknown product, audit sample of passed parts")
+async def queue(product: str | None = None, decision: str | None = Query(None, description="normal, anomalous "
+                "or unknown product"), since: str | None = None, until: str | None = None,
+                limit: int = Query(50, ge=1, le=500), include_reviewed: bool = False,
+                ctx: ServeContext = Depends(context)) -> dict[str, Any]:
+    db = ctx.need_store()
+    if decision not in (None, "normal", "anomalous", "unknown product"):
+        raise UploadError(422, f"decision {decision!r}: use normal, anomalous or unknown product")
 
-    router = APIRouter()
-    rendered: dict[tuple[int, str], bytes] = {}  # (verdict id, model version) -> overlay PNG
-    clusters: dict[tuple, dict[str, Any]] = {}  # (verdict ids, model version) -> cluster_pile result
+    def build() -> list[dict[str, Any]]:
+        rows = review_queue(db, ctx.settings.audit_rate, product=product, decision=decision, since=since,
+                            until=until, limit=limit, include_reviewed=include_reviewed)
+        thumbs = db.thumbnail_ids(r["id"] for r in rows)
+        return [{**_public(r), "image": picture_info(r, thumbs)} for r in rows]
 
-    def need_store() -> Any:
-        if store is None:
-            raise UploadError(404, "no verdict store: the service was started with --no-store, so there is nothing "
-                                   "to review; start it without --no-store")
-        return store
+    try:
+        items = await run_in_threadpool(build)
+    except MoleflowError as exc:
+        raise UploadError(422, str(exc)) from None
+    return {"audit_rate": ctx.settings.audit_rate, "thumbnails": ctx.settings.thumbnails, "products": ctx.learned(),
+            "items": items}
 
-    def learned() -> list[str]:
-        served = holder.current
-        return [t.name for t in served.model.tasks] if served else []
 
-    @router.get("/reviews/queue", summary="parts to review: flagged, unknown product, audit sample of passed parts")
-    async def queue(product: str | None = None, decision: str | None = Query(None, description="normal, anomalous "
-                    "or unknown product"), since: str | None = None, until: str | None = None,
-                    limit: int = Query(50, ge=1, le=500), include_reviewed: bool = False) -> dict[str, Any]:
-        db = need_store()
-        if decision not in (None, "normal", "anomalous", "unknown product"):
-            raise UploadError(422, f"decision {decision!r}: use normal, anomalous or unknown product")
+@router.post("/reviews", summary="record a person's review of a verdict (reviewer: the token's name)")
+async def add_review(review: ReviewIn, request: Request, ctx: ServeContext = Depends(context)) -> dict[str, Any]:
+    db = ctx.need_store()
+    reviewer = getattr(request.state, "token_name", None) or "anonymous"
+    correct = (review.correct_product or "").strip() or None
+    note = (review.note or "").strip() or None
 
-        def build() -> list[dict[str, Any]]:
-            rows = review_queue(db, settings.audit_rate, product=product, decision=decision, since=since,
-                                until=until, limit=limit, include_reviewed=include_reviewed)
-            thumbs = db.thumbnail_ids(r["id"] for r in rows)
-            return [{**_public(r), "image": picture_info(r, thumbs)} for r in rows]
+    def write() -> dict[str, Any]:
+        db.add_review(review.verdict_id, review.label, reviewer=reviewer, correct_product=correct, note=note)
+        return db.reviews(verdict_id=review.verdict_id, limit=1)[0]
 
-        try:
-            items = await run_in_threadpool(build)
-        except MoleflowError as exc:
-            raise UploadError(422, str(exc)) from None
-        return {"audit_rate": settings.audit_rate, "thumbnails": settings.thumbnails, "products": learned(),
-                "items": items}
+    try:
+        row = await run_in_threadpool(write)
+    except MoleflowError as exc:
+        raise UploadError(404 if "no verdict" in str(exc) else 422, str(exc)) from None
+    return {"review": row}
 
-    @router.post("/reviews", summary="record a person's review of a verdict (reviewer: the token's name)")
-    async def add_review(review: ReviewIn, request: Request) -> dict[str, Any]:
-        db = need_store()
-        reviewer = getattr(request.state, "token_name", None) or "anonymous"
-        correct = (review.correct_product or "").strip() or None
-        note = (review.note or "").strip() or None
 
-        def write() -> dict[str, Any]:
-            db.add_review(review.verdict_id, review.label, reviewer=reviewer, correct_product=correct, note=note)
-            return db.reviews(verdict_id=review.verdict_id, limit=1)[0]
+@router.get("/reviews", summary="reviews, newest first")
+async def reviews(label: str | None = None, product: str | None = None, reviewer: str | None = None,
+                  since: str | None = None, until: str | None = None,
+                  limit: int = Query(100, ge=1, le=5000), ctx: ServeContext = Depends(context)) -> dict[str, Any]:
+    db = ctx.need_store()
+    try:
+        rows = await run_in_threadpool(db.reviews, None, label, since, until, limit, product, reviewer)
+    except MoleflowError as exc:
+        raise UploadError(422, str(exc)) from None
+    return {"reviews": rows}
 
-        try:
-            row = await run_in_threadpool(write)
-        except MoleflowError as exc:
-            raise UploadError(404 if "no verdict" in str(exc) else 422, str(exc)) from None
-        return {"review": row}
 
-    @router.get("/reviews", summary="reviews, newest first")
-    async def reviews(label: str | None = None, product: str | None = None, reviewer: str | None = None,
-                      since: str | None = None, until: str | None = None,
-                      limit: int = Query(100, ge=1, le=5000)) -> dict[str, Any]:
-        db = need_store()
-        try:
-            rows = await run_in_threadpool(db.reviews, None, label, since, until, limit, product, reviewer)
-        except MoleflowError as exc:
-            raise UploadError(422, str(exc)) from None
-        return {"reviews": rows}
+@router.get("/verdicts/{verdict_id}/image", summary="the part's overlay PNG (kept thumbnail, or redrawn)",
+            response_class=Response)
+async def image(verdict_id: int, ctx: ServeContext = Depends(context)) -> Response:
+    db = ctx.need_store()
+    png = await run_in_threadpool(db.thumbnail, verdict_id)
+    if png is not None:
+        return Response(png, media_type="image/png", headers={"x-image-source": "thumbnail"})
+    row = await run_in_threadpool(db.verdict, verdict_id)
+    if row is None:
+        raise UploadError(404, f"no verdict {verdict_id}")
+    path = Path(str(row.get("path") or ""))
+    if not row.get("path") or not path.is_file():
+        raise UploadError(404, f"verdict {verdict_id}: no thumbnail kept (serve --thumbnails) and its image file "
+                               f"{row.get('path')!r} is not here (serve uploads: --keep-images)")
+    served = ctx.served_or_503()
+    key = (verdict_id, served.version)
+    if key not in ctx.rendered:
+        data = await run_in_threadpool(path.read_bytes)
+        if row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
+            raise UploadError(404, f"verdict {verdict_id}: {path} changed since it was inspected")
+        ctx.rendered[key] = await _redraw(ctx, data, path.name, served)
+        while len(ctx.rendered) > _RENDERED:
+            ctx.rendered.pop(next(iter(ctx.rendered)))
+    return Response(ctx.rendered[key], media_type="image/png",
+                    headers={"x-image-source": "file", "x-image-model": served.version})
 
-    @router.get("/verdicts/{verdict_id}/image", summary="the part's overlay PNG (kept thumbnail, or redrawn)",
-                response_class=Response)
-    async def image(verdict_id: int) -> Response:
-        db = need_store()
-        png = await run_in_threadpool(db.thumbnail, verdict_id)
-        if png is not None:
-            return Response(png, media_type="image/png", headers={"x-image-source": "thumbnail"})
-        row = await run_in_threadpool(db.verdict, verdict_id)
-        if row is None:
-            raise UploadError(404, f"no verdict {verdict_id}")
-        path = Path(str(row.get("path") or ""))
-        if not row.get("path") or not path.is_file():
-            raise UploadError(404, f"verdict {verdict_id}: no thumbnail kept (serve --thumbnails) and its image file "
-                                   f"{row.get('path')!r} is not here (serve uploads: --keep-images)")
-        served = served_or_503()
-        key = (verdict_id, served.version)
-        if key not in rendered:
-            data = await run_in_threadpool(path.read_bytes)
-            if row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
-                raise UploadError(404, f"verdict {verdict_id}: {path} changed since it was inspected")
-            rendered[key] = await _redraw(data, path.name, served)
-            while len(rendered) > _RENDERED:
-                rendered.pop(next(iter(rendered)))
-        return Response(rendered[key], media_type="image/png",
-                        headers={"x-image-source": "file", "x-image-model": served.version})
 
-    async def _redraw(data: bytes, name: str, served: Any) -> bytes:
-        """The overlay of an image file, through the batcher as POST /predict?maps=true (not recorded)."""
-        from .inference import prepare_item
-        from .verdicts import heat_images
+async def _redraw(ctx: ServeContext, data: bytes, name: str, served: Any) -> bytes:
+    """The overlay of an image file, through the batcher as POST /predict?maps=true (not recorded)."""
+    from .inference import prepare_item
+    from .verdicts import heat_images
 
-        item = await run_in_threadpool(lambda: prepare_item(decode(Upload(name, data), settings.max_pixels), served))
-        result = (await batcher.submit([item]))[0]
-        if isinstance(result, BaseException):
-            raise UploadError(500, f"{name}: inference failed ({type(result).__name__}: {result})")
-        pictures = await run_in_threadpool(heat_images, result, item.decoded.image)
-        return base64.b64decode(pictures["overlay_png"])
+    item = await run_in_threadpool(lambda: prepare_item(decode(Upload(name, data), ctx.settings.max_pixels), served))
+    result = (await ctx.batcher.submit([item]))[0]
+    if isinstance(result, BaseException):
+        raise UploadError(500, f"{name}: inference failed ({type(result).__name__}: {result})")
+    pictures = await run_in_threadpool(heat_images, result, item.decoded.image)
+    return base64.b64decode(pictures["overlay_png"])
 
-    @router.get("/products/{name}/quality", summary="realised false-alarm and detection rates per day, from reviews")
-    async def product_quality(name: str, since: str | None = None, until: str | None = None) -> dict[str, Any]:
-        db = need_store()
-        try:
-            found = await run_in_threadpool(lambda: quality(db, settings.audit_rate, product=name, since=since,
-                                                            until=until))
-        except MoleflowError as exc:
-            raise UploadError(422, str(exc)) from None
-        if name not in found and name not in learned():
-            raise UploadError(404, f"no product {name!r}: learned products are {', '.join(learned()) or 'none yet'}")
-        entry = found.get(name, {"days": [], "total": None})
-        return {"product": name, "audit_rate": settings.audit_rate, **entry}
 
-    @router.get("/drift", summary="every product's drift state (CUSUM on conformal p-values), checked now")
-    async def drift() -> dict[str, Any]:
-        db = need_store()
-        served = served_or_503()
-        states = await run_in_threadpool(product_drift, db, served.model.tasks)
-        drift_cache.update(checked_at=time.time(), alert=alerts(states), error=None, model=served.version)
-        return {"checked_at": drift_cache["checked_at"], "model": served.version, "alert": drift_cache["alert"],
-                "products": [s.to_dict() for s in states]}
+@router.get("/products/{name}/quality", summary="realised false-alarm and detection rates per day, from reviews")
+async def product_quality(name: str, since: str | None = None, until: str | None = None,
+                          ctx: ServeContext = Depends(context)) -> dict[str, Any]:
+    db = ctx.need_store()
+    try:
+        found = await run_in_threadpool(lambda: quality(db, ctx.settings.audit_rate, product=name, since=since,
+                                                        until=until))
+    except MoleflowError as exc:
+        raise UploadError(422, str(exc)) from None
+    if name not in found and name not in ctx.learned():
+        raise UploadError(404, f"no product {name!r}: learned products are {', '.join(ctx.learned()) or 'none yet'}")
+    entry = found.get(name, {"days": [], "total": None})
+    return {"product": name, "audit_rate": ctx.settings.audit_rate, **entry}
 
-    @router.get("/unknowns", summary="unknown-product parts not exported yet, clustered when there are enough")
-    async def unknowns(since: str | None = None, until: str | None = None, cluster: bool = True,
-                       limit: int = Query(24, ge=0, le=500)) -> dict[str, Any]:
-        db = need_store()
-        run = settings.run
-        pile = await run_in_threadpool(lambda: unknown_pile(db, run, learned(), since=since, until=until))
-        with_files = [r for r in pile if r["file"]]
-        thumbs = await run_in_threadpool(db.thumbnail_ids, [r["id"] for r in pile[-limit:]] if limit else [])
-        body: dict[str, Any] = {
-            "parts": len(pile), "with_files": len(with_files), "min_to_cluster": settings.min_pile,
-            "first": pile[0]["at"] if pile else None, "last": pile[-1]["at"] if pile else None,
-            "items": [{**_public({k: v for k, v in r.items() if k != "review"}), "image": picture_info(r, thumbs)}
-                      for r in (pile[-limit:][::-1] if limit else [])],
-            "commands": {"export": f"moleflow unknowns {run} --export",
-                         "learn": discover_command(run, f"{run}/unknowns/<date>")},
-            "clusters": None, "why_not_clustered": None}
-        if not cluster:
-            body["why_not_clustered"] = "not asked (cluster=false)"
-        elif len(with_files) < settings.min_pile:
-            body["why_not_clustered"] = (f"{len(with_files)} unknown parts with their image file; clustered from "
-                                         f"{settings.min_pile}")
-        else:
-            served = served_or_503()
-            key = (tuple(r["id"] for r in with_files), served.version)
-            if key not in clusters:
-                clusters.clear()
-                try:
-                    clusters[key] = await run_in_threadpool(cluster_pile, served.model, with_files)
-                except MoleflowError as exc:
-                    body["why_not_clustered"] = str(exc)
-            body["clusters"] = clusters.get(key)
-        return body
 
-    return router
+@router.get("/drift", summary="every product's drift state (CUSUM on conformal p-values), checked now")
+async def drift(ctx: ServeContext = Depends(context)) -> dict[str, Any]:
+    db = ctx.need_store()
+    served = ctx.served_or_503()
+    states = await run_in_threadpool(product_drift, db, served.model.tasks)
+    ctx.drift.update(checked_at=time.time(), alert=alerts(states), error=None, model=served.version)
+    return {"checked_at": ctx.drift["checked_at"], "model": served.version, "alert": ctx.drift["alert"],
+            "products": [s.to_dict() for s in states]}
+
+
+@router.get("/unknowns", summary="unknown-product parts not exported yet, clustered when there are enough")
+async def unknowns(since: str | None = None, until: str | None = None, cluster: bool = True,
+                   limit: int = Query(24, ge=0, le=500), ctx: ServeContext = Depends(context)) -> dict[str, Any]:
+    db = ctx.need_store()
+    run = ctx.settings.run
+    pile = await run_in_threadpool(lambda: unknown_pile(db, run, ctx.learned(), since=since, until=until))
+    with_files = [r for r in pile if r["file"]]
+    thumbs = await run_in_threadpool(db.thumbnail_ids, [r["id"] for r in pile[-limit:]] if limit else [])
+    body: dict[str, Any] = {
+        "parts": len(pile), "with_files": len(with_files), "min_to_cluster": ctx.settings.min_pile,
+        "first": pile[0]["at"] if pile else None, "last": pile[-1]["at"] if pile else None,
+        "items": [{**_public({k: v for k, v in r.items() if k != "review"}), "image": picture_info(r, thumbs)}
+                  for r in (pile[-limit:][::-1] if limit else [])],
+        "commands": {"export": f"moleflow unknowns {run} --export",
+                     "learn": discover_command(run, f"{run}/unknowns/<date>")},
+        "clusters": None, "why_not_clustered": None}
+    if not cluster:
+        body["why_not_clustered"] = "not asked (cluster=false)"
+    elif len(with_files) < ctx.settings.min_pile:
+        body["why_not_clustered"] = (f"{len(with_files)} unknown parts with their image file; clustered from "
+                                     f"{ctx.settings.min_pile}")
+    else:
+        served = ctx.served_or_503()
+        key = (tuple(r["id"] for r in with_files), served.version)
+        if key not in ctx.clusters:
+            ctx.clusters.clear()
+            try:
+                ctx.clusters[key] = await run_in_threadpool(cluster_pile, served.model, with_files)
+            except MoleflowError as exc:
+                body["why_not_clustered"] = str(exc)
+        body["clusters"] = ctx.clusters.get(key)
+    return body
 
 
 async def check_drift(holder: Any, store: Any, drift_cache: dict[str, Any]) -> None:
     """One drift check of every product for /health (errors kept, never raised)."""
     import asyncio
-
-    from ..drift import alerts, product_drift
 
     served = holder.current
     if served is None or store is None:

@@ -5,17 +5,25 @@ with an `image/*` (or `application/octet-stream`) content type. Every image is d
 the request's thread, so a broken upload is refused before it reaches a batch:
     415  a content type that is neither            413  a body, an image (width x height) or a count too large
     400  an empty body or file, a broken form      422  bytes that are not an image, or a truncated image
+`read_uploads` reads a request's body with these limits; `decode` checks one image.
 """
 
 from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image, UnidentifiedImageError
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
 from ..data.transforms import to_rgb8
 from ..errors import MoleflowError
+
+if TYPE_CHECKING:
+    from .settings import ServeSettings
 
 RAW_TYPES = ("application/octet-stream",)
 
@@ -102,3 +110,42 @@ def decode(upload: Upload, max_pixels: int) -> Decoded:
         raise UploadError(422, f"{name}: cannot decode this image ({detail}); the file is truncated or "
                                "damaged") from None
     return Decoded(name=name, image=rgb, width=width, height=height)
+
+
+async def read_uploads(request: Request, settings: "ServeSettings") -> list[Upload]:
+    """The files of a multipart body, or the one image of a raw body; limits checked (UploadError)."""
+    kind = check_content_type(request.headers.get("content-type"))
+    limit = settings.max_body_bytes
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise UploadError(413, f"request body of {int(length):,} bytes is larger than the {limit:,} accepted "
+                               "(--max-body-mb)")
+    if kind == "raw":
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise UploadError(413, f"request body larger than the {limit:,} bytes accepted (--max-body-mb)")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+        if not data:
+            raise UploadError(400, "empty request body; send the bytes of an image")
+        name = request.headers.get("x-filename") or "image"
+        return [Upload(name, data)]
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=settings.max_images + 16)
+    except HTTPException as exc:
+        detail = str(exc.detail)
+        if "Too many files" in detail:
+            raise UploadError(413, f"more than {settings.max_images} images in one request (--max-images); "
+                                   "split the request") from None
+        raise UploadError(400, f"cannot read the multipart form ({detail})") from None
+    try:
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        check_count(len(files), settings.max_images)
+        uploads = []
+        for i, f in enumerate(files):
+            uploads.append(Upload(f.filename or f"image{i}", await f.read()))
+        return uploads
+    finally:
+        await form.close()
