@@ -240,6 +240,12 @@ def test_a_line_over_weeks(line, capsys):
     assert main(["status", str(run), "--store", url, "--audit-rate", str(AUDIT), "--json", "--fail-on-alert"]) == 1
     status = json.loads(capsys.readouterr().out)
     assert status["drift_alerts"] == ["brick"] and status["verdicts"] == 300
+    assert main(["status", str(run), "--store", url, "--audit-rate", str(AUDIT), "--report"]) == 0
+    page = (run / "line.html").read_text()
+    assert "On the line: decisions as reviewed" in page and "realised FA %" in page and "data:image/png" in page
+    for product in ("brick", "grass"):  # the table shows the same realised rates as `status --json`
+        total = next(p for p in status["products"] if p["name"] == product)["quality"]
+        assert f"{100 * total['false_alarm_rate']:.1f}" in page
 
     assert main(["unknowns", str(run), "--store", url, "--export"]) == 0
     out = capsys.readouterr().out

@@ -376,3 +376,32 @@ def test_overlay_tile_colours_and_outline():
     assert not (tile[16, 12] == 255).all()  # inside untouched
     plain = F.overlay_tile(image, amap, np.zeros((32, 32), bool), norm, size=16)
     assert plain.shape == (16, 16, 3)
+
+
+def test_run_report_shows_realised_rates_from_the_verdict_store(tmp_path):
+    """With RUN/verdicts.sqlite the run report gains "On the line": per product the flagged and passed parts, the
+    reviews, and the realised false-alarm and detection rates (table and plot); without it the section is absent."""
+    from moleflow.store.verdicts import VerdictStore, verdict_record
+
+    run = make_run(tmp_path / "run", [[c] for c in CLASSES])
+    md_before = write_report(run)[0].read_text()
+    assert "On the line" not in md_before
+    product = CLASSES[0]
+    decisions = ["anomalous"] * 4 + ["normal"] * 16
+    with VerdictStore(f"sqlite:///{run / 'verdicts.sqlite'}") as store:
+        ids = store.add_many([verdict_record({"product": product, "nearest_product": product, "score": 1.0,
+                                              "threshold": 0.5, "decision": d}, sha256=None, path=f"{i}.png",
+                                             model_sha256=None, engine="torch", latency_ms=1.0, source="serve")
+                              for i, d in enumerate(decisions)], return_ids=True)
+        for vid, label in zip(ids[:4], ["false_alarm", "defect_confirmed", "defect_confirmed", "defect_confirmed"]):
+            store.add_review(vid, label, reviewer="alice")
+        for vid in ids[4:]:  # every passed part reviewed (audit rate 1 below): all good
+            store.add_review(vid, "good_confirmed", reviewer="alice")
+    md_path, html_path = write_report(run, audit_rate=1.0)
+    md = md_path.read_text()
+    assert "## On the line: decisions as reviewed" in md and "20 verdicts" in md
+    row = next(r for r in _table_rows(md, "product") if r and r[0] == product and len(r) == 11)
+    # 4 flagged, 1 of 4 reviewed a false alarm -> 1 false alarm among 1 + 16 good parts; every defect flagged
+    assert row[2:4] == ["4", "16"] and row[9] == f"{100 / 17:.1f}" and row[10] == "100.0"
+    assert (run / "figures" / "line_rates.png").is_file()
+    assert "line_rates" in html_path.read_text() or "data:image/png" in html_path.read_text()

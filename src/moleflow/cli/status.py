@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ def add_parser(sub) -> None:
                    help="the review queue's audit rate (`serve --audit-rate`, default 0.05)")
     p.add_argument("--json", action="store_true", help="print everything as one JSON object")
     p.add_argument("--fail-on-alert", action="store_true", help="exit with 1 when a product is in drift alert")
+    p.add_argument("--report", action="store_true",
+                   help="also write RUN_DIR/line.html and line.md: realised false-alarm and detection rates from "
+                        "reviews per product and day, with plots (the run report gets the same section)")
     p.set_defaults(run=run)
 
 
@@ -81,6 +85,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(status, indent=1, default=str))
     else:
         print(_text(status))
+    if args.report:
+        from ..report.render import write_line_report
+
+        _, html_path = write_line_report(args.run_dir, audit_rate=rate, store=args.store)
+        print(f"report: {html_path}", file=sys.stderr if args.json else sys.stdout)
     return 1 if args.fail_on_alert and status["drift_alerts"] else 0
 
 

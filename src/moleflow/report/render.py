@@ -17,13 +17,15 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
 from ..errors import MoleflowError
 from ..store.atomic import atomic_write_bytes, atomic_write_text
 from . import figures as F
+from .blocks import Block, Bullets, Code, Heading, Image, Para, Table
+from .line import line_section, read_line
 
 __all__ = [
     "METRIC_LABELS",
@@ -111,46 +113,6 @@ def table_markdown(headers: Sequence[str], rows: Sequence[Sequence[Any]], align:
 # Blocks and rendering
 
 
-@dataclass
-class Heading:
-    level: int
-    text: str
-    anchor: str = ""
-
-
-@dataclass
-class Para:
-    text: str
-    small: bool = False
-
-
-@dataclass
-class Bullets:
-    items: list[str]
-
-
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[str]]
-    align: str | None = None
-    bold_rows: list[int] = field(default_factory=list)
-
-
-@dataclass
-class Image:
-    name: str
-    png: bytes
-    caption: str
-
-
-@dataclass
-class Code:
-    text: str
-    lang: str = ""
-
-
-Block = Union[Heading, Para, Bullets, Table, Image, Code]
 
 _INLINE = re.compile(r"\\(?P<esc>[\\`*|\[\]<>_#])|`(?P<code>[^`]+)`|\*\*(?P<bold>.+?)\*\*|\*(?P<em>[^*]+?)\*")
 
@@ -263,6 +225,7 @@ class RunData:
     scores: dict[str, dict[str, np.ndarray]]
     examples: dict[str, dict[str, np.ndarray]]
     notes: list[str] = field(default_factory=list)
+    line: dict[str, Any] | None = None  # the verdict store's review summary (`line.read_line`), if the run has one
 
     @property
     def classes(self) -> list[str]:
@@ -332,8 +295,10 @@ def read_examples(path: Path) -> dict[str, np.ndarray]:
     return ex
 
 
-def load_run(run_dir: Path | str) -> RunData:
-    """Read results.json (required), scores/*.csv and examples/*.npz (optional)."""
+def load_run(run_dir: Path | str, audit_rate: float | None = None, store: str | None = None) -> RunData:
+    """Read results.json (required), scores/*.csv and examples/*.npz (optional), and the verdict store's reviews
+    (`store`, default RUN/verdicts.sqlite if there is one; `audit_rate`: the review queue's, default
+    `feedback.AUDIT_RATE`)."""
     run_dir = Path(run_dir)
     path = run_dir / "results.json"
     if not path.is_file():
@@ -346,15 +311,19 @@ def load_run(run_dir: Path | str) -> RunData:
         raise MoleflowError(f"{path} does not hold a JSON object")
     run = RunData(run_dir, results, {}, {})
     for cls in run.classes:
-        for sub, ext, reader, store in (("scores", "csv", read_scores, run.scores),
-                                        ("examples", "npz", read_examples, run.examples)):
+        for sub, ext, reader, into in (("scores", "csv", read_scores, run.scores),
+                                       ("examples", "npz", read_examples, run.examples)):
             p = run_dir / sub / f"{cls}.{ext}"
             if not p.is_file():
                 continue
             try:
-                store[cls] = reader(p)
+                into[cls] = reader(p)
             except (OSError, ValueError, KeyError) as exc:
                 run.notes.append(f"{sub}/{cls}.{ext} could not be read ({exc}); left out.")
+    try:
+        run.line = read_line(run_dir, audit_rate, store)
+    except MoleflowError as exc:
+        run.notes.append(f"the verdict store could not be read ({exc}); the 'On the line' section is left out.")
     return run
 
 
@@ -843,17 +812,19 @@ def build_report(run: RunData, title: str | None = None) -> list[Block]:
     sections = [_header(run, title), _protocol(), _summary(run), _final_section(run), _defect_type_section(run),
                 _decision_section(run), _continual_section(run), _routing_section(run), _discovery_section(run),
                 _curves_section(run),
-                _examples_section(run), _timing_section(run), _config_section(run), _notes_section(run)]
+                _examples_section(run), line_section(run.line, run.results.get("thresholds") or {}),
+                _timing_section(run), _config_section(run), _notes_section(run)]
     return [b for s in sections for b in s]
 
 
-def write_report(run_dir: Path | str, title: str | None = None) -> tuple[Path, Path]:
+def write_report(run_dir: Path | str, title: str | None = None, audit_rate: float | None = None,
+                 store: str | None = None) -> tuple[Path, Path]:
     """Write RUN_DIR/report.md (+ RUN_DIR/figures/*.png) and the self-contained RUN_DIR/report.html.
 
     Returns (markdown path, html path). Optional parts of the run (examples, oracle, continual
     matrices, pixel metrics) are skipped or shown as "n/a" when missing.
     """
-    run = load_run(run_dir)
+    run = load_run(run_dir, audit_rate, store)
     title = title or default_title(run)
     blocks = build_report(run, title)
     fig_dir = run.run_dir / "figures"
@@ -861,6 +832,33 @@ def write_report(run_dir: Path | str, title: str | None = None) -> tuple[Path, P
         if isinstance(b, Image):
             atomic_write_bytes(fig_dir / f"{b.name}.png", lambda fh, b=b: fh.write(b.png))
     md_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
+    atomic_write_text(md_path, render_markdown(blocks))
+    atomic_write_text(html_path, render_html(blocks, title))
+    return md_path, html_path
+
+
+def write_line_report(run_dir: Path | str, audit_rate: float | None = None, store: str | None = None
+                      ) -> tuple[Path, Path]:
+    """Write RUN_DIR/line.md (+ figures) and RUN_DIR/line.html: the "On the line" section alone (realised rates
+    from reviews), for runs served without an evaluation (no results.json needed). (markdown path, html path)."""
+    run_dir = Path(run_dir)
+    line = read_line(run_dir, audit_rate, store)
+    if line is None:
+        raise MoleflowError(f"no verdict store at {run_dir / 'verdicts.sqlite'}: record verdicts first (`moleflow "
+                            "serve`, `watch` or `predict --record`), or pass --store URL")
+    thresholds: dict[str, Any] = {}
+    results = run_dir / "results.json"
+    if results.is_file():
+        try:
+            thresholds = json.loads(results.read_text(encoding="utf-8")).get("thresholds") or {}
+        except (OSError, ValueError):
+            thresholds = {}  # the requested rates are then shown as n/a
+    title = f"moleflow: {run_dir.name} on the line"
+    blocks: list[Block] = [Heading(1, title), *line_section(line, thresholds)]
+    for b in blocks:
+        if isinstance(b, Image):
+            atomic_write_bytes(run_dir / "figures" / f"{b.name}.png", lambda fh, b=b: fh.write(b.png))
+    md_path, html_path = run_dir / "line.md", run_dir / "line.html"
     atomic_write_text(md_path, render_markdown(blocks))
     atomic_write_text(html_path, render_html(blocks, title))
     return md_path, html_path

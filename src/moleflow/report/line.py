@@ -1,0 +1,105 @@
+"""The report's "On the line" section: what inspectors' reviews say about each product's decisions.
+
+    read_line(run_dir, audit_rate, store) None without a store; else the store's counts and
+                                          `feedback.quality` per product and day
+    line_section(line, thresholds)        report blocks: a table per product (verdicts, reviews, realised
+                                          false-alarm and detection rates beside the requested rate) and a
+                                          plot of both rates per day
+
+The rates are the stratified estimates of `feedback.quality` (README "On the line"): flagged parts are
+weighed by their reviewed share of false alarms, passed parts by the reviewed audit sample. A day without
+enough reviews has no estimate and is left out of the plot, never drawn as zero.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+from . import figures as F
+from .blocks import Block, Bullets, Heading, Image, Para, Table
+
+STORE_FILE = "verdicts.sqlite"
+
+
+def read_line(run_dir: Path, audit_rate: float | None = None, store: str | None = None) -> dict[str, Any] | None:
+    """The verdict store (`store`: a `--store` URL or file; default RUN/verdicts.sqlite) summarised for the
+    report; None when no store is given and the run has no store file."""
+    default = Path(run_dir) / STORE_FILE
+    if store is None and not default.is_file():
+        return None
+    from ..feedback import AUDIT_RATE, check_rate, quality
+    from ..store.verdicts import VerdictStore
+
+    rate = check_rate(AUDIT_RATE if audit_rate is None else audit_rate)
+    with VerdictStore.open(store or default) as db:
+        return {"store": db.name, "verdicts": len(db), "counts": db.counts(), "audit_rate": rate,
+                "products": quality(db, rate)}
+
+
+def _pct(v: Any) -> str:
+    return "n/a" if v is None else f"{100 * float(v):.1f}"
+
+
+def _rows(products: Mapping[str, Any], thresholds: Mapping[str, Any]) -> list[list[Any]]:
+    rows = []
+    for name, entry in sorted(products.items()):
+        t = entry["total"]
+        reviewed = t["reviewed"]
+        requested = (thresholds.get(name) or {}).get("requested")
+        rows.append([name, len(entry["days"]), t["flagged"], t["passed"], reviewed["false_alarm"],
+                     reviewed["defect_confirmed_flagged"], reviewed["good_confirmed"],
+                     reviewed["defect_confirmed_passed"], _pct(requested), _pct(t["false_alarm_rate"]),
+                     _pct(t["detection_rate"])])
+    return rows
+
+
+def rates_figure(products: Mapping[str, Any]) -> bytes:
+    """Per product, the realised false-alarm and detection rates (%) per day (days without an estimate left out)."""
+    names = sorted(products)
+    fig, axes = F._small_multiples(len(names), 3, (3.4, 2.3))
+    for ax, name in zip(axes, names):
+        days = products[name]["days"]
+        for key, label, style in (("false_alarm_rate", "false alarms", "o-"), ("detection_rate", "detection", "s-")):
+            pts = [(i, 100 * d[key]) for i, d in enumerate(days) if d[key] is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=3)
+        ax.set_title(name)
+        ax.set_ylim(-2, 102)
+        ax.set_xticks(range(len(days)))
+        ax.set_xticklabels([d["day"][5:] for d in days], rotation=45, fontsize=7)
+        ax.set_ylabel("%")
+        ax.legend(loc="center right", fontsize=7)
+    return F.fig_to_png(fig)
+
+
+def line_section(line: dict[str, Any] | None, thresholds: Mapping[str, Any]) -> list[Block]:
+    """The section's blocks ([] without a verdict store)."""
+    if line is None:
+        return []
+    counts = line["counts"]
+    blocks: list[Block] = [
+        Heading(2, "On the line: decisions as reviewed"),
+        Para(f"From the verdict store `{line['store']}`: {line['verdicts']:,} verdicts "
+             f"({', '.join(f'{v:,} {k}' for k, v in sorted(counts.items())) or 'none'}); audit sample of passed "
+             f"parts {100 * line['audit_rate']:.1f} %. Realised rates are estimated from inspectors' reviews "
+             "(flagged parts by their reviewed share of false alarms, passed parts by the reviewed audit sample); "
+             "`moleflow status RUN` shows the same numbers, `moleflow calibrate RUN --from-reviews` recalibrates "
+             "from the parts reviewed good.")]
+    products = {k: v for k, v in line["products"].items() if v.get("total")}
+    if not products:
+        blocks.append(Para("No product has a decided verdict in the store yet."))
+        return blocks
+    blocks.append(Table(["product", "days", "flagged", "passed", "false alarm", "defect (flagged)",
+                         "good (audit)", "defect (passed)", "requested FA %", "realised FA %", "detection %"],
+                        _rows(products, thresholds)))
+    blocks.append(Para("Verdicts and reviews per product over the whole store. Reviewed counts are parts inspectors "
+                       "labelled; rates are n/a until enough parts of each kind are reviewed.", small=True))
+    assumed = [n for n, e in products.items() if e["total"].get("assumed")]
+    if assumed:
+        blocks.append(Bullets([f"{n}: no passed part of the audit sample reviewed yet; passed parts taken as good"
+                               for n in assumed]))
+    blocks.append(Image("line_rates", rates_figure(products),
+                        "Realised false-alarm and detection rates per day, from reviews (days without an estimate "
+                        "are left out)."))
+    return blocks
