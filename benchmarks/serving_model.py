@@ -10,7 +10,7 @@ preset's sizes (backbone, D, blocks, patch memory: 10 % of the training patches,
 import sys
 
 from moleflow import Config, MoleFlow
-from moleflow.benchmark import generated_images
+from moleflow.bench.speed import generated_images
 
 preset, out = sys.argv[1], sys.argv[2]
 model = MoleFlow(Config.from_preset(preset).with_overrides({"train.epochs": 1, "train.min_steps": 0}))

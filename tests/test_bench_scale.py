@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from moleflow import MoleFlow
-from moleflow.bench_scale import mixed_batch, product_images, scale_products
+from moleflow.bench.scale import mixed_batch, product_images, scale_products
 from moleflow.cli import main
 from moleflow.errors import MoleflowError
 

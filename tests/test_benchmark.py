@@ -10,7 +10,7 @@ from helpers import tiny_config
 
 
 def test_speed_benchmark_reports_every_measurement(tmp_path):
-    from moleflow.benchmark import speed_benchmark
+    from moleflow.bench.speed import speed_benchmark
 
     result = speed_benchmark(tiny_config(), n_train=12, size=(160, 120), batch_size=4, latency_runs=3)
     assert result["train"]["steps"] > 0 and result["train"]["task_seconds"] > 0

@@ -85,7 +85,7 @@ def add_parser(sub) -> None:
                              description="Learn generated products one after another into one model and measure, "
                                          "at each task count, the checkpoint size, load time, routing and predict "
                                          "time of a mixed batch, resident memory and the time to add a task "
-                                         "(bench_scale.py).")
+                                         "(bench/scale.py).")
     scale.add_argument("--counts", type=int, nargs="+", default=[1, 10, 50, 100],
                        help="task counts to measure at, increasing (default 1 10 50 100; at most 105)")
     scale.add_argument("--preset", default="tiny", help="model preset (default tiny)")
@@ -106,7 +106,7 @@ def add_parser(sub) -> None:
     memory = kinds.add_parser("memory", help="peak memory and time per image of learning one task of N images",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Write generated PNGs to --images and learn one task of each size in a "
-                                          "fresh process (bench_memory.py): peak RSS, feature-cache bytes, seconds "
+                                          "fresh process (bench/memory.py): peak RSS, feature-cache bytes, seconds "
                                           "per image.")
     memory.add_argument("--sizes", type=int, nargs="+", default=[500, 5000], help="task sizes (default 500 5000)")
     memory.add_argument("--preset", default="tiny", help="model preset (default tiny)")
@@ -123,7 +123,7 @@ def add_parser(sub) -> None:
 
 
 def run_speed(args: argparse.Namespace) -> int:
-    from ..benchmark import speed_benchmark
+    from ..bench.speed import speed_benchmark
 
     apply_runtime(args)
     cfg = build_config(args)
@@ -147,8 +147,8 @@ def run_speed(args: argparse.Namespace) -> int:
 def run_serve(args: argparse.Namespace) -> int:
     import shlex
 
-    from ..benchmark import generated_images
-    from ..serve.loadtest import free_port, load_level, png_bytes, start_server, stop_server
+    from ..bench.speed import generated_images
+    from ..bench.serving import free_port, load_level, png_bytes, start_server, stop_server
     from ..store.checkpoint import find_model
 
     find_model(args.run_dir)
@@ -216,7 +216,7 @@ def run_real(args: argparse.Namespace) -> int:
 
 
 def run_scale(args: argparse.Namespace) -> int:
-    from ..bench_scale import run_scale as scale_benchmark
+    from ..bench.scale import run_scale as scale_benchmark
 
     result = scale_benchmark(args.counts, args.preset, args.n_train, args.out, args.threads, overrides=args.overrides,
                              n_heldout=args.heldout, load_runs=args.load_runs, predict_runs=args.predict_runs)
@@ -228,7 +228,7 @@ def run_scale(args: argparse.Namespace) -> int:
 
 
 def run_memory(args: argparse.Namespace) -> int:
-    from ..bench_memory import run_memory as memory_benchmark
+    from ..bench.memory import run_memory as memory_benchmark
 
     result = memory_benchmark(args.sizes, args.images, args.preset, args.overrides, args.workers, args.threads,
                               args.image_size)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .config import Config
-from .detector import MoleFlow
+from ..config import Config
+from ..detector import MoleFlow
 
 
 def _sync(device: torch.device) -> None:
@@ -42,7 +42,7 @@ def _timed(fn, device: torch.device) -> tuple[Any, float]:
 
 def generated_images(n: int, width: int, height: int, seed: int = 0) -> list[Image.Image]:
     """n normal images of a generated textured product at width x height."""
-    from .data.synthetic import generate_product
+    from ..data.synthetic import generate_product
 
     side = max(width, height)
     product = generate_product("brick", n, 1, 1, size=side, seed=seed)
@@ -50,8 +50,8 @@ def generated_images(n: int, width: int, height: int, seed: int = 0) -> list[Ima
 
 
 def dataset_images(root: Path, n: int) -> tuple[list[Image.Image], str]:
-    from .data.datasets import list_classes, load_class
-    from .data.transforms import load_rgb
+    from ..data.datasets import list_classes, load_class
+    from ..data.transforms import load_rgb
 
     name = list_classes(root, "folder")[0]
     samples = load_class(root, name, "folder").train[:n]
@@ -129,8 +129,8 @@ def inference_speed(model: MoleFlow, probe: torch.Tensor, probe_images: list, ba
     """Images/s at `batch_size` (preprocessed tensors (B, 3, S, S): median of `batch_runs` batches after a
     warm-up; and decoded images) and single-image latency (median of `latency_runs` after 5 warm-up runs)
     with the torch or onnx engine."""
-    from .data.batch import Prepared
-    from .engine import make_engine
+    from ..data.batch import Prepared
+    from ..engine import make_engine
 
     dev = model.device
     export_seconds = None

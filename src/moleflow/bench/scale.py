@@ -9,7 +9,7 @@ the new experts' files are written) and measured:
     the folder holding the first T - 1;
   * add a task: seconds of `MoleFlow.fit_task` for the T-th product (feature extraction, training,
     prototype, calibration; image generation not included);
-  * in a fresh Python process (`probe_checkpoint`, run as `python -m moleflow.bench_scale`), so that memory
+  * in a fresh Python process (`probe_checkpoint`, run as `python -m moleflow.bench.scale`), so that memory
     and load time are those of a process that only serves the model:
       - `MoleFlow.load` (backbone built + every file read and SHA-256 checked), median of `load_runs`, and
         the file reading + hashing alone (`store.checkpoint.read_model`);
@@ -44,9 +44,9 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from .benchmark import peak_rss_mb
-from .config import Config
-from .errors import MoleflowError
+from .speed import peak_rss_mb
+from ..config import Config
+from ..errors import MoleflowError
 
 # Settings that keep every task cheap, applied on top of the preset (and under the caller's overrides).
 SCALE_DEFAULTS: dict[str, Any] = {"train.epochs": 2, "train.min_steps": 0}
@@ -75,7 +75,7 @@ class ScaleProduct:
 
 def scale_products(n: int) -> list[ScaleProduct]:
     """`n` distinct generated products: every source picture in variant 0, then every one in variant 1, ..."""
-    from .data.synthetic import PRODUCTS
+    from ..data.synthetic import PRODUCTS
 
     bases = list(PRODUCTS)
     limit = len(bases) * len(_VARIANTS)
@@ -97,7 +97,7 @@ def _recolour(images: np.ndarray, variant: int) -> np.ndarray:
 def product_images(product: ScaleProduct, n_train: int, n_heldout: int, size: int, seed: int = 0
                    ) -> tuple[np.ndarray, np.ndarray]:
     """Normal training images uint8 (n_train, S, S, 3) and held-out normals uint8 (n_heldout, S, S, 3)."""
-    from .data.synthetic import generate_product
+    from ..data.synthetic import generate_product
 
     data = generate_product(product.base, n_train, n_heldout, 0, size=size, seed=seed + product.variant)
     return _recolour(data.train_images, product.variant), _recolour(data.test_images, product.variant)
@@ -169,8 +169,8 @@ def probe_checkpoint(model_dir: Path, data_path: Path, threads: int | None, load
 
     `data_path`: an .npz with `batch` uint8 (32, S, S, 3), `batch_owner` (32,), `heldout` uint8 (M, S, S, 3),
     `heldout_owner` (M,) (product indices = task order) and `single` uint8 (32, S, S, 3) of one product."""
-    from .detector import MoleFlow
-    from .store.checkpoint import read_model
+    from ..detector import MoleFlow
+    from ..store.checkpoint import read_model
 
     if threads:
         torch.set_num_threads(threads)
@@ -234,7 +234,7 @@ def _probe_in_subprocess(model_dir: Path, data_path: Path, threads: int | None, 
     """`probe_checkpoint` in a new Python process (its result is the last line of its stdout)."""
     request = json.dumps({"model_dir": str(model_dir), "data_path": str(data_path), "threads": threads,
                           "load_runs": load_runs, "predict_runs": predict_runs})
-    done = subprocess.run([sys.executable, "-m", "moleflow.bench_scale", request], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "moleflow.bench.scale", request], capture_output=True, text=True)
     if done.returncode != 0:
         tail = "\n".join(done.stderr.strip().splitlines()[-5:])
         raise MoleflowError(f"measuring {model_dir} in a fresh process failed (exit {done.returncode}): {tail}")
@@ -267,7 +267,7 @@ def run_scale(counts: list[int], preset: str, n_train: int, out_dir: Path, threa
     generated images per product (a seeded few are held out by calibration), `n_heldout` more per product for
     routing accuracy and the predict batch. The model is written to `out_dir/model` (which must not hold a
     model yet). `threads`: torch CPU threads here and in the measuring processes. Returns a JSON-able dict."""
-    from .store.checkpoint import run_has_model
+    from ..store.checkpoint import run_has_model
 
     counts = _check_counts(counts)
     products = scale_products(counts[-1])
@@ -296,7 +296,7 @@ def _learn_and_measure(cfg: Config, counts: list[int], products: list[ScaleProdu
                        n_heldout: int, out_dir: Path, threads: int | None, load_runs: int, predict_runs: int,
                        seed: int, progress: bool) -> dict[str, Any]:
     """The body of `run_scale`, with torch's threads set."""
-    from .detector import MoleFlow
+    from ..detector import MoleFlow
 
     size = cfg.data.image_size
     wall, load_before = time.perf_counter(), _load_average()

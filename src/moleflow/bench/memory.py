@@ -26,7 +26,7 @@ from PIL import Image
 
 def write_images(folder: Path, n: int, size: int, seed: int = 0) -> list[Path]:
     """n distinct PNGs of `size` px of one generated product (40 base images, each shifted and flipped)."""
-    from .data.synthetic import generate_product
+    from ..data.synthetic import generate_product
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = [folder / f"{i:05d}.png" for i in range(n)]
@@ -44,8 +44,8 @@ def measure_one(folder: Path, n: int, preset: str, overrides: dict[str, Any] | l
     """Learn one task of the first n images in `folder` in this process; its peak memory and timing."""
     import torch
 
-    from .config import Config
-    from .detector import MoleFlow
+    from ..config import Config
+    from ..detector import MoleFlow
 
     if threads:
         torch.set_num_threads(threads)
@@ -76,7 +76,7 @@ def run_memory(sizes: list[int], folder: Path, preset: str = "tiny",
     for n in sizes:
         args = json.dumps({"folder": str(folder), "n": n, "preset": preset, "overrides": overrides,
                            "workers": workers, "threads": threads})
-        done = subprocess.run([sys.executable, "-m", "moleflow.bench_memory", args], check=True,
+        done = subprocess.run([sys.executable, "-m", "moleflow.bench.memory", args], check=True,
                               capture_output=True, text=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
     return {"preset": preset, "overrides": overrides, "workers": workers, "threads": threads,
