@@ -292,6 +292,41 @@ def run_scale(counts: list[int], preset: str, n_train: int, out_dir: Path, threa
     return result
 
 
+#: What each field of a row means (written into the results).
+MEASURED = {
+    "checkpoint_bytes": "bytes of every file in RUN/model after saving T tasks",
+    "expert_bytes": "bytes of the last task's task<t> + task<t>-calibration safetensors files",
+    "add_task_seconds": "MoleFlow.fit_task of the T-th product (features, training, prototype, calibration)",
+    "save_seconds": "MoleFlow.save after learning the T-th product into a folder already holding the T - 1 "
+                    "others (serialises and hashes every part, writes the new expert's files and the manifest)",
+    "load_seconds_median": "MoleFlow.load in a fresh process (backbone + files + SHA-256), median of "
+                           "load_runs; load_seconds_first: the first, cold one (lazy imports, weights "
+                           "file from disk)",
+    "read_files_seconds_median": "store.checkpoint.read_model alone: reading and hashing the files",
+    "route_us_per_image": "model.inspector.router(features) on precomputed (32, D) routing features, "
+                          "median of 200 calls, per image",
+    "predict_mixed_batch": "model.predict(32 decoded uint8 images of min(32, T) products), torch engine, "
+                           "median of predict_runs after a warm-up; experts_used = distinct routed experts",
+    "predict_one_product_batch_ms": "model.predict(32 images of one product), same timing",
+    "routing_accuracy": "share of held-out generated normals (heldout_per_product each) routed to their "
+                        "own product",
+    "fresh_process": "a new process: VmRSS with the libraries imported (before load), right after the first "
+                     "MoleFlow.load, and its ru_maxrss after every measurement (predict included)",
+    "bench_process_peak_rss_mb": "ru_maxrss of the learning process so far",
+    "_min": "the fastest of the timed runs (less affected by other processes on the machine than the median)"}
+
+
+def _progress_line(row: dict[str, Any]) -> str:
+    """One printed line per product count."""
+    mixed = row["predict_mixed_batch"]
+    return (f"{row['tasks']:4d} tasks: checkpoint {row['checkpoint_bytes'] / 1e6:7.2f} MB, expert "
+            f"{row['expert_bytes'] / 1e3:6.1f} kB, load {row['load_seconds_median']:5.2f} s, route "
+            f"{row['route_us_per_image']:7.1f} us/image, predict {mixed['ms_per_batch']:7.1f} ms/batch of "
+            f"{mixed['products_in_batch']} products, add task {row['add_task_seconds']:5.2f} s, fresh RSS "
+            f"{row['fresh_process']['rss_mb_after_load']:6.1f} MB, routing accuracy "
+            f"{100 * row['routing_accuracy']:5.1f} %")
+
+
 def _learn_and_measure(cfg: Config, counts: list[int], products: list[ScaleProduct], n_train: int,
                        n_heldout: int, out_dir: Path, threads: int | None, load_runs: int, predict_runs: int,
                        seed: int, progress: bool) -> dict[str, Any]:
@@ -337,13 +372,7 @@ def _learn_and_measure(cfg: Config, counts: list[int], products: list[ScaleProdu
                    "bench_process_peak_rss_mb": peak_rss_mb()}
             rows.append(row)
             if progress:
-                mixed = row["predict_mixed_batch"]
-                print(f"{count:4d} tasks: checkpoint {row['checkpoint_bytes'] / 1e6:7.2f} MB, expert "
-                      f"{row['expert_bytes'] / 1e3:6.1f} kB, load {row['load_seconds_median']:5.2f} s, route "
-                      f"{row['route_us_per_image']:7.1f} us/image, predict {mixed['ms_per_batch']:7.1f} ms/batch of "
-                      f"{mixed['products_in_batch']} products, add task {row['add_task_seconds']:5.2f} s, fresh RSS "
-                      f"{row['fresh_process']['rss_mb_after_load']:6.1f} MB, routing accuracy "
-                      f"{100 * row['routing_accuracy']:5.1f} %", flush=True)
+                print(_progress_line(row), flush=True)
     return {
         "benchmark": "scale",
         "settings": {"images_per_product": n_train, "heldout_per_product": n_heldout, "image_size": size,
@@ -356,27 +385,7 @@ def _learn_and_measure(cfg: Config, counts: list[int], products: list[ScaleProdu
                      "images_trained_per_product": model.tasks[0].n_train,
                      "calibration_images_per_product": model.tasks[0].n_calibration},
         "products": [p.name for p in products],
-        "measured": {
-            "checkpoint_bytes": "bytes of every file in RUN/model after saving T tasks",
-            "expert_bytes": "bytes of the last task's task<t> + task<t>-calibration safetensors files",
-            "add_task_seconds": "MoleFlow.fit_task of the T-th product (features, training, prototype, calibration)",
-            "save_seconds": "MoleFlow.save after learning the T-th product into a folder already holding the T - 1 "
-                            "others (serialises and hashes every part, writes the new expert's files and the manifest)",
-            "load_seconds_median": "MoleFlow.load in a fresh process (backbone + files + SHA-256), median of "
-                                   "load_runs; load_seconds_first: the first, cold one (lazy imports, weights "
-                                   "file from disk)",
-            "read_files_seconds_median": "store.checkpoint.read_model alone: reading and hashing the files",
-            "route_us_per_image": "model.inspector.router(features) on precomputed (32, D) routing features, "
-                                  "median of 200 calls, per image",
-            "predict_mixed_batch": "model.predict(32 decoded uint8 images of min(32, T) products), torch engine, "
-                                   "median of predict_runs after a warm-up; experts_used = distinct routed experts",
-            "predict_one_product_batch_ms": "model.predict(32 images of one product), same timing",
-            "routing_accuracy": "share of held-out generated normals (heldout_per_product each) routed to their "
-                                "own product",
-            "fresh_process": "a new process: VmRSS with the libraries imported (before load), right after the first "
-                             "MoleFlow.load, and its ru_maxrss after every measurement (predict included)",
-            "bench_process_peak_rss_mb": "ru_maxrss of the learning process so far",
-            "_min": "the fastest of the timed runs (less affected by other processes on the machine than the median)"},
+        "measured": MEASURED,
         "rows": rows,
         "learn_seconds_per_task": learn_seconds,
         "generate_seconds": generate_seconds,

@@ -30,6 +30,15 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed and real-data benchmarks", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
+    _add_speed(kinds)
+    _add_serve(kinds)
+    _add_real(kinds)
+    _add_scale(kinds)
+    _add_memory(kinds)
+    p.set_defaults(run=lambda args: p.print_help() or 2)
+
+
+def _add_speed(kinds) -> None:
     speed = kinds.add_parser("speed", help="training/inference speed, latency, memory, bytes per task",
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(speed)
@@ -54,6 +63,8 @@ def add_parser(sub) -> None:
     speed.add_argument("--json", type=Path, required=True, help="output JSON")
     speed.set_defaults(run=run_speed)
 
+
+def _add_serve(kinds) -> None:
     serve = kinds.add_parser("serve", help="load test of `moleflow serve`: requests/s, p50/p99 latency",
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                              description="Start `moleflow serve RUN_DIR` on a free loopback port and send it "
@@ -69,6 +80,8 @@ def add_parser(sub) -> None:
     serve.add_argument("--json", type=Path, required=True, help="output JSON")
     serve.set_defaults(run=run_serve)
 
+
+def _add_real(kinds) -> None:
     real = kinds.add_parser("real", help="continual run magnetic_tile -> kolektor -> pcb_deeppcb -> cubes",
                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_options(real)
@@ -80,6 +93,8 @@ def add_parser(sub) -> None:
     real.add_argument("--threads", type=int)
     real.set_defaults(run=run_real)
 
+
+def _add_scale(kinds) -> None:
     scale = kinds.add_parser("scale", help="checkpoint size, load, routing and predict time, memory at 1..100 tasks",
                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                              description="Learn generated products one after another into one model and measure, "
@@ -103,6 +118,8 @@ def add_parser(sub) -> None:
     scale.add_argument("--json", type=Path, required=True, help="output JSON")
     scale.set_defaults(run=run_scale)
 
+
+def _add_memory(kinds) -> None:
     memory = kinds.add_parser("memory", help="peak memory and time per image of learning one task of N images",
                               epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
                               description="Write generated PNGs to --images and learn one task of each size in a "
@@ -119,7 +136,6 @@ def add_parser(sub) -> None:
                         help="folder for the generated images (reused when already there)")
     memory.add_argument("--json", type=Path, required=True, help="output JSON")
     memory.set_defaults(run=run_memory)
-    p.set_defaults(run=lambda args: p.print_help() or 2)
 
 
 def run_speed(args: argparse.Namespace) -> int:
