@@ -159,8 +159,7 @@ class VerdictRecorder:
     def _keep_thumbnails(self, group: list[_Job], ids: Sequence[int]) -> None:
         """`settings.thumbnails`: a small overlay of each part the review queue will show, kept in the store."""
         from ..feedback import why_queued
-        from .review import thumbnail_png
-        from .verdicts import heat_images
+        from .verdicts import heat_images, thumbnail_png
 
         kept: dict[int, tuple[bytes, int, int]] = {}
         rows = [(job, i) for job in group for i in range(len(job.rows))]

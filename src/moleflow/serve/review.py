@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import logging
 import time
 from pathlib import Path
@@ -35,19 +34,7 @@ from .uploads import Upload, UploadError, decode
 
 log = logging.getLogger(__name__)
 router = APIRouter()
-THUMBNAIL = 160  # largest side of a kept thumbnail, pixels (kept as a 256-colour PNG: about a third of the bytes)
 _RENDERED = 64  # redrawn overlays kept in memory
-
-
-def thumbnail_png(overlay_b64: str, size: int = THUMBNAIL) -> tuple[bytes, int, int]:
-    """A base64 overlay PNG (`verdicts.heat_images`) shrunk to at most `size` pixels: (png, width, height)."""
-    from PIL import Image
-
-    image = Image.open(io.BytesIO(base64.b64decode(overlay_b64))).convert("RGB")
-    image.thumbnail((size, size))
-    buffer = io.BytesIO()
-    image.quantize(256).save(buffer, format="PNG", optimize=True)
-    return buffer.getvalue(), image.width, image.height
 
 
 def picture_info(row: dict[str, Any], thumbs: set[int]) -> dict[str, Any]:

@@ -20,6 +20,8 @@ from ..decisions import verdict_fields
 from ..heatmap import heat_rgb, overlay_tile, product_norm
 from .holder import Served
 
+THUMBNAIL = 160  # largest side of a kept thumbnail, pixels (kept as a 256-colour PNG: about a third of the bytes)
+
 
 @dataclass
 class ImageResult:
@@ -67,3 +69,12 @@ def heat_images(result: ImageResult, image: Image.Image) -> dict[str, str]:
     picture = result.served.model.transform.to_array(image)
     overlay = overlay_tile(picture, amap, None, norm, len(picture))
     return {"heatmap_png": _png_base64(heat_rgb(amap, norm)), "overlay_png": _png_base64(overlay)}
+
+
+def thumbnail_png(overlay_b64: str, size: int = THUMBNAIL) -> tuple[bytes, int, int]:
+    """A base64 overlay PNG (`verdicts.heat_images`) shrunk to at most `size` pixels: (png, width, height)."""
+    image = Image.open(io.BytesIO(base64.b64decode(overlay_b64))).convert("RGB")
+    image.thumbnail((size, size))
+    buffer = io.BytesIO()
+    image.quantize(256).save(buffer, format="PNG", optimize=True)
+    return buffer.getvalue(), image.width, image.height
