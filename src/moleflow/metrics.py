@@ -23,12 +23,19 @@ reference in the tests.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "METRICS",
+    "METRIC_LABELS",
+    "Metric",
+    "mean_metrics",
     "auroc",
     "average_precision",
     "f1_max",
@@ -47,6 +54,50 @@ __all__ = [
 _STRUCTURE_2D = np.ones((3, 3), dtype=bool)
 _STRUCTURE_STACK = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE_STACK[1] = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The reported metrics: one table for results.json, the report, the console and the trial tables
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How one reported metric is named: `label` in the report, `header` in console and trial tables.
+    Every reported metric is a share in [0, 1], shown in percent; higher is better."""
+
+    label: str
+    header: str
+
+
+#: The metrics of every run, in the order of results.json ("metrics"), final.csv and every table.
+METRICS: Mapping[str, Metric] = MappingProxyType({
+    "image_auroc": Metric("I-AUROC", "I-AUROC"),
+    "image_ap": Metric("I-AP", "I-AP"),
+    "image_f1_max": Metric("I-F1max", "I-F1"),
+    "pixel_auroc": Metric("P-AUROC", "P-AUROC"),
+    "pixel_ap": Metric("P-AP", "P-AP"),
+    "aupro": Metric("AUPRO", "AUPRO"),
+    "routing_accuracy": Metric("Routing", "routing"),
+})
+#: {metric key: report label}
+METRIC_LABELS: Mapping[str, str] = MappingProxyType({key: m.label for key, m in METRICS.items()})
+
+
+def mean_metrics(per_class: Mapping[str, Mapping[str, Any] | None],
+                 keys: Iterable[str] = tuple(METRICS)) -> dict[str, float | None]:
+    """Unweighted mean over classes of each metric in `keys`, skipping classes without a finite value
+    (None where no class has one). per_class: {class: {metric: value}}."""
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [float(v[key]) for v in per_class.values() if _is_finite_number((v or {}).get(key))]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def _is_finite_number(value: Any) -> bool:
+    """True for a real, finite number (None, NaN, strings and bools are not)."""
+    return (isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+            and bool(np.isfinite(value)))
 
 
 # ---------------------------------------------------------------------------------------------
