@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .. import __version__
 from ..config import Config
 from ..errors import MoleflowError
 
 if TYPE_CHECKING:
+    from ..continual import ContinualRequest
     from ..parallel import Parallel
 
 
@@ -163,26 +160,19 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg.with_overrides(args.overrides)
 
 
-def write_config(path: Path, cfg: Config) -> None:
-    import yaml
+def continual_request(args: argparse.Namespace, cfg: Config, tasks: list[list[str]], run_dir: Path,
+                      report: bool) -> "ContinualRequest":
+    """The continual run the options of `args` ask for (--data/--dataset/--scenario, --overwrite/--resume,
+    --false-alarm-rate PRODUCT=RATE, --discover, --parallel, runtime options) with `cfg` into `run_dir`."""
+    from ..continual import ContinualRequest, DataSource
 
-    from ..store.atomic import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def run_meta(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
-    """Provenance stored with every run: versions, command, machine, seed."""
-    return {
-        "moleflow_version": __version__,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join(["moleflow"] + sys.argv[1:]),
-        "seed": cfg.train.seed,
-        "config": cfg.to_dict(),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(), "threads": torch.get_num_threads()},
-        **extra,
-    }
+    existing = ("overwrite" if getattr(args, "overwrite", False) else
+                "resume" if getattr(args, "resume", False) else "refuse")
+    return ContinualRequest(cfg, DataSource(Path(args.data), args.dataset), tasks, run_dir, scenario=args.scenario,
+                            existing=existing, rates=parse_rates(getattr(args, "false_alarm_rate", None))[1],
+                            discover=getattr(args, "discover", None), parallel=parallel_spec(args), report=report,
+                            device=args.device, workers=args.workers, batch_size=args.batch_size,
+                            progress=not args.no_progress)
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:

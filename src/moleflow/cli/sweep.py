@@ -7,14 +7,15 @@ import argparse
 import logging
 from pathlib import Path
 
+from ..continual import parse_scenario
 from ..data.datasets import DATASETS, default_classes, load_class, validate_split
 from ..errors import MoleflowError
-from ..evaluation import parse_scenario
 from ..parallel import Parallel, import_ray
 from ..store import check_writable, run_lock
 from ..store.run import refuse_existing_run
 from ..trials import Trial, build_trials, describe, parse_sweep, run_trials, sweep_configurations, write_trials_report
-from .common import add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config
+from .common import (add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config,
+                     continual_request)
 
 log = logging.getLogger(__name__)
 
@@ -122,9 +123,9 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out)
     for c in classes:  # every image readable before any trial starts
         validate_split(load_class(args.data, c, args.dataset))
-    run_args = argparse.Namespace(**{**vars(args), "no_report": not args.reports})
+    request = continual_request(args, base, tasks, args.out, report=args.reports)
     with run_lock(args.out, args.wait, create=True):
-        outcomes = run_trials(trials, run_args, classes, tasks, parallel)
+        outcomes = run_trials(trials, request, parallel)
         tables = write_trials_report(args.out, outcomes, describe(base, args.data, tasks, outcomes))
     print(tables)
     print(f"\ntable: {args.out / 'trials.md'}")

@@ -6,13 +6,13 @@ import argparse
 from pathlib import Path
 
 from ..config import Config
+from ..continual import learn_and_evaluate, parse_scenario, run_meta
 from ..data.datasets import DATASETS, default_classes, load_class
 from ..detector import MoleFlow
 from ..errors import MoleflowError
-from ..evaluation import parse_scenario, run_continual, save_json
+from ..store.run import save_json, write_config
 from ..tuning import CANDIDATES, Candidate, parse_candidate, tune
-from .common import add_config_options, add_runtime_options, apply_runtime, build_config, format_table, run_meta, \
-    write_config
+from .common import add_config_options, add_runtime_options, apply_runtime, build_config, format_table
 
 EXAMPLES = """examples:
   # compare the default candidates on the four shared sets (never reads their test images)
@@ -66,8 +66,8 @@ def run(args: argparse.Namespace) -> int:
         model = MoleFlow(cand.config, device=args.device)
         meta = run_meta(cand.config, {"candidate": cand.name, "dataset": {"root": str(args.data), "validation":
                                                                           "synthetic anomalies in held-out normals"}})
-        return run_continual(model, load_split, tasks, run_dir, meta, progress=not args.no_progress,
-                             batch_size=args.batch_size, num_workers=args.workers, examples_per_kind=0)
+        return learn_and_evaluate(model, load_split, tasks, run_dir, meta, progress=not args.no_progress,
+                                  batch_size=args.batch_size, num_workers=args.workers, examples_per_kind=0)
 
     result = tune(candidates, lambda c: load_class(args.data, c, args.dataset), tasks, args.out, run_candidate,
                   holdout=args.holdout, max_train=args.max_train or None, seed=base.train.seed)
