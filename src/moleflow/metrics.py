@@ -23,7 +23,7 @@ reference in the tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, NamedTuple
@@ -377,6 +377,18 @@ def _continual_setup(R: np.ndarray, first_step: np.ndarray | None
     return r, fs, np.flatnonzero(fs < n_steps - 1)
 
 
+def _mean_over_items(R: np.ndarray, first_step: np.ndarray | None,
+                     per_item: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> float:
+    """Mean of the finite values of `per_item(r, first_step, columns)` ((len(columns),): one per item learned
+    before the last step); NaN when T < 2 or no value is finite. Checks R and first_step (`_continual_setup`)."""
+    setup = _continual_setup(R, first_step)
+    if setup is None:
+        return float("nan")
+    values = per_item(*setup)
+    values = values[np.isfinite(values)]
+    return float(np.mean(values)) if values.size else float("nan")
+
+
 def backward_transfer(R: np.ndarray, first_step: np.ndarray | None = None) -> float:
     """Backward transfer (Lopez-Paz & Ranzato 2017).
 
@@ -386,14 +398,7 @@ def backward_transfer(R: np.ndarray, first_step: np.ndarray | None = None) -> fl
     Negative = forgetting. Items whose two values are not both finite are left out.
     NaN when T < 2 or no item qualifies.
     """
-    setup = _continual_setup(R, first_step)
-    if setup is None:
-        return float("nan")
-    r, fs, cols = setup
-    n_steps = r.shape[0]
-    diffs = r[n_steps - 1, cols] - r[fs[cols], cols]
-    diffs = diffs[np.isfinite(diffs)]
-    return float(np.mean(diffs)) if diffs.size else float("nan")
+    return _mean_over_items(R, first_step, lambda r, fs, cols: r[r.shape[0] - 1, cols] - r[fs[cols], cols])
 
 
 def forgetting_measure(R: np.ndarray, first_step: np.ndarray | None = None) -> float:
@@ -405,17 +410,12 @@ def forgetting_measure(R: np.ndarray, first_step: np.ndarray | None = None) -> f
     range are ignored; items with no finite value there are left out.
     NaN when T < 2 or no item qualifies.
     """
-    setup = _continual_setup(R, first_step)
-    if setup is None:
-        return float("nan")
-    r, fs, cols = setup
-    n_steps = r.shape[0]
-    steps = np.arange(n_steps - 1)[:, None]
-    window = np.where(steps >= fs[cols][None, :], r[: n_steps - 1, cols], -np.inf)
-    window = np.where(np.isnan(window), -np.inf, window)
-    fm = window.max(axis=0) - r[n_steps - 1, cols]
-    fm = fm[np.isfinite(fm)]
-    return float(np.mean(fm)) if fm.size else float("nan")
+    def drop(r: np.ndarray, fs: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        last = r.shape[0] - 1
+        window = np.where(np.arange(last)[:, None] >= fs[cols][None, :], r[:last, cols], -np.inf)
+        return np.where(np.isnan(window), -np.inf, window).max(axis=0) - r[last, cols]
+
+    return _mean_over_items(R, first_step, drop)
 
 
 # ---------------------------------------------------------------------------------------------

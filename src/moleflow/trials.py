@@ -8,10 +8,11 @@ own run folder, run one after another or as Ray tasks; a combined table with mea
     write_trials_report(Path("runs/sw"), outcomes, header)
 
 A trial is `request` with the trial's configuration and run folder: exactly what `moleflow train` runs for
-one seed (`continual.run_continual`), so a trial is the same run whether it ran serially, on a local Ray or on a cluster (given the same number of torch threads: a Ray
-task sets them to its CPUs, `--cpus-per-trial`). With `--resume`, a trial whose folder already holds a
-finished `results.json` of the same configuration, tasks and data is not run again (status `reused`);
-an interrupted one continues from the tasks it had learned.
+one seed (`continual.run_continual`), so a trial is the same run whether it ran serially, on a local Ray or
+on a cluster (given the same number of torch threads: a Ray task sets them to its CPUs, `--cpus-per-trial`).
+When the request resumes (`--resume`), a trial whose folder already holds a finished `results.json` of the
+same configuration, tasks and data is not run again (status `reused`); an interrupted one continues from the
+tasks it had learned.
 """
 
 from __future__ import annotations

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
 from ..config import ABLATIONS, Config
-from ..continual import parse_scenario
-from ..data.datasets import DATASETS, default_classes
-from ..errors import MoleflowError
 from ..metrics import METRICS
 from ..parallel import Parallel
 from ..store import atomic_write_text, check_writable, run_lock
 from ..store.run import dict_rows_csv_text, save_json
 from ..trials import (Outcome, Trial, ablation_configurations, build_trials, configuration_rows, describe, run_trials,
                       write_trials_report)
-from .common import apply_runtime, build_config, continual_request
+from .common import add_data_options, apply_runtime, build_config, class_sequence, continual_request
 from .sweep import add_trial_run_options, refuse_existing, trial_parallel
 
 log = logging.getLogger(__name__)
@@ -37,10 +33,7 @@ ablations: {', '.join(ABLATIONS)}
 def add_parser(sub) -> None:
     p = sub.add_parser("ablate", help="compare the full method with named ablations", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--dataset", default="folder", choices=DATASETS)
-    p.add_argument("--classes", nargs="+")
-    p.add_argument("--scenario", default="1-1")
+    add_data_options(p)
     p.add_argument("--ablations", nargs="+", required=True, choices=sorted(ABLATIONS), metavar="NAME")
     p.add_argument("--seeds", type=int, nargs="+",
                    help="run every ablation once per seed, in --out/NAME/seed_<s> (default: train.seed, in --out/NAME)")
@@ -91,10 +84,7 @@ def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
     parallel = trial_parallel(args)
     base = build_config(args)
-    classes = args.classes or default_classes(args.dataset, args.data)
-    tasks = parse_scenario(args.scenario, classes)
-    if not classes:
-        raise MoleflowError(f"{args.data}: no classes found")
+    _, tasks = class_sequence(args)
     seeds = args.seeds or [base.train.seed]
     trials = build_trials(base, args.out, ablation_configurations(args.ablations), seeds)
     refuse_existing(trials, args)

@@ -31,6 +31,31 @@ def add_config_options(p: argparse.ArgumentParser, default_preset: str = "cpu") 
                         "(`moleflow config` prints every key)")
 
 
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """--data, --dataset, --classes and --scenario: which classes a continual run learns, in which steps."""
+    from ..data.datasets import DATASETS
+
+    p.add_argument("--data", type=Path, required=True, help="dataset root")
+    p.add_argument("--dataset", default="folder", choices=DATASETS,
+                   help="layout: mvtec/mpdd/folder (MVTec AD folders) or visa (split_csv/1cls.csv); default folder")
+    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
+    p.add_argument("--scenario", default="1-1",
+                   help="a-b: the first step learns a classes, each later step the next b (default 1-1); every "
+                        "class keeps its own expert and prototype unless model.experts=task")
+
+
+def class_sequence(args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
+    """The classes of `add_data_options` (--classes, default every class of the dataset in its order) and
+    their learning steps (--scenario)."""
+    from ..continual import parse_scenario
+    from ..data.datasets import default_classes
+
+    classes = args.classes or default_classes(args.dataset, args.data)
+    if not classes:
+        raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
+    return classes, parse_scenario(args.scenario, classes)
+
+
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")

@@ -7,15 +7,16 @@ import logging
 from pathlib import Path
 
 from ..config import Config
-from ..continual import parse_scenario, run_continual
-from ..data.datasets import DATASETS, default_classes, load_class, validate_split
+from ..continual import run_continual
+from ..data.datasets import load_class, validate_split
 from ..errors import MoleflowError
 from ..metrics import METRICS
 from ..store import check_writable, run_lock
 from ..store.run import refuse_existing_run, save_json
 from ..trials import Configuration, build_trials, describe, run_trials, seed_statistics, write_trials_report
-from .common import (add_config_options, add_lock_option, add_parallel_options, add_rate_option, add_runtime_options,
-                     apply_runtime, build_config, continual_request, format_table, parse_rates, pct)
+from .common import (add_config_options, add_data_options, add_lock_option, add_parallel_options, add_rate_option,
+                     add_runtime_options, apply_runtime, build_config, class_sequence, continual_request,
+                     format_table, parse_rates, pct)
 from .sweep import add_trial_options, trial_parallel
 
 log = logging.getLogger(__name__)
@@ -43,13 +44,7 @@ def add_parser(sub) -> None:
                                    "every learned class after each task with the router (task-agnostic), and "
                                    "write a checkpoint, per-step metric matrices and a report into --out.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="dataset root")
-    p.add_argument("--dataset", default="folder", choices=DATASETS,
-                   help="layout: mvtec/mpdd/folder (MVTec AD folders) or visa (split_csv/1cls.csv); default folder")
-    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
-    p.add_argument("--scenario", default="1-1",
-                   help="a-b: the first step learns a classes, each later step the next b (default 1-1); every "
-                        "class keeps its own expert and prototype unless model.experts=task")
+    add_data_options(p)
     p.add_argument("--discover", type=int, nargs="?", const=10, metavar="MAX_PRODUCTS",
                    help="pool each step's training images WITHOUT their class names and find the products "
                         "(at most MAX_PRODUCTS, default 10) by clustering; one expert per product found. The "
@@ -115,10 +110,7 @@ def run(args: argparse.Namespace) -> int:
     default_rate, per_product = parse_rates(args.false_alarm_rate)
     if default_rate is not None:
         cfg = cfg.with_overrides({"score.false_alarm_rate": default_rate})
-    classes = args.classes or default_classes(args.dataset, args.data)
-    if not classes:
-        raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
-    tasks = parse_scenario(args.scenario, classes)
+    classes, tasks = class_sequence(args)
     unknown = sorted(set(per_product) - set(classes))
     if unknown:
         raise MoleflowError(f"--false-alarm-rate names {', '.join(unknown)}, which is not among the classes "

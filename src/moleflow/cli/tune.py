@@ -6,13 +6,14 @@ import argparse
 from pathlib import Path
 
 from ..config import Config
-from ..continual import learn_and_evaluate, parse_scenario, run_meta
-from ..data.datasets import DATASETS, default_classes, load_class
+from ..continual import learn_and_evaluate, run_meta
+from ..data.datasets import load_class
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..store.run import save_json, write_config
 from ..tuning import CANDIDATES, Candidate, parse_candidate, tune
-from .common import add_config_options, add_runtime_options, apply_runtime, build_config, format_table
+from .common import (add_config_options, add_data_options, add_runtime_options, apply_runtime, build_config,
+                     class_sequence, format_table)
 
 EXAMPLES = """examples:
   # compare the default candidates on the four shared sets (never reads their test images)
@@ -32,10 +33,7 @@ def add_parser(sub) -> None:
                                    "another with every candidate configuration, and choose the candidate with the "
                                    "best synthetic image + pixel AUROC. Test images are never read.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="dataset root")
-    p.add_argument("--dataset", default="folder", choices=DATASETS, help="layout (default folder)")
-    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
-    p.add_argument("--scenario", default="1-1", help="a-b tasks as in train (default 1-1)")
+    add_data_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--candidate", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="a candidate as overrides of --preset (repeatable); default: the built-in candidates "
@@ -57,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
         candidates = [parse_candidate(c, base) for c in args.candidate]
     else:
         candidates = [Candidate(name, Config.from_preset("cpu").with_overrides(o)) for name, o in CANDIDATES.items()]
-    classes = args.classes or default_classes(args.dataset, args.data)
-    tasks = parse_scenario(args.scenario, classes)
+    _, tasks = class_sequence(args)
 
     def run_candidate(cand: Candidate, load_split, run_dir: Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
