@@ -11,7 +11,8 @@ from ..data.datasets import load_class
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..store.run import save_json, write_config
-from ..tuning import CANDIDATES, Candidate, parse_candidate, tune
+from ..metrics import METRICS
+from ..tuning import CANDIDATES, VALIDATION_METRICS, Candidate, parse_candidate, tune
 from .common import (add_config_options, add_data_options, add_runtime_options, apply_runtime, build_config,
                      class_sequence, format_table)
 
@@ -71,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     save_json(args.out / "tune.json", result)
     chosen = next(c for c in candidates if c.name == result["chosen"])
     write_config(args.out / "chosen.yaml", chosen.config)
-    rows = [[r["name"], f"{100 * r['validation_score']:.2f}",
-             f"{100 * (r['validation_mean']['image_auroc'] or 0):.1f}",
-             f"{100 * (r['validation_mean']['pixel_auroc'] or 0):.1f}", f"{r['seconds']:.0f}"] for r in result["candidates"]]
-    print(format_table(rows, ["candidate", "score", "syn I-AUROC", "syn P-AUROC", "seconds"]))
+    rows = [[r["name"], f"{100 * r['validation_score']:.2f}"]
+            + [f"{100 * (r['validation_mean'][key] or 0):.1f}" for key in VALIDATION_METRICS] + [f"{r['seconds']:.0f}"]
+            for r in result["candidates"]]
+    headers = ["candidate", "score"] + [f"syn {METRICS[key].header}" for key in VALIDATION_METRICS] + ["seconds"]
+    print(format_table(rows, headers))
     print(f"chosen: {result['chosen']}  ->  {args.out / 'chosen.yaml'}")
     return 0
