@@ -77,3 +77,5 @@ def test_the_request_says_what_happens_to_a_run_already_there(request_, results)
         run_continual(request_)
     resumed = run_continual(dataclasses.replace(request_, existing="resume"))
     assert resumed["final"] == results["final"]  # both steps re-scored from the saved model, none learned again
+    with pytest.raises(MoleflowError, match="existing='resum'"):
+        dataclasses.replace(request_, existing="resum")

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence, get_args
 
 import numpy as np
 import torch
@@ -96,6 +96,10 @@ class ContinualRequest:
     workers: int = 0
     batch_size: int = 32
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.existing not in get_args(Existing):
+            raise MoleflowError(f"existing={self.existing!r}: choose one of {', '.join(get_args(Existing))}")
 
     @property
     def classes(self) -> list[str]:
