@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from moleflow.cli import COMMANDS, main
-from moleflow.evaluation import parse_scenario
+from moleflow.continual import parse_scenario
 
 TINY = ["--preset", "tiny", "--no-progress", "--no-report"]
 

@@ -16,8 +16,9 @@ from sklearn.metrics import roc_auc_score
 from moleflow.cli.train import defect_type_lines, print_final_table
 from moleflow.data.datasets import ClassSplit, Sample
 from moleflow.data.transforms import ImageTransform
-from moleflow.evaluation import (METRICS, continual_metrics, evaluate_class, mean_metrics, per_defect_auroc,
-                                 per_defect_counts, write_final_csv, write_matrices)
+from moleflow.evaluation import (continual_metrics, evaluate_class, per_defect_auroc, per_defect_counts,
+                                 write_final_csv, write_matrices)
+from moleflow.metrics import METRICS, mean_metrics
 
 # normal: 0.1 0.2 0.3 0.4; crack above every normal (1.0), scratch below every normal (0.0);
 # hole 0.25 0.35 0.3 beats 2, 3 and 2 + 1/2 (tie) of the 4 normals: 7.5 / 12 = 0.625

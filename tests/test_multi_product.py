@@ -12,8 +12,9 @@ import torch
 
 from moleflow import MoleFlow
 from moleflow.cli import main
+from moleflow.continual import parse_scenario
 from moleflow.data.synthetic import write_mvtec_layout
-from moleflow.evaluation import learned_steps, parse_scenario
+from moleflow.evaluation import learned_steps
 
 from helpers import product_images, tiny_config
 

@@ -16,7 +16,7 @@ from moleflow import Config
 from moleflow.cli import main
 from moleflow.data.synthetic import write_mvtec_layout
 from moleflow.errors import MoleflowError
-from moleflow.evaluation import METRICS
+from moleflow.metrics import METRICS
 from moleflow.trials import build_trials, parse_sweep, split_values, sweep_configurations
 
 # a run of two tiny products in about half a second

@@ -1,4 +1,5 @@
-"""The continual evaluation protocol (spec §7) and the files of a run directory.
+"""The continual evaluation protocol (spec §7) and the files of a run directory (the learning loop that calls
+it is `moleflow.continual`).
 
 After every task, every class learned so far is evaluated with the router (task-agnostic: routing
 errors count). The full matrix R[step][class] is kept for every metric; after the last task an
@@ -10,12 +11,12 @@ Run directory::
     config.yaml  model/ (manifest + shards)  results.json  final.csv  matrix_<metric>.csv
     scores/<class>.csv     one row per test image (score, routed task, decision)
     examples/<class>.npz   a few images with maps for the report (best and worst cases)
+
+Every file is written through `moleflow.store` (atomic writes).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -30,31 +31,12 @@ from torch.utils.data import DataLoader
 
 from .data.datasets import ClassSplit, ImageDataset
 from .detector import MoleFlow
-from .errors import MoleflowError
-from .parallel import Parallel
-from .store.atomic import atomic_write_json, atomic_write_text
-from .metrics import auroc, backward_transfer, forgetting_measure, image_metrics, pixel_metrics
+from .metrics import METRICS, auroc, backward_transfer, forgetting_measure, image_metrics, mean_metrics, pixel_metrics
+from .store.run import SCORE_COLUMNS, read_csv_rows, save_json, write_csv, write_npz
 
 log = logging.getLogger(__name__)
 
-METRICS = ("image_auroc", "image_ap", "image_f1_max", "pixel_auroc", "pixel_ap", "aupro", "routing_accuracy")
 UNKNOWN = "unknown"
-
-
-def parse_scenario(scenario: str, classes: Sequence[str]) -> list[list[str]]:
-    """'a-b': the first task takes the first a classes, each later task the next b (the last may be short)."""
-    try:
-        first, step = (int(v) for v in scenario.split("-"))
-    except ValueError:
-        raise MoleflowError(f"scenario {scenario!r} must look like 1-1 or 5-5 (first task size - later task size)") from None
-    if first < 1 or step < 1:
-        raise MoleflowError(f"scenario {scenario!r}: task sizes must be >= 1")
-    classes = list(classes)
-    if len(classes) < first:
-        raise MoleflowError(f"scenario {scenario!r} needs at least {first} classes, got {len(classes)}")
-    tasks = [classes[:first]]
-    tasks += [classes[i:i + step] for i in range(first, len(classes), step)]
-    return tasks
 
 
 @dataclass
@@ -187,15 +169,6 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     return result
 
 
-def mean_metrics(per_class: dict[str, dict[str, Any]]) -> dict[str, float | None]:
-    """Unweighted mean over classes of each metric, skipping classes where it is not available."""
-    out = {}
-    for key in METRICS:
-        values = [v[key] for v in per_class.values() if v.get(key) is not None]
-        out[key] = float(np.mean(values)) if values else None
-    return out
-
-
 def continual_metrics(steps: list[dict[str, Any]], classes: list[str], first_step: dict[str, int]) -> dict:
     """BWT and FM of every metric from the per-step results (null with fewer than two steps)."""
     out = {}
@@ -216,33 +189,29 @@ def continual_metrics(steps: list[dict[str, Any]], classes: list[str], first_ste
 
 
 def write_scores_csv(path: Path, ev: ClassEvaluation, task_names: dict[int, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file", "defect_type", "label", "score", "routed_task", "routed_name", "known", "anomalous"])
-        for i in range(len(ev.labels)):
-            writer.writerow([ev.files[i], ev.defect_types[i], int(ev.labels[i]), repr(float(ev.scores[i])),
-                             int(ev.routed[i]), task_names.get(int(ev.routed[i]), "?"), int(ev.known[i]),
-                             int(ev.anomalous[i])])
+    """scores/<class>.csv: one row per test image (`SCORE_COLUMNS`); task_names: {task id: name}."""
+    write_csv(path, SCORE_COLUMNS, ([ev.files[i], ev.defect_types[i], int(ev.labels[i]), repr(float(ev.scores[i])),
+                                     int(ev.routed[i]), task_names.get(int(ev.routed[i]), "?"), int(ev.known[i]),
+                                     int(ev.anomalous[i])] for i in range(len(ev.labels))))
+
+
+def csv_cell(value: float | None) -> str:
+    """A metric in a CSV file: 6 decimals, empty when not available."""
+    return "" if value is None else f"{value:.6f}"
 
 
 def write_matrices(run_dir: Path, steps: list[dict[str, Any]], classes: list[str]) -> None:
     """matrix_<metric>.csv: rows = learning steps (task just learned), columns = classes."""
     for key in METRICS:
-        with open(run_dir / f"matrix_{key}.csv", "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["step", "task"] + classes)
-            for step in steps:
-                row = [step["results"].get(c, {}).get(key) for c in classes]
-                writer.writerow([step["step"], step["task_name"]] + ["" if v is None else f"{v:.6f}" for v in row])
+        rows = [[step["step"], step["task_name"]] + [csv_cell(step["results"].get(c, {}).get(key)) for c in classes]
+                for step in steps]
+        write_csv(run_dir / f"matrix_{key}.csv", ["step", "task"] + classes, rows)
 
 
 def write_final_csv(run_dir: Path, final: dict[str, dict], mean: dict[str, float | None]) -> None:
-    with open(run_dir / "final.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["class"] + list(METRICS))
-        for name, vals in list(final.items()) + [("mean", mean)]:
-            writer.writerow([name] + ["" if vals.get(k) is None else f"{vals[k]:.6f}" for k in METRICS])
+    """final.csv: one row per class and a last row "mean", one column per metric."""
+    rows = [[name] + [csv_cell(vals.get(k)) for k in METRICS] for name, vals in list(final.items()) + [("mean", mean)]]
+    write_csv(run_dir / "final.csv", ["class"] + list(METRICS), rows)
 
 
 def routing_confusion(evals: dict[str, ClassEvaluation], task_ids: list[int], task_names: list[str]) -> dict:
@@ -255,10 +224,6 @@ def routing_confusion(evals: dict[str, ClassEvaluation], task_ids: list[int], ta
     return {"classes": list(evals), "tasks": list(task_names) + [UNKNOWN], "matrix": matrix}
 
 
-def save_json(path: Path, data: dict) -> None:
-    atomic_write_json(path, data)
-
-
 def evaluate_classes(model: MoleFlow, splits: dict[str, ClassSplit], class_task: dict[str, int],
                      among: list[int] | None = None, oracle: bool = False, batch_size: int = 32,
                      examples_per_kind: int = 0, num_workers: int = 0) -> dict[str, ClassEvaluation]:
@@ -266,34 +231,6 @@ def evaluate_classes(model: MoleFlow, splits: dict[str, ClassSplit], class_task:
     return {c: evaluate_class(model, splits[c], t, oracle=oracle, batch_size=batch_size, among=among,
                               examples_per_kind=examples_per_kind, num_workers=num_workers)
             for c, t in class_task.items()}
-
-
-def learn_discovered(model: MoleFlow, splits: dict[str, ClassSplit], classes: list[str], out_dir: Path,
-                     max_products: int, progress: bool, source: dict[str, Any]) -> tuple[list[Any], dict[str, Any]]:
-    """Learn one step from the pooled training images of `classes` with their names hidden: products are
-    discovered (contact sheets in `out_dir`), one expert each. The class names are used afterwards only to
-    score the discovery (purity) and to say which expert a class's test images should go to."""
-    from .discover import purity, split_products
-
-    images = [s.image for c in classes for s in splits[c].train]
-    truth = [c for c in classes for _ in splits[c].train]
-    step = model.next_step
-    groups, labels, summary = split_products(model, images, out_dir, prefix=f"step{step}-product",
-                                             max_products=max_products, seed=model.config.train.seed)
-    names = list(groups)
-    log.info("step %d: found %d products in %d images without names (%s); sample sheets in %s", step, len(names),
-             len(images), summary["method"], out_dir)
-    counts = np.zeros((len(names), len(classes)), dtype=np.int64)  # images of class c in found product k
-    np.add.at(counts, (labels, [classes.index(t) for t in truth]), 1)
-    majority = {c: names[int(counts[:, j].argmax())] for j, c in enumerate(classes)}
-    owned = {name: [c for c in classes if majority[c] == name] for name in names}
-    infos = model.fit_step(groups, owned, progress=progress, source=source)
-    for cluster in summary["clusters"]:  # sheets relative to the run folder, for the report
-        if "sheet" in cluster:
-            cluster["sheet"] = str(Path(cluster["sheet"]).relative_to(out_dir.parent.parent))
-    summary.update({"purity": purity(labels, truth), "classes": majority,
-                    "composition": {name: dict(zip(classes, counts[k].tolist())) for k, name in enumerate(names)}})
-    return infos, summary
 
 
 def learned_steps(model: MoleFlow) -> list[list[Any]]:
@@ -320,96 +257,6 @@ def step_record(step: int, infos: list[Any], evals: dict[str, ClassEvaluation],
             "experts": experts, "train_seconds": learn_seconds,
             "skipped_batches": sum(e["skipped_batches"] or 0 for e in experts),
             "results": {c: e.metrics for c, e in evals.items()}}
-
-
-def run_continual(model: MoleFlow, load_split: Callable[[str], ClassSplit], tasks: list[list[str]], run_dir: Path,
-                  meta: dict[str, Any], progress: bool = True, batch_size: int = 32, examples_per_kind: int = 2,
-                  num_workers: int = 0, rates: dict[str, float] | None = None,
-                  discover: int | None = None, parallel: Parallel | None = None) -> dict[str, Any]:
-    """Learn `tasks` one after another into `model`, evaluating all learned classes after each task.
-    `rates` gives some products their own false-alarm rate (an expert of several classes takes the lowest).
-
-    `parallel` (parallel.Parallel): learn every step up front, those after the first with their experts trained
-    at the same time on Ray (`MoleFlow.fit_steps`), then evaluate each step among the tasks learned up to it.
-    With the shared flow frozen this is the same matrix as learning and evaluating step by step.
-
-    `discover` (the most products a step may hold): each step's training images are pooled without their
-    class names and split into products by `discover.split_products`; for scoring, a class counts as routed
-    correctly when it goes to the cluster holding most of its training images.
-
-    Writes the checkpoint (after every task), results.json, the matrices and per-class score files into
-    `run_dir` and returns the results dictionary.
-    """
-    run_dir.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    splits: dict[str, ClassSplit] = {}
-    class_task: dict[str, int] = {}
-    steps: list[dict[str, Any]] = []
-    eval_seconds = 0.0
-    learn_seconds: dict[int, float] = {}
-    discovered: dict[int, dict[str, Any]] = {}
-    learned = learned_steps(model)  # steps a resumed run has already learned: re-scored, not re-learned
-    done = len(learned)
-    if [sorted(step_classes(infos)) for infos in learned] != [sorted(c) for c in tasks[:done]]:
-        raise MoleflowError(f"{run_dir}: the saved run learned {['+'.join(step_classes(i)) for i in learned]}, which "
-                            f"is not the start of the requested sequence {['+'.join(c) for c in tasks]}; use "
-                            "--overwrite or another --out")
-    if done and not model.config.model.freeze_base:
-        raise MoleflowError("--resume needs model.freeze_base=true (the earlier steps are re-scored from the saved "
-                            "model, which is exact only when the shared flow is frozen)")
-    source = {k: meta.get("dataset", {}).get(k) for k in ("root", "name")}  # where the products' images came from
-
-    def step_images(classes: list[str]) -> dict[str, list]:
-        return {c: [s.image for s in splits[c].train] for c in classes}
-
-    if parallel is not None and done < len(tasks):
-        if discover:
-            raise MoleflowError("--parallel and --discover cannot be combined yet: discovery needs each step's "
-                                "model before the next step's products are found")
-        for c in [c for classes in tasks[done:] for c in classes]:
-            splits[c] = load_split(c)
-        log.info("learning steps %d-%d, experts after the first step %d at a time on Ray", done + 1, len(tasks),
-                 parallel.workers)
-        t0 = time.perf_counter()
-        model.fit_steps([step_images(classes) for classes in tasks[done:]],
-                        progress=progress, source=source, rates=rates, parallel=parallel)
-        meta = {**meta, "parallel": {"workers": parallel.workers, "address": parallel.address,
-                                     "cpus_per_expert": parallel.cpus_per_task,
-                                     "gpus_per_expert": parallel.gpus_per_task, "steps_learned": len(tasks) - done,
-                                     "learn_seconds": time.perf_counter() - t0}}
-        model.save(run_dir)
-        learned, done = learned_steps(model), len(tasks)
-    for step, classes in enumerate(tasks):
-        for c in classes:
-            if c not in splits:
-                splits[c] = load_split(c)
-        last = step == len(tasks) - 1
-        if step < done:
-            infos = learned[step]
-            log.info("step %d/%d: %s already learned; scoring", step + 1, len(tasks), "+".join(classes))
-        else:
-            log.info("step %d/%d: learning %s", step + 1, len(tasks), "+".join(classes))
-            t0 = time.perf_counter()
-            if discover:
-                infos, found = learn_discovered(model, splits, classes, run_dir / "discover" / f"step{step}",
-                                                discover, progress, source)
-                discovered[step] = found
-            else:
-                infos = model.fit_step(step_images(classes), progress=progress, source=source, rates=rates)
-            learn_seconds[step] = time.perf_counter() - t0
-            model.save(run_dir)
-        class_task.update({c: info.task_id for info in infos for c in info.classes})
-        t0 = time.perf_counter()
-        among = [t.task_id for t in model.tasks if t.step <= step]
-        evals = evaluate_classes(model, splits, class_task, among=among, batch_size=batch_size,
-                                 num_workers=num_workers, examples_per_kind=examples_per_kind if last else 0)
-        eval_seconds += time.perf_counter() - t0
-        steps.append(step_record(step, infos, evals, learn_seconds.get(step)))
-        if step in discovered:
-            steps[-1]["discovery"] = discovered[step]
-        log.info("after step %d: %s", step + 1, summary_line(mean_metrics(steps[-1]["results"])))
-    return finish_run(model, run_dir, splits, class_task, steps, evals, meta, eval_seconds, start,
-                      batch_size, num_workers)
 
 
 def reevaluate_run(model: MoleFlow, load_split: Callable[[str], ClassSplit], run_dir: Path, meta: dict[str, Any],
@@ -448,8 +295,7 @@ def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], cl
     for c, ev in evals.items():
         write_scores_csv(run_dir / "scores" / f"{c}.csv", ev, task_names)
         if ev.examples is not None:
-            (run_dir / "examples").mkdir(exist_ok=True)
-            np.savez_compressed(run_dir / "examples" / f"{c}.npz", **ev.examples)
+            write_npz(run_dir / "examples" / f"{c}.npz", ev.examples)
     t0 = time.perf_counter()
     oracle = {c: e.metrics for c, e in evaluate_classes(model, splits, class_task, oracle=True, batch_size=batch_size,
                                                           num_workers=num_workers).items()}
@@ -525,16 +371,11 @@ def refresh_decisions(run_dir: Path, model: MoleFlow) -> bool:
     results = json.loads(results_path.read_text())
     thresholds = {t.task_id: t.threshold for t in model.tasks}
     for path in sorted((run_dir / "scores").glob("*.csv")):
-        with open(path, newline="") as fh:
-            rows = list(csv.DictReader(fh))
+        rows = read_csv_rows(path)
         for row in rows:
             task = int(row["routed_task"])
             row["anomalous"] = str(int(task in thresholds and float(row["score"]) > thresholds[task]))
-        text = io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=list(rows[0]) if rows else ["file"])
-        writer.writeheader()
-        writer.writerows(rows)
-        atomic_write_text(path, text.getvalue())
+        write_csv(path, list(rows[0]) if rows else ["file"], (list(row.values()) for row in rows))
         final = results.get("final", {}).get(path.stem)
         if final is not None and rows:
             good = [r for r in rows if r["label"] == "0"]

@@ -23,12 +23,19 @@ reference in the tests.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
 
 __all__ = [
+    "METRICS",
+    "METRIC_LABELS",
+    "Metric",
+    "mean_metrics",
     "auroc",
     "average_precision",
     "f1_max",
@@ -47,6 +54,50 @@ __all__ = [
 _STRUCTURE_2D = np.ones((3, 3), dtype=bool)
 _STRUCTURE_STACK = np.zeros((3, 3, 3), dtype=bool)
 _STRUCTURE_STACK[1] = True
+
+
+# ---------------------------------------------------------------------------------------------
+# The reported metrics: one table for results.json, the report, the console and the trial tables
+
+
+@dataclass(frozen=True)
+class Metric:
+    """How one reported metric is named: `label` in the report, `header` in console and trial tables.
+    Every reported metric is a share in [0, 1], shown in percent; higher is better."""
+
+    label: str
+    header: str
+
+
+#: The metrics of every run, in the order of results.json ("metrics"), final.csv and every table.
+METRICS: Mapping[str, Metric] = MappingProxyType({
+    "image_auroc": Metric("I-AUROC", "I-AUROC"),
+    "image_ap": Metric("I-AP", "I-AP"),
+    "image_f1_max": Metric("I-F1max", "I-F1"),
+    "pixel_auroc": Metric("P-AUROC", "P-AUROC"),
+    "pixel_ap": Metric("P-AP", "P-AP"),
+    "aupro": Metric("AUPRO", "AUPRO"),
+    "routing_accuracy": Metric("Routing", "routing"),
+})
+#: {metric key: report label}
+METRIC_LABELS: Mapping[str, str] = MappingProxyType({key: m.label for key, m in METRICS.items()})
+
+
+def mean_metrics(per_class: Mapping[str, Mapping[str, Any] | None],
+                 keys: Iterable[str] = tuple(METRICS)) -> dict[str, float | None]:
+    """Unweighted mean over classes of each metric in `keys`, skipping classes without a finite value
+    (None where no class has one). per_class: {class: {metric: value}}."""
+    out: dict[str, float | None] = {}
+    for key in keys:
+        values = [float(v[key]) for v in per_class.values() if _is_finite_number((v or {}).get(key))]
+        out[key] = float(np.mean(values)) if values else None
+    return out
+
+
+def _is_finite_number(value: Any) -> bool:
+    """True for a real, finite number (None, NaN, strings and bools are not)."""
+    return (isinstance(value, (int, float, np.floating, np.integer)) and not isinstance(value, bool)
+            and bool(np.isfinite(value)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +377,18 @@ def _continual_setup(R: np.ndarray, first_step: np.ndarray | None
     return r, fs, np.flatnonzero(fs < n_steps - 1)
 
 
+def _mean_over_items(R: np.ndarray, first_step: np.ndarray | None,
+                     per_item: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]) -> float:
+    """Mean of the finite values of `per_item(r, first_step, columns)` ((len(columns),): one per item learned
+    before the last step); NaN when T < 2 or no value is finite. Checks R and first_step (`_continual_setup`)."""
+    setup = _continual_setup(R, first_step)
+    if setup is None:
+        return float("nan")
+    values = per_item(*setup)
+    values = values[np.isfinite(values)]
+    return float(np.mean(values)) if values.size else float("nan")
+
+
 def backward_transfer(R: np.ndarray, first_step: np.ndarray | None = None) -> float:
     """Backward transfer (Lopez-Paz & Ranzato 2017).
 
@@ -335,14 +398,7 @@ def backward_transfer(R: np.ndarray, first_step: np.ndarray | None = None) -> fl
     Negative = forgetting. Items whose two values are not both finite are left out.
     NaN when T < 2 or no item qualifies.
     """
-    setup = _continual_setup(R, first_step)
-    if setup is None:
-        return float("nan")
-    r, fs, cols = setup
-    n_steps = r.shape[0]
-    diffs = r[n_steps - 1, cols] - r[fs[cols], cols]
-    diffs = diffs[np.isfinite(diffs)]
-    return float(np.mean(diffs)) if diffs.size else float("nan")
+    return _mean_over_items(R, first_step, lambda r, fs, cols: r[r.shape[0] - 1, cols] - r[fs[cols], cols])
 
 
 def forgetting_measure(R: np.ndarray, first_step: np.ndarray | None = None) -> float:
@@ -354,17 +410,12 @@ def forgetting_measure(R: np.ndarray, first_step: np.ndarray | None = None) -> f
     range are ignored; items with no finite value there are left out.
     NaN when T < 2 or no item qualifies.
     """
-    setup = _continual_setup(R, first_step)
-    if setup is None:
-        return float("nan")
-    r, fs, cols = setup
-    n_steps = r.shape[0]
-    steps = np.arange(n_steps - 1)[:, None]
-    window = np.where(steps >= fs[cols][None, :], r[: n_steps - 1, cols], -np.inf)
-    window = np.where(np.isnan(window), -np.inf, window)
-    fm = window.max(axis=0) - r[n_steps - 1, cols]
-    fm = fm[np.isfinite(fm)]
-    return float(np.mean(fm)) if fm.size else float("nan")
+    def drop(r: np.ndarray, fs: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        last = r.shape[0] - 1
+        window = np.where(np.arange(last)[:, None] >= fs[cols][None, :], r[:last, cols], -np.inf)
+        return np.where(np.isnan(window), -np.inf, window).max(axis=0) - r[last, cols]
+
+    return _mean_over_items(R, first_step, drop)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,22 +3,21 @@ own run folder, run one after another or as Ray tasks; a combined table with mea
 
     axes = parse_sweep(["model.lora_rank=8,16", "train.epochs=2,4"], base)   # cartesian product: 4 points
     trials = build_trials(base, Path("runs/sw"), sweep_configurations(axes), seeds=[0, 1, 2])
-    outcomes = run_trials(trials, args, classes, tasks, Parallel(2))         # None: serially, in this process
+    request = ContinualRequest(base, DataSource(Path("data")), tasks, Path("runs/sw"), existing="resume")
+    outcomes = run_trials(trials, request, Parallel(2))                      # None: serially, in this process
     write_trials_report(Path("runs/sw"), outcomes, header)
 
-A trial is exactly what `moleflow train` runs for one seed (`cli.train.train_one`), so a trial is the same
-run whether it ran serially, on a local Ray or on a cluster (given the same number of torch threads: a Ray
-task sets them to its CPUs, `--cpus-per-trial`). With `--resume`, a trial whose folder already holds a
-finished `results.json` of the same configuration, tasks and data is not run again (status `reused`);
-an interrupted one continues from the tasks it had learned.
+A trial is `request` with the trial's configuration and run folder: exactly what `moleflow train` runs for
+one seed (`continual.run_continual`), so a trial is the same run whether it ran serially, on a local Ray or
+on a cluster (given the same number of torch threads: a Ray task sets them to its CPUs, `--cpus-per-trial`).
+When the request resumes (`--resume`), a trial whose folder already holds a finished `results.json` of the
+same configuration, tasks and data is not run again (status `reused`); an interrupted one continues from the
+tasks it had learned.
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import dataclasses
-import io
 import itertools
 import json
 import logging
@@ -30,17 +29,17 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import ABLATIONS, Config
+from .continual import ContinualRequest, DataSource, run_continual
 from .errors import MoleflowError
-from .evaluation import METRICS, save_json
+from .metrics import METRICS
 from .parallel import Parallel, ray_session, run_remote
 from .store.atomic import atomic_write_text
+from .store.run import dict_rows_csv_text, save_json
 
 log = logging.getLogger(__name__)
 
 BASE_NAME = "base"
 REUSED, RAN = "reused", "ran"
-LABELS = {"image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1", "pixel_auroc": "P-AUROC",
-          "pixel_ap": "P-AP", "aupro": "AUPRO", "routing_accuracy": "routing"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +72,10 @@ class Trial:
     @property
     def label(self) -> str:
         return f"trial {self.configuration.name} seed {self.seed} ({self.run_dir})"
+
+    def request(self, base: ContinualRequest) -> ContinualRequest:
+        """`base` (data, tasks, options) with this trial's configuration and run folder."""
+        return dataclasses.replace(base, config=self.config, run_dir=self.run_dir)
 
 
 @dataclass
@@ -186,10 +189,10 @@ def build_trials(base: Config, out: Path, configurations: list[Configuration], s
 # ---------------------------------------------------------------------------------------------- running
 
 
-def finished_results(trial: Trial, tasks: list[list[str]], data: Path, dataset: str) -> dict[str, Any] | None:
-    """The trial's `results.json` when its folder holds a finished run of this trial (same configuration,
-    tasks and data), else None."""
-    path = trial.run_dir / "results.json"
+def finished_results(request: ContinualRequest) -> dict[str, Any] | None:
+    """The `results.json` in the request's run folder when it holds a finished run of this request (same
+    configuration, tasks and data), else None."""
+    path = request.run_dir / "results.json"
     try:
         results = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -197,33 +200,54 @@ def finished_results(trial: Trial, tasks: list[list[str]], data: Path, dataset: 
     if not isinstance(results, dict) or "final_mean" not in results:
         return None
     recorded = results.get("dataset") or {}
-    same_data = (recorded.get("name") == dataset and recorded.get("tasks") == tasks
-                 and recorded.get("root") is not None and Path(recorded["root"]).resolve() == Path(data).resolve())
-    if not same_data or results.get("config") != json.loads(json.dumps(trial.config.to_dict())):
+    same_data = (recorded.get("name") == request.data.layout and recorded.get("tasks") == request.tasks
+                 and recorded.get("root") is not None
+                 and Path(recorded["root"]).resolve() == Path(request.data.root).resolve())
+    if not same_data or results.get("config") != json.loads(json.dumps(request.config.to_dict())):
         return None
     return results
 
 
-def run_trial(args: argparse.Namespace, trial: Trial, classes: list[str], tasks: list[list[str]],
-              threads: int | None = None) -> dict[str, Any]:
-    """One trial, as `moleflow train` runs one seed (a module-level function: it is also the Ray task)."""
-    from .cli.train import train_one
-
+def run_trial(request: ContinualRequest, threads: int | None = None) -> dict[str, Any]:
+    """One trial's run with `threads` torch threads (a module-level function: it is also the Ray task)."""
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    trial.run_dir.mkdir(parents=True, exist_ok=True)
-    return train_one(args, trial.config, trial.run_dir, classes, tasks)
+    return run_continual(request)
 
 
-def run_trials(trials: list[Trial], args: argparse.Namespace, classes: list[str], tasks: list[list[str]],
-               parallel: Parallel | None = None,
+def reuse_finished(trial: Trial, request: ContinualRequest) -> Outcome | None:
+    """The trial's outcome from its finished results when `request` resumes and they are there (its report
+    written if asked for and missing), else None."""
+    done = finished_results(request) if request.existing == "resume" else None
+    if done is None:
+        return None
+    log.info("%s: finished before, reusing %s", trial.label, trial.run_dir / "results.json")
+    if request.report and not (trial.run_dir / "report.html").exists():
+        from .report import write_report
+
+        write_report(trial.run_dir)
+    return Outcome(trial, done, REUSED)
+
+
+def run_on_ray(requests: list[ContinualRequest], labels: list[str], parallel: Parallel) -> list[dict[str, Any]]:
+    """The requests as Ray tasks, at most `parallel.workers` at once; their results in order. Workers may start
+    elsewhere (another folder, another node): absolute paths, no progress bars."""
+    calls = [(dataclasses.replace(r, data=DataSource(Path(r.data.root).resolve(), r.data.layout),
+                                  run_dir=r.run_dir.resolve(), progress=False), parallel.cpus_per_task)
+             for r in requests]
+    with ray_session(parallel) as ray:
+        return run_remote(ray, run_trial, calls, parallel, labels)
+
+
+def run_trials(trials: list[Trial], request: ContinualRequest, parallel: Parallel | None = None,
                on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Run the trials, in order: serially in this process, or as Ray tasks (`parallel`). With `args.resume`
-    a trial whose folder holds its finished results is reused, not run. `on_done(outcome)`: called for each
-    trial in order, as soon as it and those before it are done."""
-    outcomes: list[Outcome | None] = [None] * len(trials)
+    """Run the trials, each as `trial.request(request)`, in order: serially in this process, or as Ray tasks
+    (`parallel`). When `request` resumes, a trial whose folder holds its finished results is reused, not run.
+    `on_done(outcome)`: called for each trial in order, as soon as it and those before it are done."""
+    outcomes: list[Outcome | None] = [reuse_finished(t, t.request(request)) for t in trials]
+    todo = [i for i, o in enumerate(outcomes) if o is None]
     reported = 0
 
     def report() -> None:
@@ -233,35 +257,15 @@ def run_trials(trials: list[Trial], args: argparse.Namespace, classes: list[str]
                 on_done(outcomes[reported])
             reported += 1
 
-    todo = []
-    for i, trial in enumerate(trials):
-        done = finished_results(trial, tasks, args.data, args.dataset) if args.resume else None
-        if done is not None:
-            log.info("%s: finished before, reusing %s", trial.label, trial.run_dir / "results.json")
-            outcomes[i] = Outcome(trial, done, REUSED)
-            if not getattr(args, "no_report", True) and not (trial.run_dir / "report.html").exists():
-                from .report import write_report
-
-                write_report(trial.run_dir)
-        else:
-            todo.append(i)
     if parallel is None:
         for i in todo:
             log.info("%s: running", trials[i].label)
             report()
-            outcomes[i] = Outcome(trials[i], run_trial(args, trials[i], classes, tasks), RAN)
+            outcomes[i] = Outcome(trials[i], run_trial(trials[i].request(request)), RAN)
     elif todo:
-        # workers may start elsewhere (another folder, another node): absolute paths, no progress bars; the
-        # Ray address was the trials' (a run inside a trial does not spread its experts over Ray again)
-        remote_args = argparse.Namespace(**{**{k: v for k, v in vars(args).items() if k != "run"},
-                                            "data": Path(args.data).resolve(), "no_progress": True,
-                                            "ray_address": None})
-        calls = [(remote_args, dataclasses.replace(trials[i], run_dir=trials[i].run_dir.resolve()), classes, tasks,
-                  parallel.cpus_per_task) for i in todo]
         log.info("%d trials on Ray, at most %d at once (%d reused)", len(todo), parallel.workers,
                  len(trials) - len(todo))
-        with ray_session(parallel) as ray:
-            results = run_remote(ray, run_trial, calls, parallel, [trials[i].label for i in todo])
+        results = run_on_ray([trials[i].request(request) for i in todo], [trials[i].label for i in todo], parallel)
         for i, res in zip(todo, results):
             outcomes[i] = Outcome(trials[i], res, RAN)
     report()
@@ -280,7 +284,7 @@ def mean_std(values: list[float]) -> dict[str, Any] | None:
 
 
 def seed_statistics(results: list[dict[str, Any]]) -> dict[str, dict[str, Any] | None]:
-    """Per metric of `evaluation.METRICS`: mean ± std over runs of the final mean over classes."""
+    """Per metric of `metrics.METRICS`: mean ± std over runs of the final mean over classes."""
     return {key: mean_std([r["final_mean"][key] for r in results if r["final_mean"].get(key) is not None])
             for key in METRICS}
 
@@ -331,23 +335,14 @@ def trials_markdown(outcomes: list[Outcome]) -> str:
     from .report.render import fmt_pct, table_markdown
 
     configs = configuration_rows(outcomes)
-    headers = ["configuration", "seeds"] + [LABELS[k] for k in METRICS]
+    headers = ["configuration", "seeds"] + [m.header for m in METRICS.values()]
     body = [[c["configuration"], len(c["seeds"])] + [fmt_stat(c["metrics"][k], len(c["seeds"])) for k in METRICS]
             for c in configs]
     per_trial = [[r["configuration"], r["seed"], r["status"]] + [fmt_pct(r[k]) for k in METRICS]
                  + [f"{r['train_seconds']:.0f}", r["run_dir"]] for r in trial_rows(outcomes)]
     return (table_markdown(headers, body) + "\n\nEvery trial:\n\n"
-            + table_markdown(["configuration", "seed", "status"] + [LABELS[k] for k in METRICS]
+            + table_markdown(["configuration", "seed", "status"] + [m.header for m in METRICS.values()]
                              + ["train s", "run"], per_trial, align="lrl" + "r" * (len(METRICS) + 1) + "l"))
-
-
-def csv_text(rows: list[dict[str, Any]], exclude: tuple[str, ...] = ()) -> str:
-    """Rows (dicts with the first row's keys) as CSV text, without the columns `exclude`."""
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=[k for k in rows[0] if k not in exclude], extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    return text.getvalue()
 
 
 def write_trials_report(out: Path, outcomes: list[Outcome], header: str) -> str:
@@ -360,11 +355,11 @@ def write_trials_report(out: Path, outcomes: list[Outcome], header: str) -> str:
                                     "reused": sum(o.status == REUSED for o in outcomes)})
     tables = trials_markdown(outcomes)
     atomic_write_text(out / "trials.md", f"# Trials\n\n{header}\n\n{tables}\n")
-    atomic_write_text(out / "trials.csv", csv_text(rows))
+    atomic_write_text(out / "trials.csv", dict_rows_csv_text(rows))
     flat = [{"configuration": c["configuration"], "seeds": " ".join(map(str, c["seeds"])),
              **{f"{k}_{part}": (c["metrics"][k] or {}).get(part) for k in METRICS for part in ("mean", "std")}}
             for c in configs]
-    atomic_write_text(out / "trials_summary.csv", csv_text(flat))
+    atomic_write_text(out / "trials_summary.csv", dict_rows_csv_text(flat))
     return tables
 
 

@@ -54,6 +54,7 @@ MAX_SIDE = 640  # validation images are drawn at most this large (long side) bef
 # ~98 % on a first product (magnetic_tile, synthetic I-AUROC), a ceiling that cannot rank candidates, so
 # subtler defects are used; the range was set from that validation reading, not from test images.
 SEVERITY = (0.3, 0.7)
+VALIDATION_METRICS = ("image_auroc", "pixel_auroc")  # the selection criterion: their mean, per product
 
 
 @dataclass
@@ -131,7 +132,7 @@ def validation_score(results: dict[str, Any]) -> float:
     """The selection criterion: mean over products of (synthetic image AUROC + synthetic pixel AUROC) / 2."""
     values = []
     for metrics in results["final"].values():
-        parts = [metrics.get("image_auroc"), metrics.get("pixel_auroc")]
+        parts = [metrics.get(key) for key in VALIDATION_METRICS]
         parts = [p for p in parts if p is not None]
         if parts:
             values.append(float(np.mean(parts)))

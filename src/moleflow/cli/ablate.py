@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from ..config import ABLATIONS
-from ..data.datasets import DATASETS, default_classes
-from ..errors import MoleflowError
-from ..evaluation import METRICS, parse_scenario, save_json
+from ..config import ABLATIONS, Config
+from ..metrics import METRICS
+from ..parallel import Parallel
 from ..store import atomic_write_text, check_writable, run_lock
-from ..trials import (LABELS, Outcome, ablation_configurations, build_trials, configuration_rows, csv_text, describe,
-                      run_trials, write_trials_report)
-from .common import apply_runtime, build_config
+from ..store.run import dict_rows_csv_text, save_json
+from ..trials import (Outcome, Trial, ablation_configurations, build_trials, configuration_rows, describe, run_trials,
+                      write_trials_report)
+from .common import add_data_options, apply_runtime, build_config, class_sequence, continual_request
 from .sweep import add_trial_run_options, refuse_existing, trial_parallel
 
 log = logging.getLogger(__name__)
+DELTA_COLUMNS = ("image_auroc", "pixel_ap")  # the metrics whose change against `full` the table shows
 
 EXAMPLES = f"""examples:
   moleflow ablate --data ../shared/datasets --classes magnetic_tile kolektor cubes --ablations no_lora no_dia --out runs/abl
@@ -33,10 +33,7 @@ ablations: {', '.join(ABLATIONS)}
 def add_parser(sub) -> None:
     p = sub.add_parser("ablate", help="compare the full method with named ablations", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--dataset", default="folder", choices=DATASETS)
-    p.add_argument("--classes", nargs="+")
-    p.add_argument("--scenario", default="1-1")
+    add_data_options(p)
     p.add_argument("--ablations", nargs="+", required=True, choices=sorted(ABLATIONS), metavar="NAME")
     p.add_argument("--seeds", type=int, nargs="+",
                    help="run every ablation once per seed, in --out/NAME/seed_<s> (default: train.seed, in --out/NAME)")
@@ -72,13 +69,14 @@ def comparison_rows(outcomes: list[Outcome]) -> list[dict]:
 def comparison_markdown(rows: list[dict]) -> str:
     from ..report.render import fmt_pct, table_markdown
 
-    headers = ["run"] + [LABELS[k] for k in METRICS] + ["Δ I-AUROC", "Δ P-AP", "train s"]
+    headers = ["run"] + [m.header for m in METRICS.values()] + [f"Δ {METRICS[k].header}" for k in DELTA_COLUMNS]
+    headers.append("train s")
     body = []
     for r in rows:
         delta = lambda k: "" if r[f"delta_{k}"] is None else f"{r[f'delta_{k}']:+.2f}"  # noqa: E731
         cell = lambda k: fmt_pct(r[k]) + ("" if r.get(f"std_{k}") is None else f" ± {100 * r[f'std_{k}']:.1f}")  # noqa: E731
-        body.append([r["run"]] + [cell(k) for k in METRICS] + [delta("image_auroc"), delta("pixel_ap"),
-                                                                f"{r['train_seconds']:.0f}"])
+        body.append([r["run"]] + [cell(k) for k in METRICS] + [delta(k) for k in DELTA_COLUMNS]
+                    + [f"{r['train_seconds']:.0f}"])
     return table_markdown(headers, body, bold_rows=[0])
 
 
@@ -86,22 +84,19 @@ def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
     parallel = trial_parallel(args)
     base = build_config(args)
-    classes = args.classes or default_classes(args.dataset, args.data)
-    tasks = parse_scenario(args.scenario, classes)
-    if not classes:
-        raise MoleflowError(f"{args.data}: no classes found")
+    _, tasks = class_sequence(args)
     seeds = args.seeds or [base.train.seed]
     trials = build_trials(base, args.out, ablation_configurations(args.ablations), seeds)
     refuse_existing(trials, args)
     check_writable(args.out)
     with run_lock(args.out, args.wait, create=True):
-        return _run(args, base, tasks, trials, classes, seeds, parallel)
+        return _run(args, base, tasks, trials, seeds, parallel)
 
 
-def _run(args: argparse.Namespace, base, tasks: list[list[str]], trials, classes: list[str], seeds: list[int],
-         parallel) -> int:
-    run_args = argparse.Namespace(**{**vars(args), "no_report": not args.reports})
-    outcomes = run_trials(trials, run_args, classes, tasks, parallel)
+def _run(args: argparse.Namespace, base: Config, tasks: list[list[str]], trials: list[Trial], seeds: list[int],
+         parallel: Parallel | None) -> int:
+    """Run the trials, then write ablation.md/.json/.csv and the trials tables into --out."""
+    outcomes = run_trials(trials, continual_request(args, base, tasks, args.out, report=args.reports), parallel)
     rows = comparison_rows(outcomes)
     table = comparison_markdown(rows)
     several = len(seeds) > 1
@@ -112,7 +107,7 @@ def _run(args: argparse.Namespace, base, tasks: list[list[str]], trials, classes
             "nothing was tuned on test data.\n\n" + table + "\n")
     atomic_write_text(args.out / "ablation.md", text)
     save_json(args.out / "ablation.json", {"rows": rows, "preset": base.preset, "tasks": tasks, "seeds": seeds})
-    atomic_write_text(args.out / "ablation.csv", csv_text(rows, exclude=("overrides",)))
+    atomic_write_text(args.out / "ablation.csv", dict_rows_csv_text(rows, exclude=("overrides",)))
     write_trials_report(args.out, outcomes, describe(base, args.data, tasks, outcomes))
     print(table)
     reused = [o.trial.label for o in outcomes if o.status == "reused"]

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import platform
-import sys
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .. import __version__
 from ..config import Config
 from ..errors import MoleflowError
 
 if TYPE_CHECKING:
+    from ..continual import ContinualRequest
     from ..parallel import Parallel
 
 
@@ -32,6 +29,31 @@ def add_config_options(p: argparse.ArgumentParser, default_preset: str = "cpu") 
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, e.g. --set train.epochs=20 --set model.lora_rank=16 "
                         "(`moleflow config` prints every key)")
+
+
+def add_data_options(p: argparse.ArgumentParser) -> None:
+    """--data, --dataset, --classes and --scenario: which classes a continual run learns, in which steps."""
+    from ..data.datasets import DATASETS
+
+    p.add_argument("--data", type=Path, required=True, help="dataset root")
+    p.add_argument("--dataset", default="folder", choices=DATASETS,
+                   help="layout: mvtec/mpdd/folder (MVTec AD folders) or visa (split_csv/1cls.csv); default folder")
+    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
+    p.add_argument("--scenario", default="1-1",
+                   help="a-b: the first step learns a classes, each later step the next b (default 1-1); every "
+                        "class keeps its own expert and prototype unless model.experts=task")
+
+
+def class_sequence(args: argparse.Namespace) -> tuple[list[str], list[list[str]]]:
+    """The classes of `add_data_options` (--classes, default every class of the dataset in its order) and
+    their learning steps (--scenario)."""
+    from ..continual import parse_scenario
+    from ..data.datasets import default_classes
+
+    classes = args.classes or default_classes(args.dataset, args.data)
+    if not classes:
+        raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
+    return classes, parse_scenario(args.scenario, classes)
 
 
 def add_runtime_options(p: argparse.ArgumentParser) -> None:
@@ -163,26 +185,19 @@ def build_config(args: argparse.Namespace) -> Config:
     return cfg.with_overrides(args.overrides)
 
 
-def write_config(path: Path, cfg: Config) -> None:
-    import yaml
+def continual_request(args: argparse.Namespace, cfg: Config, tasks: list[list[str]], run_dir: Path,
+                      report: bool) -> "ContinualRequest":
+    """The continual run the options of `args` ask for (--data/--dataset/--scenario, --overwrite/--resume,
+    --false-alarm-rate PRODUCT=RATE, --discover, --parallel, runtime options) with `cfg` into `run_dir`."""
+    from ..continual import ContinualRequest, DataSource
 
-    from ..store.atomic import atomic_write_text
-
-    atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-
-def run_meta(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
-    """Provenance stored with every run: versions, command, machine, seed."""
-    return {
-        "moleflow_version": __version__,
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": " ".join(["moleflow"] + sys.argv[1:]),
-        "seed": cfg.train.seed,
-        "config": cfg.to_dict(),
-        "environment": {"python": platform.python_version(), "torch": torch.__version__,
-                        "machine": platform.machine(), "threads": torch.get_num_threads()},
-        **extra,
-    }
+    existing = ("overwrite" if getattr(args, "overwrite", False) else
+                "resume" if getattr(args, "resume", False) else "refuse")
+    return ContinualRequest(cfg, DataSource(Path(args.data), args.dataset), tasks, run_dir, scenario=args.scenario,
+                            existing=existing, rates=parse_rates(getattr(args, "false_alarm_rate", None))[1],
+                            discover=getattr(args, "discover", None), parallel=parallel_spec(args), report=report,
+                            device=args.device, workers=args.workers, batch_size=args.batch_size,
+                            progress=not args.no_progress)
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:

@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..continual import run_meta
 from ..data.datasets import load_class
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..evaluation import reevaluate_run
 from ..store import run_lock
-from .common import add_lock_option, add_runtime_options, apply_runtime, run_meta
+from .common import add_lock_option, add_runtime_options, apply_runtime
 from .train import print_final_table
 
 EXAMPLES = """examples:

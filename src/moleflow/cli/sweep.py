@@ -7,14 +7,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..data.datasets import DATASETS, default_classes, load_class, validate_split
+from ..data.datasets import load_class, validate_split
 from ..errors import MoleflowError
-from ..evaluation import parse_scenario
 from ..parallel import Parallel, import_ray
 from ..store import check_writable, run_lock
 from ..store.run import refuse_existing_run
 from ..trials import Trial, build_trials, describe, parse_sweep, run_trials, sweep_configurations, write_trials_report
-from .common import add_config_options, add_lock_option, add_runtime_options, apply_runtime, build_config
+from .common import (add_config_options, add_data_options, add_lock_option, add_runtime_options, apply_runtime,
+                     build_config, class_sequence, continual_request)
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,7 @@ def add_parser(sub) -> None:
                                    "--sweep values and per seed, each in --out/<point>/seed_<s>, and write a "
                                    "table with mean ± std over seeds (trials.md, trials.json, trials.csv).",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="dataset root")
-    p.add_argument("--dataset", default="folder", choices=DATASETS)
-    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
-    p.add_argument("--scenario", default="1-1", help="a-b, as for `moleflow train` (default 1-1)")
+    add_data_options(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="config values to try, parsed like --set (repeatable: the cartesian product)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds of every point (default: train.seed)")
@@ -112,19 +109,16 @@ def run(args: argparse.Namespace) -> int:
     apply_runtime(args)
     parallel = trial_parallel(args)
     base = build_config(args)
-    classes = args.classes or default_classes(args.dataset, args.data)
-    if not classes:
-        raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
-    tasks = parse_scenario(args.scenario, classes)
+    classes, tasks = class_sequence(args)
     trials = build_trials(base, args.out, sweep_configurations(parse_sweep(args.sweep, base)),
                           args.seeds or [base.train.seed])
     refuse_existing(trials, args)
     check_writable(args.out)
     for c in classes:  # every image readable before any trial starts
         validate_split(load_class(args.data, c, args.dataset))
-    run_args = argparse.Namespace(**{**vars(args), "no_report": not args.reports})
+    request = continual_request(args, base, tasks, args.out, report=args.reports)
     with run_lock(args.out, args.wait, create=True):
-        outcomes = run_trials(trials, run_args, classes, tasks, parallel)
+        outcomes = run_trials(trials, request, parallel)
         tables = write_trials_report(args.out, outcomes, describe(base, args.data, tasks, outcomes))
     print(tables)
     print(f"\ntable: {args.out / 'trials.md'}")

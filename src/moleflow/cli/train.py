@@ -6,17 +6,18 @@ import argparse
 import logging
 from pathlib import Path
 
-from ..data.datasets import DATASETS, default_classes, load_class, validate_split
-from ..detector import MoleFlow
+from ..config import Config
+from ..continual import run_continual
+from ..data.datasets import load_class, validate_split
 from ..errors import MoleflowError
-from ..evaluation import METRICS, parse_scenario, run_continual, save_json
+from ..metrics import METRICS
 from ..store import check_writable, run_lock
-from ..store.checkpoint import run_has_model
-from ..store.run import clear_run, refuse_existing_run
-from .common import (add_config_options, add_lock_option, add_parallel_options, add_rate_option, add_runtime_options,
-                     apply_runtime, parallel_spec,
-                     build_config, format_table, parse_rates, pct, run_meta, write_config)
-from .sweep import add_trial_options
+from ..store.run import refuse_existing_run, save_json
+from ..trials import Configuration, build_trials, describe, run_trials, seed_statistics, write_trials_report
+from .common import (add_config_options, add_data_options, add_lock_option, add_parallel_options, add_rate_option,
+                     add_runtime_options, apply_runtime, build_config, class_sequence, continual_request,
+                     format_table, parse_rates, pct)
+from .sweep import add_trial_options, trial_parallel
 
 log = logging.getLogger(__name__)
 
@@ -43,13 +44,7 @@ def add_parser(sub) -> None:
                                    "every learned class after each task with the router (task-agnostic), and "
                                    "write a checkpoint, per-step metric matrices and a report into --out.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="dataset root")
-    p.add_argument("--dataset", default="folder", choices=DATASETS,
-                   help="layout: mvtec/mpdd/folder (MVTec AD folders) or visa (split_csv/1cls.csv); default folder")
-    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
-    p.add_argument("--scenario", default="1-1",
-                   help="a-b: the first step learns a classes, each later step the next b (default 1-1); every "
-                        "class keeps its own expert and prototype unless model.experts=task")
+    add_data_options(p)
     p.add_argument("--discover", type=int, nargs="?", const=10, metavar="MAX_PRODUCTS",
                    help="pool each step's training images WITHOUT their class names and find the products "
                         "(at most MAX_PRODUCTS, default 10) by clustering; one expert per product found. The "
@@ -71,13 +66,9 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def dataset_meta(args: argparse.Namespace, classes: list[str], tasks: list[list[str]]) -> dict:
-    return {"dataset": {"root": str(args.data), "name": args.dataset, "scenario": args.scenario,
-                        "classes": classes, "tasks": tasks, "discover": getattr(args, "discover", None)}}
-
-
 def print_final_table(results: dict) -> None:
-    header = ["class", "I-AUROC", "I-AP", "I-F1", "P-AUROC", "P-AP", "AUPRO", "routing"]
+    """The final metrics per class and their mean (%), the routing gap to the oracle, I-AUROC per defect type."""
+    header = ["class"] + [m.header for m in METRICS.values()]
     rows = [[c] + [pct(v.get(k)) for k in METRICS] for c, v in results["final"].items()]
     rows.append(["mean"] + [pct(results["final_mean"].get(k)) for k in METRICS])
     print(format_table(rows, header))
@@ -101,42 +92,13 @@ def defect_type_lines(final: dict[str, dict]) -> list[str]:
 
 
 def train_one(args: argparse.Namespace, cfg, run_dir: Path, classes: list[str], tasks: list[list[str]]) -> dict:
-    if args.resume and run_has_model(run_dir):
-        model = MoleFlow.load(run_dir, device=args.device, backbone_weights=cfg.backbone.weights)
-        if model.config.to_dict() != cfg.to_dict():
-            diff = [f"{s}.{k}" for s, section in cfg.to_dict().items() if isinstance(section, dict)
-                    for k, v in section.items() if model.config.to_dict()[s].get(k) != v]
-            raise MoleflowError(f"{run_dir}: --resume needs the configuration the run was started with; these "
-                                f"differ: {', '.join(diff) or 'preset name'}")
-        log.info("resuming %s after %d learned tasks", run_dir, len(model.tasks))
-    else:
-        if args.overwrite:
-            removed = clear_run(run_dir)
-            if removed:
-                log.info("--overwrite: removed %d outputs of the previous run in %s", len(removed), run_dir)
-        elif not args.resume:
-            refuse_existing_run(run_dir)
-        model = MoleFlow(cfg, device=args.device)
-    model.loader_workers = args.workers
-    write_config(run_dir / "config.yaml", cfg)
-    meta = run_meta(cfg, {"backbone": {"name": model.extractor.name, "weights_sha256": model.extractor.weights_sha256,
-                                       "weights_source": model.extractor.weights_source},
-                          **dataset_meta(args, classes, tasks)})
-    results = run_continual(model, lambda c: load_class(args.data, c, args.dataset), tasks, run_dir, meta,
-                            progress=not args.no_progress, batch_size=args.batch_size, num_workers=args.workers,
-                            rates=parse_rates(getattr(args, "false_alarm_rate", None))[1],
-                            discover=getattr(args, "discover", None), parallel=parallel_spec(args))
-    if not args.no_report:
-        from ..report import write_report
-
-        write_report(run_dir)
-    return results
+    """One continual run of `tasks` (covering `classes`) with `cfg` into `run_dir`, as the options of `args` ask
+    (`continual.run_continual`); used by `moleflow demo` and `moleflow bench real`."""
+    return run_continual(continual_request(args, cfg, tasks, run_dir, report=not args.no_report))
 
 
 def summarise_seeds(out: Path, seeds: list[int], runs: list[dict]) -> dict:
     """summary.json: per metric, mean ± std (ddof=1) over the seeds' final means."""
-    from ..trials import seed_statistics
-
     summary = {"seeds": seeds, "runs": [str(out / f"seed_{s}") for s in seeds], "final_mean": seed_statistics(runs)}
     save_json(out / "summary.json", summary)
     return summary
@@ -148,10 +110,7 @@ def run(args: argparse.Namespace) -> int:
     default_rate, per_product = parse_rates(args.false_alarm_rate)
     if default_rate is not None:
         cfg = cfg.with_overrides({"score.false_alarm_rate": default_rate})
-    classes = args.classes or default_classes(args.dataset, args.data)
-    if not classes:
-        raise MoleflowError(f"{args.data}: no classes found (a class is a folder with train/good inside)")
-    tasks = parse_scenario(args.scenario, classes)
+    classes, tasks = class_sequence(args)
     unknown = sorted(set(per_product) - set(classes))
     if unknown:
         raise MoleflowError(f"--false-alarm-rate names {', '.join(unknown)}, which is not among the classes "
@@ -167,16 +126,14 @@ def run(args: argparse.Namespace) -> int:
     for c in classes:  # every train and test image and mask readable before any training starts
         validate_split(load_class(args.data, c, args.dataset))
     with run_lock(args.out, args.wait, create=True):
-        return _run(args, cfg, classes, tasks, seeds)
+        return _run(args, cfg, tasks, seeds)
 
 
-def _run(args: argparse.Namespace, cfg, classes: list[str], tasks: list[list[str]], seeds: list[int]) -> int:
+def _run(args: argparse.Namespace, cfg: Config, tasks: list[list[str]], seeds: list[int]) -> int:
     """One trial per seed (`moleflow.trials`): serially, or as Ray tasks with --parallel-trials."""
-    from ..trials import Configuration, build_trials, describe, run_trials, write_trials_report
-    from .sweep import trial_parallel
-
     parallel = trial_parallel(args, "--parallel-trials")
     trials = build_trials(cfg, args.out, [Configuration("base", {}, "")], seeds)
+    request = continual_request(args, cfg, tasks, args.out, report=not args.no_report)
     log.info("%s: %d tasks, preset %s, backbone %s", ", ".join(str(t.run_dir) for t in trials), len(tasks),
              cfg.preset, cfg.backbone.name)
 
@@ -186,7 +143,7 @@ def _run(args: argparse.Namespace, cfg, classes: list[str], tasks: list[list[str
               f"on whole images at {size}x{size}{', tiled' if cfg.data.tiling != 'none' else ''}){reused}")
         print_final_table(outcome.results)
 
-    outcomes = run_trials(trials, args, classes, tasks, parallel, on_done=show)
+    outcomes = run_trials(trials, request, parallel, on_done=show)
     runs = [o.results for o in outcomes]
     if len(seeds) > 1:
         write_trials_report(args.out, outcomes, describe(cfg, args.data, tasks, outcomes))

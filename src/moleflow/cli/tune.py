@@ -6,13 +6,15 @@ import argparse
 from pathlib import Path
 
 from ..config import Config
-from ..data.datasets import DATASETS, default_classes, load_class
+from ..continual import learn_and_evaluate, run_meta
+from ..data.datasets import load_class
 from ..detector import MoleFlow
 from ..errors import MoleflowError
-from ..evaluation import parse_scenario, run_continual, save_json
-from ..tuning import CANDIDATES, Candidate, parse_candidate, tune
-from .common import add_config_options, add_runtime_options, apply_runtime, build_config, format_table, run_meta, \
-    write_config
+from ..store.run import save_json, write_config
+from ..metrics import METRICS
+from ..tuning import CANDIDATES, VALIDATION_METRICS, Candidate, parse_candidate, tune
+from .common import (add_config_options, add_data_options, add_runtime_options, apply_runtime, build_config,
+                     class_sequence, format_table)
 
 EXAMPLES = """examples:
   # compare the default candidates on the four shared sets (never reads their test images)
@@ -32,10 +34,7 @@ def add_parser(sub) -> None:
                                    "another with every candidate configuration, and choose the candidate with the "
                                    "best synthetic image + pixel AUROC. Test images are never read.",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="dataset root")
-    p.add_argument("--dataset", default="folder", choices=DATASETS, help="layout (default folder)")
-    p.add_argument("--classes", nargs="+", help="classes in learning order (default: the dataset's order)")
-    p.add_argument("--scenario", default="1-1", help="a-b tasks as in train (default 1-1)")
+    add_data_options(p)
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--candidate", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
                    help="a candidate as overrides of --preset (repeatable); default: the built-in candidates "
@@ -57,8 +56,7 @@ def run(args: argparse.Namespace) -> int:
         candidates = [parse_candidate(c, base) for c in args.candidate]
     else:
         candidates = [Candidate(name, Config.from_preset("cpu").with_overrides(o)) for name, o in CANDIDATES.items()]
-    classes = args.classes or default_classes(args.dataset, args.data)
-    tasks = parse_scenario(args.scenario, classes)
+    _, tasks = class_sequence(args)
 
     def run_candidate(cand: Candidate, load_split, run_dir: Path) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -66,17 +64,18 @@ def run(args: argparse.Namespace) -> int:
         model = MoleFlow(cand.config, device=args.device)
         meta = run_meta(cand.config, {"candidate": cand.name, "dataset": {"root": str(args.data), "validation":
                                                                           "synthetic anomalies in held-out normals"}})
-        return run_continual(model, load_split, tasks, run_dir, meta, progress=not args.no_progress,
-                             batch_size=args.batch_size, num_workers=args.workers, examples_per_kind=0)
+        return learn_and_evaluate(model, load_split, tasks, run_dir, meta, progress=not args.no_progress,
+                                  batch_size=args.batch_size, num_workers=args.workers, examples_per_kind=0)
 
     result = tune(candidates, lambda c: load_class(args.data, c, args.dataset), tasks, args.out, run_candidate,
                   holdout=args.holdout, max_train=args.max_train or None, seed=base.train.seed)
     save_json(args.out / "tune.json", result)
     chosen = next(c for c in candidates if c.name == result["chosen"])
     write_config(args.out / "chosen.yaml", chosen.config)
-    rows = [[r["name"], f"{100 * r['validation_score']:.2f}",
-             f"{100 * (r['validation_mean']['image_auroc'] or 0):.1f}",
-             f"{100 * (r['validation_mean']['pixel_auroc'] or 0):.1f}", f"{r['seconds']:.0f}"] for r in result["candidates"]]
-    print(format_table(rows, ["candidate", "score", "syn I-AUROC", "syn P-AUROC", "seconds"]))
+    rows = [[r["name"], f"{100 * r['validation_score']:.2f}"]
+            + [f"{100 * (r['validation_mean'][key] or 0):.1f}" for key in VALIDATION_METRICS] + [f"{r['seconds']:.0f}"]
+            for r in result["candidates"]]
+    headers = ["candidate", "score"] + [f"syn {METRICS[key].header}" for key in VALIDATION_METRICS] + ["seconds"]
+    print(format_table(rows, headers))
     print(f"chosen: {result['chosen']}  ->  {args.out / 'chosen.yaml'}")
     return 0

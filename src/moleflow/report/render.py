@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MoleflowError
+from ..metrics import METRIC_LABELS
 from ..store.atomic import atomic_write_bytes, atomic_write_text
 from . import figures as F
 from .blocks import Block, Bullets, Code, Heading, Image, Para, Table
@@ -39,10 +40,6 @@ __all__ = [
     "write_report",
 ]
 
-METRIC_LABELS = {
-    "image_auroc": "I-AUROC", "image_ap": "I-AP", "image_f1_max": "I-F1max",
-    "pixel_auroc": "P-AUROC", "pixel_ap": "P-AP", "aupro": "AUPRO", "routing_accuracy": "Routing",
-}
 DEFAULT_METRICS = list(METRIC_LABELS)
 SCORE_COLUMNS = ("file", "defect_type", "label", "score", "routed_task", "routed_name", "known", "anomalous")
 EXAMPLE_KEYS = ("images", "maps", "masks", "scores", "labels", "kinds", "files")
