@@ -15,6 +15,7 @@ from matplotlib.colors import Normalize
 from PIL import Image
 
 from moleflow import metrics as M
+from moleflow.metrics import mean_metrics
 from moleflow.errors import MoleflowError
 from moleflow.report import figures as F
 from moleflow.report import render as R
@@ -85,7 +86,7 @@ def make_run(root: Path, tasks: list[list[str]], examples: bool = True, oracle: 
                       "calibration": {"source": "held-out normal training images", "n": 8, "false_alarm_rate": 0.01},
                       "results": {c: _class_metrics(rng, c != "fabric_x", defects) for c in learned}})
     final = steps[-1]["results"]
-    final_mean = R._mean_metrics(final, METRICS)
+    final_mean = mean_metrics(final, METRICS)
     multi = len(tasks) > 1
     results = {
         "moleflow_version": "0.1.0", "created": "2026-11-22T15:00:00Z",
@@ -106,7 +107,7 @@ def make_run(root: Path, tasks: list[list[str]], examples: bool = True, oracle: 
     }
     if oracle:
         results["oracle"] = {c: _class_metrics(rng, c != "fabric_x", defects) for c in classes}
-        results["oracle_mean"] = R._mean_metrics(results["oracle"], METRICS)
+        results["oracle_mean"] = mean_metrics(results["oracle"], METRICS)
     (root / "results.json").write_text(json.dumps(results, indent=1))
     (root / "scores").mkdir(exist_ok=True)
     for c in classes:

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from ..errors import MoleflowError
-from ..evaluation import save_json
+from ..store.run import save_json
 from .common import add_config_options, apply_runtime, build_config
 
 EXAMPLES = """examples:

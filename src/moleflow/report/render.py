@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from ..errors import MoleflowError
-from ..metrics import METRIC_LABELS
+from ..metrics import METRIC_LABELS, mean_metrics
 from ..store.atomic import atomic_write_bytes, atomic_write_text
+from ..store.run import SCORE_COLUMNS
 from . import figures as F
 from .blocks import Block, Bullets, Code, Heading, Image, Para, Table
 from .line import line_section, read_line
@@ -41,7 +42,6 @@ __all__ = [
 ]
 
 DEFAULT_METRICS = list(METRIC_LABELS)
-SCORE_COLUMNS = ("file", "defect_type", "label", "score", "routed_task", "routed_name", "known", "anomalous")
 EXAMPLE_KEYS = ("images", "maps", "masks", "scores", "labels", "kinds", "files")
 KIND_LABELS = {"detected": "detected", "missed": "missed", "false_alarm": "false alarm", "normal": "normal"}
 #: Examples per group (best / worst) in a class strip.
@@ -423,12 +423,12 @@ def _final_section(run: RunData) -> list[Block]:
         res = final.get(cls) or {}
         n = f"{res['n_test']} ({res.get('n_anomalous', '?')})" if "n_test" in res else "n/a"
         rows.append([md_escape(cls)] + [fmt_pct(res.get(m)) for m in metrics] + [n])
-    mean = r.get("final_mean") or _mean_metrics(final, metrics)
+    mean = r.get("final_mean") or mean_metrics(final, metrics)
     rows.append(["Mean"] + [fmt_pct(mean.get(m)) for m in metrics] + [""])
     blocks: list[Block] = [Heading(2, "Final results per product (task-agnostic)", "final"),
                            Table(headers, rows, bold_rows=[len(rows) - 1]),
                            Para("Mean = unweighted mean over the products that have a value.", small=True)]
-    oracle_mean = r.get("oracle_mean") or (_mean_metrics(r["oracle"], metrics) if r.get("oracle") else None)
+    oracle_mean = r.get("oracle_mean") or (mean_metrics(r["oracle"], metrics) if r.get("oracle") else None)
     blocks.append(Heading(3, "Routed vs oracle (mean over products)"))
     if not oracle_mean:
         blocks.append(Para("No oracle evaluation in this run."))
@@ -444,15 +444,6 @@ def _final_section(run: RunData) -> list[Block]:
         title="Routed (task-agnostic) vs oracle (true task), mean over products", ylabel="metric"),
         "Mean metrics with the router's choice vs with the true task; the difference is the cost of routing."))
     return blocks
-
-
-def _mean_metrics(per_class: dict[str, dict[str, Any]], metrics: Sequence[str]) -> dict[str, float | None]:
-    """Unweighted mean over classes with a value (None when no class has one)."""
-    out: dict[str, float | None] = {}
-    for m in metrics:
-        vals = [float(v[m]) for v in per_class.values() if _finite((v or {}).get(m))]
-        out[m] = float(np.mean(vals)) if vals else None
-    return out
 
 
 def _defect_type_section(run: RunData) -> list[Block]:
