@@ -14,7 +14,7 @@ routed-inference module that evaluation, export and serving also use.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -25,35 +25,17 @@ from .config import Config
 from .data.batch import Images, Prepared, PreparedDataset, prepare_images, stream_prepared, tile_count
 from .data.transforms import ImageTransform
 from .errors import MoleflowError
-from .inspector import Inspection, Inspector, key_owner
+from .inspector import Inspection, Inspector
 from .parallel import Parallel
 from .calibration import calibration_record, calibration_split, conformal_threshold
 from .store.checkpoint import read_model, read_model_lazily, write_model
+from .task_info import TaskInfo, task_infos
+from .task_keys import key_owner
 from .trainer import ExpertJob, TrainReport, fit_experts, fit_task
 
 log = logging.getLogger(__name__)
 
 Prediction = Inspection  # what `MoleFlow.predict` returns
-
-
-@dataclass
-class TaskInfo:
-    """One learned task (product, or several classes in a multi-class scenario)."""
-
-    task_id: int
-    name: str
-    classes: list[str]
-    n_train: int
-    n_calibration: int
-    threshold: float  # image score above which an image of this task is anomalous (= the inspector's buffer)
-    n_tiles: int = 0  # preprocessed tiles of all its images (= images without tiling)
-    calibration: dict[str, Any] = field(default_factory=dict)
-    train: dict[str, Any] = field(default_factory=dict)
-    source: dict[str, Any] = field(default_factory=dict)  # where its images came from (root, dataset), if known
-    step: int = -1  # the learning step that learned it (several products may share one); -1: not known yet
-    # its held-out normals routed among the products learned so far, as they are and with a pasted defect:
-    # {"n": images, "good": {product: share}, "defect": {...}, "ambiguous": {...}} (`MoleFlow._confusability`)
-    confusability: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -656,12 +638,8 @@ class MoleFlow:
         if base is None:  # runs saved before several products could share the first step
             base = [] if manifest.get("base_task") is None else [manifest["base_task"]]
         model.inspector.load_model_state(list(manifest["task_ids"]), base, state, pending)
-        known = set(TaskInfo.__dataclass_fields__)
-        model.tasks = [TaskInfo(**{k: v for k, v in t.items() if k in known}) for t in manifest["tasks"]]
-        for i, info in enumerate(model.tasks):  # the tensor is the truth; the metadata copy is for people and tools
-            info.threshold = model.inspector.threshold(info.task_id)
-            if info.step < 0:  # saved before steps were recorded: one task per step
-                info.step = i
+        # the tensor is the truth; the metadata copy is for people and tools
+        model.tasks = task_infos(manifest["tasks"], {t: model.inspector.threshold(t) for t in model.inspector.task_ids})
         return model
 
     def task_info_dicts(self) -> list[dict[str, Any]]:

@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 import tempfile
 import warnings
 from dataclasses import asdict
@@ -46,6 +45,7 @@ from .data.batch import Prepared
 from .errors import MoleflowError
 from .inspector import Inspection, Inspector
 from .store.atomic import atomic_write_bytes
+from .task_keys import scores_patches
 
 if TYPE_CHECKING:
     from .detector import MoleFlow
@@ -54,7 +54,6 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("torch", "onnx")
 QUANTIZE = ("none", "int8")
-_CALIBRATION = re.compile(r"(?:^|\.)(?:threshold|unknown|mean|precision)_\d+$")  # not in an expert graph
 GRAPH_VERSION = 1  # bump when the graphs' inputs/outputs change: old cache entries are then not reused
 
 
@@ -155,7 +154,7 @@ def expert_key(model: "MoleFlow", task: int, opset: int) -> str:
     """Cache key (16 hex digits) of task `task`'s expert graph: what it is traced from, the shared flow and its
     expert (read if still pending; no other expert is)."""
     cfg = model.config
-    used = {k: v for k, v in model.inspector.expert_state(task).items() if not _CALIBRATION.search(k)}
+    used = {k: v for k, v in model.inspector.expert_state(task).items() if scores_patches(k)}
     return _state_hash(used, {**_common_key(opset), "task": task, "model": asdict(cfg.model),
                               "score": asdict(cfg.score)})
 

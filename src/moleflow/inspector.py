@@ -15,7 +15,8 @@ the patch memory, and each task's decision threshold (`threshold_<t>`). Its `sta
 backbone, which is identified by its weight hash) plus the resolved config is the checkpoint.
 
 A model loaded lazily (`MoleFlow.load(lazy=True)`) has its routing prototypes and thresholds at once, and each
-task's expert (flow parts, patch memory) as a pending `LazyPart`, read when the task is first used:
+task's expert (flow parts, patch memory) as a `PendingExpert` (the store's `LazyPart`), read when the task is first
+used:
 `ensure_experts` loads them, and every path that runs or writes an expert calls it first (`inspect` for
 the routed tasks, `patch_scores`, `forward`, `state_dict`, `model_state`, `state_by_part`), so an
 unloaded (randomly initialised) expert is never run nor saved.
@@ -23,9 +24,8 @@ unloaded (randomly initialised) expert is never run nor saved.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Protocol
 
 import torch
 from torch import nn
@@ -39,34 +39,20 @@ from .memory import PatchMemory
 from .model import ExpertFlow
 from .router import PrototypeRouter, patch_misfit
 from .scoring import MapMaker, image_scores
-from .store.checkpoint import LazyPart
+from .task_keys import BACKBONE_PREFIX, calibration_part, expert_part, is_task_buffer, key_owner, key_part
 
-# a state_dict key owned by one task: an entry of a per-task container, or a per-task buffer `<name>_<t>`
-_TASK_BUFFER = re.compile(r"(mean|precision|unknown|bank|norm|threshold)_(\d+)")  # router, memory, inspector
-_TASK_KEY = re.compile(r"(?:^|\.)(?:adapters|dias|flows|lora_A|lora_B|task_bias)\.(\d+)(?:\.|$)"
-                       rf"|(?:^|\.){_TASK_BUFFER.pattern}$")
-_BACKBONE_PREFIX = "extractor."
+class PendingExpert(Protocol):
+    """A task's expert not read yet (a lazily loaded model): what it holds, and how to read it. The Inspector
+    knows no files; the model folder (store/checkpoint.py `LazyPart`) supplies these."""
 
+    path: object  # where it is read from, for messages
+    keys: frozenset[str]  # every tensor it holds
+    eager: frozenset[str]  # those given to the Inspector already (the router's)
+    data_bytes: int  # bytes of all its tensors
 
-_CALIBRATION_KEY = re.compile(r"(?:^|\.)(?:threshold|unknown)_\d+$")
-
-
-def key_owner(key: str) -> int | None:
-    """The task that owns state_dict key `key`, or None for shared tensors."""
-    match = _TASK_KEY.search(key)
-    if match is None:
-        return None
-    return int(match.group(1) or match.group(3))
-
-
-def key_part(key: str) -> str:
-    """The checkpoint part a state_dict key is stored in: "shared", "task<t>" (the expert: flow parts,
-    prototype, memory) or "task<t>-calibration" (decision threshold and unknown-product limit, the only
-    tensors `moleflow calibrate` changes)."""
-    owner = key_owner(key)
-    if owner is None:
-        return "shared"
-    return f"task{owner}-calibration" if _CALIBRATION_KEY.search(key) else f"task{owner}"
+    def load(self) -> dict[str, torch.Tensor]:
+        """Its tensors not given already (`keys` - `eager`)."""
+        ...
 
 
 @dataclass
@@ -142,7 +128,7 @@ class Inspector(nn.Module):
             self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
         self.map_maker = MapMaker(self.grid, size, config.score.map_sigma)
         self._stitched_makers: dict[tuple[int, int], MapMaker] = {}  # map makers of stitched (tiled) grids
-        self._pending: dict[int, LazyPart] = {}  # experts of a lazily loaded model not read yet, by task id
+        self._pending: dict[int, PendingExpert] = {}  # experts of a lazily loaded model not read yet, by task id
         self.to(self.device)
         self.eval()
 
@@ -214,7 +200,7 @@ class Inspector(nn.Module):
         part = self._pending[task]
         state = part.load()
         self._create_task_buffers(state)
-        expected = {k for k in self._model_state() if key_part(k) == f"task{task}" and k not in part.eager}
+        expected = {k for k in self._model_state() if key_part(k) == expert_part(task) and k not in part.eager}
         if set(state) != expected:
             raise MoleflowError(f"{part.path}: the tensors of task {task} do not fit this model (missing "
                                 f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}); "
@@ -246,7 +232,7 @@ class Inspector(nn.Module):
 
     def _model_state(self) -> dict[str, torch.Tensor]:
         """`model_state` as it is, pending experts' placeholders included: for key checks only."""
-        return {k: v for k, v in super().state_dict().items() if not k.startswith(_BACKBONE_PREFIX)}
+        return {k: v for k, v in super().state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The state_dict without the backbone (its weights come from their source, checked by hash); every
@@ -259,7 +245,7 @@ class Inspector(nn.Module):
         calibration."""
         parts: dict[str, dict[str, torch.Tensor]] = {"shared": {}}
         for t in self.task_ids:
-            parts[f"task{t}"], parts[f"task{t}-calibration"] = {}, {}
+            parts[expert_part(t)], parts[calibration_part(t)] = {}, {}
         for key, value in self.model_state().items():
             part = key_part(key)
             if part not in parts:
@@ -271,7 +257,7 @@ class Inspector(nn.Module):
         """Create the per-task buffers (prototypes, unknown limits, memories, thresholds) that `state` holds."""
         for key, value in state.items():  # per-task buffers are created from the saved values
             owner, name = key_owner(key), key.rsplit(".", 1)[-1]
-            if owner is None or not _TASK_BUFFER.fullmatch(name):
+            if owner is None or not is_task_buffer(name):
                 continue
             if key.startswith("router."):
                 if name.startswith("mean_"):
@@ -298,7 +284,7 @@ class Inspector(nn.Module):
         self.place()
 
     def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor],
-                         pending: dict[int, LazyPart] | None = None) -> None:
+                         pending: dict[int, PendingExpert] | None = None) -> None:
         """Rebuild the experts of `task_ids` (`base_tasks`: those that trained the shared weights, removed ones
         included) and load `state` (as written by `model_state`), strictly; the experts in `pending` (task id ->
         its file, whose other tensors `state` lacks) are read on first use (`ensure_experts`)."""
@@ -308,7 +294,7 @@ class Inspector(nn.Module):
         self.flow.base_tasks = list(base_tasks)
         self._create_task_buffers(state)
         for task, part in pending.items():  # a file may hold only its own task's expert
-            stray = sorted(k for k in part.keys if key_part(k) != f"task{task}")
+            stray = sorted(k for k in part.keys if key_part(k) != expert_part(task))
             if task not in task_ids or stray:
                 raise MoleflowError(f"{part.path}: holds tensors that are not task {task}'s expert "
                                     f"({stray[:3] or 'an unknown task'})")
@@ -319,7 +305,7 @@ class Inspector(nn.Module):
             raise MoleflowError(f"the checkpoint does not fit this configuration: missing {sorted(missing)[:3]}, "
                                 f"unexpected {sorted(unexpected)[:3]}")
         self.load_state_dict({**state, **{k: v for k, v in super().state_dict().items()
-                                          if k.startswith(_BACKBONE_PREFIX)}}, strict=not pending)
+                                          if k.startswith(BACKBONE_PREFIX)}}, strict=not pending)
         self._pending = pending
         self.router.task_ids.sort(key=task_ids.index)
         self.to(self.device)
