@@ -1,31 +1,33 @@
-"""The one routed-inference module: images in; product, score, decision and heat map out.
+"""The routed-inference module: the torch modules and the rules that turn features into product, score, decision
+and heat map.
 
     inspector = Inspector(config, device)          # extractor + expert flow + router + memory + map maker
-    out = inspector.inspect(prep)                  # prep: data.batch.Prepared (tiles of N images)
+    out = pipeline.inspect(inspector, TorchBackend(inspector), prep)   # prep: data.batch.Prepared (N images)
     out.scores (N,)  out.maps (N, S, S)  out.task_ids (N,)  out.known (N,)  out.anomalous (N,)
     scores, maps, index, distance, known, anomalous = inspector(images)   # square images: the ONNX graph
 
-`MoleFlow.predict`, the evaluation, the ONNX export and serving all go through this module: `inspect` is the
-eager path (tiles, oracle ids, a subset of tasks); `forward` is the same composition for a batch of square
-images over all tasks, written with tensor ops only so it traces to one ONNX graph. Both call the same
-pieces: `extractor`, `router` (the one Mahalanobis formula), `expert_scores` and `outputs`.
+`MoleFlow.predict`, the evaluation, the ONNX export and serving all go through this module: the pipeline
+(pipeline.py: tiles, oracle ids, a subset of tasks; its neural calls in torch or onnxruntime) runs `route` and
+`decide`; `forward` is the same composition for a batch of square images over all tasks, written with tensor
+ops only so it traces to one ONNX graph. Both call the same pieces: `extractor`, `router` (the one Mahalanobis
+formula), `expert_scores` and `outputs`.
 
 Everything needed to score is a parameter or buffer: the router's prototypes and unknown-product limits,
 the patch memory, and each task's decision threshold (`threshold_<t>`). Its `state_dict` (without the
-backbone, which is identified by its weight hash) plus the resolved config is the checkpoint.
+backbone, which is identified by its weight hash) plus the resolved config is the checkpoint; which task owns
+a tensor is task_keys.py's rule.
 
 A model loaded lazily (`MoleFlow.load(lazy=True)`) has its routing prototypes and thresholds at once, and each
-task's expert (flow parts, patch memory) as a `PendingExpert` (the store's `LazyPart`), read when the task is first
-used:
-`ensure_experts` loads them, and every path that runs or writes an expert calls it first (`inspect` for
-the routed tasks, `patch_scores`, `forward`, `state_dict`, `model_state`, `state_by_part`), so an
-unloaded (randomly initialised) expert is never run nor saved.
+task's expert (flow parts, patch memory) as a `PendingExpert` (the model folder's `LazyPart`; this module
+knows no files), read when the task is first used: `ensure_experts` loads them, and every path that runs or
+writes an expert calls it first (`decide` for the routed tasks, `patch_scores`, `forward`, `state_dict`,
+`model_state`, `state_by_part`), so an unloaded (randomly initialised) expert is never run nor saved.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -150,8 +152,39 @@ class Inspector(nn.Module):
         if self.device.type != "cpu":
             self.to(self.device)
 
+    def undo_experts(self, tasks: list[int], first_step: bool) -> None:
+        """Remove the experts of a learning step that failed (`tasks`, just added); after a failed first step
+        no task has trained the shared flow."""
+        for task in tasks:
+            self.remove_task(task)
+        if first_step:
+            self.flow.base_tasks = []
+
     def set_threshold(self, task: int, value: float) -> None:
         self.register_buffer(f"threshold_{task}", torch.tensor(float(value), dtype=torch.float64, device=self.device))
+
+    def set_prototype(self, task: int, features: torch.Tensor) -> None:
+        """Task `task`'s router prototype and unknown-product limit from its routing features (N, D), replacing
+        any it has."""
+        if task in self.router.task_ids:
+            self.router.remove_task(task)
+        self.router.add_task(task, features)
+        self.place()
+
+    def set_unknown_limit(self, task: int, limit: float) -> None:
+        """Task `task`'s unknown-product distance limit; its prototype is kept."""
+        mean, precision = self.router.prototype(task)
+        self.router.set_prototype(task, mean, precision, limit)
+
+    def add_memory(self, task: int, tokens) -> None:
+        """Task `task`'s patch memory from its normal training tokens (N, H, W, D) (in memory or memory-mapped)."""
+        self.memory.add_task(task, tokens)
+        self.place()
+
+    def set_memory_norm(self, task: int, nll: torch.Tensor, distance: torch.Tensor) -> None:
+        """Standardise task `task`'s flow NLL and memory distance by their values (N, H, W) on normal tokens."""
+        self.memory.set_norm(task, nll, distance)
+        self.place()
 
     def threshold(self, task: int) -> float:
         return float(getattr(self, f"threshold_{task}"))
@@ -252,6 +285,23 @@ class Inspector(nn.Module):
                 raise MoleflowError(f"tensor {key} belongs to {part}, a task the model does not have")
             parts[part][key] = value.detach().cpu()
         return parts
+
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The tensors no task owns (the shared flow): what an expert learned elsewhere starts from."""
+        return {k: v for k, v in self.model_state().items() if key_owner(k) is None}
+
+    def task_state(self, task: int) -> dict[str, torch.Tensor]:
+        """Task `task`'s own tensors (expert and calibration parts), on the CPU: what `install_expert` takes."""
+        return {k: v.detach().cpu() for k, v in self.model_state().items() if key_owner(k) == task}
+
+    def load_shared_state(self, base_tasks: list[int], shared: dict[str, torch.Tensor]) -> None:
+        """Load the shared tensors `shared_state` gave (`base_tasks`: the tasks that trained them) into a model
+        without tasks, to learn a later expert on it."""
+        self.flow.base_tasks = list(base_tasks)
+        self.load_state_dict(shared, strict=False)
+        missing = [k for k in self.model_state() if k not in shared]
+        if missing:
+            raise MoleflowError(f"the shared state sent to the worker lacks {missing[:3]}")
 
     def _create_task_buffers(self, state: dict[str, torch.Tensor]) -> None:
         """Create the per-task buffers (prototypes, unknown limits, memories, thresholds) that `state` holds."""
@@ -434,41 +484,14 @@ class Inspector(nn.Module):
             return log_misfit
         return distances.clamp_min(1e-12).log() + self.config.router.patch_weight * log_misfit
 
-    def oracle_routing(self, task_ids, n: int) -> tuple[Routing, list[int]]:
-        """The routing that oracle `task_ids` (N,) give, and the tasks its index points into."""
+    def oracle_routing(self, task_ids: Sequence[int] | torch.Tensor) -> tuple[Routing, list[int]]:
+        """The routing that oracle `task_ids` (N,) give (checked by `pipeline.check_request`), and the tasks its
+        index points into."""
         ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-        if len(ids) != n:
-            raise MoleflowError(f"{len(ids)} task ids for {n} images")
-        unknown = set(ids.tolist()) - set(self.task_ids)
-        if unknown:
-            raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.task_ids}")
         tasks = sorted(set(ids.tolist()))
         return Routing.oracle(torch.tensor([tasks.index(t) for t in ids.tolist()], dtype=torch.long), len(tasks)), tasks
 
     # ------------------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def inspect(self, prep: Prepared, task_ids: torch.Tensor | None = None, among: list[int] | None = None,
-                batch_size: int = 32) -> Inspection:
-        """Route (or take `task_ids` (N,)), score and decide N prepared images; results on the CPU.
-
-        `among` restricts routing to some tasks (e.g. those learned up to a step); default all."""
-        tasks = self.task_ids if among is None else list(among)
-        if not tasks:
-            raise MoleflowError("the model has learned no task yet; call fit_task first")
-        tokens, routing = self.extract(prep.pixels, batch_size)
-        tokens, routing = tokens.float(), routing.float()
-        owner = prep.owner.to(self.device)
-        if task_ids is None:
-            routed = self.route(tokens, routing, owner, prep.n_images, tasks)
-        else:
-            routed, tasks = self.oracle_routing(task_ids, prep.n_images)
-
-        def scorer(rows: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
-            chosen = tokens if rows is None else tokens[rows.to(self.device)]
-            return self.expert_scores(chosen, index.to(self.device), tasks, batch_size)
-
-        return self.decide(prep, routed, tasks, scorer)
-
     def decide(self, prep: Prepared, routed: Routing, tasks: list[int], scorer) -> Inspection:
         """Score the N images of `prep` under their routed products and decide; results on the CPU.
 
@@ -512,7 +535,7 @@ class Inspector(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Square images (N, 3, S, S) routed among all tasks -> scores (N,) float32, maps (N, S, S) float32,
         task index (N,) int64 into `task_ids`, router distance (N,) float64, known (N,) bool, anomalous (N,)
-        bool. The traced graph of the ONNX export; `inspect` gives the same values."""
+        bool. The traced graph of the ONNX export; `pipeline.inspect` gives the same values."""
         tasks = self.task_ids
         self.ensure_experts(tasks)  # traced: every expert is in the graph
         tokens, routing = self.features(images)
