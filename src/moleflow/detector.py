@@ -60,6 +60,7 @@ class MoleFlow:
         self.precision = precision  # inference only; training always runs in fp32
         self.inspector = Inspector(config, self.device)
         self.features = FeatureSource.of(self.inspector)
+        self.transform: ImageTransform = self.features.transform  # images -> normalised tiles
         self.tasks: list[TaskInfo] = []
 
     # the inspector's parts, for training and introspection
@@ -87,10 +88,6 @@ class MoleFlow:
         return self.inspector.grid
 
     # ------------------------------------------------------------------------------ inputs (features.py)
-    @property
-    def transform(self) -> ImageTransform:
-        return self.features.transform
-
     @property
     def loader_workers(self) -> int:
         """Image-loading worker processes while learning (torch DataLoader); 0: in this one."""
