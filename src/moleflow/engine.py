@@ -10,13 +10,13 @@ what runs the two neural pieces. `torch` runs the Inspector's own modules (`pipe
                        (the frozen backbone: about two thirds of the CPU time)
     expert<t>.onnx     tokens (B, h, w, D) -> patch scores (B, h, w) of task t
                        (`Inspector.patch_scores`: the flow's NLL, plus the patch memory with flow+memory)
-Everything between and after the graphs is the pipeline's and the Inspector's own code: the router (`inspector.router`, the
-one Mahalanobis formula, tiles of one image routed together), the choice of expert per tile, stitching tiles
-back (`inspector.outputs`: image scores, pixel maps) and the thresholds. So `data.tiling=aspect`, both score
-sources and every score mode give the torch engine's answer up to float rounding (tested), and each tile
-runs only its routed expert: the cost does not grow with the number of products. (The single graph of
-`export.export_onnx`, traced from `Inspector.forward`, runs every expert on every image and cannot tile; it
-stays the portable artifact for consumers without moleflow.)
+Everything between and after the graphs is the pipeline's and the Inspector's own code: the router
+(`inspector.router`, the one Mahalanobis formula, tiles of one image routed together), the choice of expert per
+tile, stitching tiles back (`inspector.outputs`: image scores, pixel maps) and the thresholds. So
+`data.tiling=aspect`, both score sources and every score mode give the torch engine's answer up to float rounding
+(tested), and each tile runs only its routed expert: the cost does not grow with the number of products. (The
+single graph of `export.export_onnx`, traced from `Inspector.forward`, runs every expert on every image and cannot
+tile; it stays the portable artifact for consumers without moleflow.)
 
 Graphs are cached in `cache_dir` under names that carry a hash of what they were traced from (backbone
 weights and settings; the shared flow, the task's expert and the score settings), so adding a product exports
