@@ -201,6 +201,52 @@ def test_onnx_engine_matches_torch_with_tiles_and_patch_memory(tiled_model, mixe
     assert torch.equal(alone, engine.inspect(prep).scores)  # batching does not change a score
 
 
+def test_the_two_backends_of_the_pipeline_differ_only_in_rounding(tiled_model, mixed_parts, tmp_path):
+    """The neural calls are all that the torch and onnxruntime backends of the one pipeline do differently."""
+    from moleflow.engine import make_engine
+    from moleflow.pipeline import TorchBackend
+
+    prep = tiled_model.prepare(mixed_parts)
+    torch_backend, onnx_backend = TorchBackend(tiled_model.inspector), make_engine(tiled_model, "onnx",
+                                                                                   cache_dir=tmp_path)
+    (tokens, routing), (onnx_tokens, onnx_routing) = torch_backend.features(prep.pixels), onnx_backend.features(
+        prep.pixels)
+    assert tokens.dtype == onnx_tokens.dtype == torch.float32 and tokens.shape == onnx_tokens.shape
+    np.testing.assert_allclose(onnx_tokens.numpy(), tokens.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(onnx_routing.numpy(), routing.numpy(), rtol=1e-4, atol=1e-4)
+    tasks = tiled_model.inspector.task_ids
+    index = torch.arange(len(tokens)) % len(tasks)  # every tile under one expert, both experts used
+    scores = torch_backend.expert_scores(tokens, index, tasks)
+    onnx_scores = onnx_backend.expert_scores(tokens, index, tasks)
+    assert scores.shape == onnx_scores.shape == tokens.shape[:3]
+    scale = max(1.0, float(scores.abs().max()))
+    assert float((scores - onnx_scores).abs().max()) < TOL * scale
+
+
+def test_predict_and_every_engine_refuse_the_same_requests(tiled_model, tmp_path):
+    """The request preconditions are one function: predict and both engines refuse alike, before any work."""
+    from moleflow.engine import make_engine
+
+    parts = pictures(3, 2, 50, 50, 9)
+    prep = tiled_model.prepare(parts)
+    runners = [lambda ids: tiled_model.predict(parts, ids)] + [
+        lambda ids, e=engine: e.inspect(prep, ids)
+        for engine in (make_engine(tiled_model, "torch"), make_engine(tiled_model, "onnx", cache_dir=tmp_path))]
+    for run in runners:
+        with pytest.raises(MoleflowError, match=r"unknown task ids \[7\]"):
+            run([7, 0])
+        with pytest.raises(MoleflowError, match="1 task ids for 2 images"):
+            run([0])
+    tiled_model.config.router.enabled = False  # oracle mode: routing among several products is refused
+    try:
+        for run in runners:
+            with pytest.raises(MoleflowError, match="oracle mode"):
+                run(None)
+            assert run([0, 1]).task_ids.tolist() == [0, 1]
+    finally:
+        tiled_model.config.router.enabled = True
+
+
 def test_onnx_engine_graphs_are_cached_per_expert(tiled_model, mixed_parts, tmp_path):
     from moleflow.engine import export_graphs, make_engine
 

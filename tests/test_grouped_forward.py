@@ -9,6 +9,7 @@ import torch
 from moleflow import MoleFlow
 from moleflow.data.batch import Prepared
 from moleflow.inspector import Inspector
+from moleflow.pipeline import TorchBackend, inspect
 from moleflow.model import CPU_TOKENS_PER_PASS, SHARED_FLOW, ExpertFlow, FlowStack
 
 from helpers import product_images, random_images, tiny_config
@@ -93,11 +94,12 @@ def test_inspect_of_a_mixed_batch_equals_inspecting_each_product_alone(overrides
     size = inspector.config.data.image_size
     pixels = random_images(3, len(ROW_TASKS), size)
     ids = torch.tensor(ROW_TASKS)
-    mixed = inspector.inspect(Prepared.square(pixels), ids)
+    backend = TorchBackend(inspector)
+    mixed = inspect(inspector, backend, Prepared.square(pixels), ids)
     assert mixed.task_ids.tolist() == ROW_TASKS
     for t in range(N_TASKS):
         rows = (ids == t).nonzero().squeeze(1)
-        alone = inspector.inspect(Prepared.square(pixels[rows]), ids[rows])
+        alone = inspect(inspector, backend, Prepared.square(pixels[rows]), ids[rows])
         _assert_close(mixed.scores[rows], alone.scores)
         _assert_close(mixed.maps[rows], alone.maps)
         _assert_close(mixed.patch_scores[rows], alone.patch_scores)

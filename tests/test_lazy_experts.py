@@ -9,7 +9,7 @@ import torch
 
 from moleflow import MoleFlow, MoleflowError
 from moleflow.cli.tasks import task_table
-from moleflow.inspector import key_owner
+from moleflow.task_keys import key_owner
 
 from helpers import random_images, tiny_config
 

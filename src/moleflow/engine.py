@@ -3,20 +3,20 @@
     engine = make_engine(model, "onnx", cache_dir="RUN/export/engine")   # or "torch"
     out = engine.inspect(model.prepare(images))     # an inspector.Inspection: scores (N,), maps (N, S, S), ...
 
-`torch` is `Inspector.inspect` itself (what `MoleFlow.predict` runs).
-
-`onnx` runs the Inspector's two neural pieces as ONNX graphs in onnxruntime (CPU):
+Both run the one inspection pipeline (pipeline.py, what `MoleFlow.predict` runs); they differ in its backend,
+what runs the two neural pieces. `torch` runs the Inspector's own modules (`pipeline.TorchBackend`).
+`onnx` runs them as ONNX graphs in onnxruntime (CPU):
     features.onnx      tiles (M, 3, S, S) -> tokens (M, h, w, D), routing features (M, D)
                        (the frozen backbone: about two thirds of the CPU time)
     expert<t>.onnx     tokens (B, h, w, D) -> patch scores (B, h, w) of task t
                        (`Inspector.patch_scores`: the flow's NLL, plus the patch memory with flow+memory)
-Everything between and after the graphs is the Inspector's own code: the router (`inspector.router`, the
-one Mahalanobis formula, tiles of one image routed together), the choice of expert per tile, stitching tiles
-back (`inspector.outputs`: image scores, pixel maps) and the thresholds. So `data.tiling=aspect`, both score
-sources and every score mode give the torch engine's answer up to float rounding (tested), and each tile
-runs only its routed expert: the cost does not grow with the number of products. (The single graph of
-`export.export_onnx`, traced from `Inspector.forward`, runs every expert on every image and cannot tile; it
-stays the portable artifact for consumers without moleflow.)
+Everything between and after the graphs is the pipeline's and the Inspector's own code: the router
+(`inspector.router`, the one Mahalanobis formula, tiles of one image routed together), the choice of expert per
+tile, stitching tiles back (`inspector.outputs`: image scores, pixel maps) and the thresholds. So
+`data.tiling=aspect`, both score sources and every score mode give the torch engine's answer up to float rounding
+(tested), and each tile runs only its routed expert: the cost does not grow with the number of products. (The
+single graph of `export.export_onnx`, traced from `Inspector.forward`, runs every expert on every image and cannot
+tile; it stays the portable artifact for consumers without moleflow.)
 
 Graphs are cached in `cache_dir` under names that carry a hash of what they were traced from (backbone
 weights and settings; the shared flow, the task's expert and the score settings), so adding a product exports
@@ -31,7 +31,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 import tempfile
 import warnings
 from dataclasses import asdict
@@ -45,7 +44,9 @@ from torch import nn
 from .data.batch import Prepared
 from .errors import MoleflowError
 from .inspector import Inspection, Inspector
+from .pipeline import TorchBackend, inspect
 from .store.atomic import atomic_write_bytes
+from .task_keys import scores_patches
 
 if TYPE_CHECKING:
     from .detector import MoleFlow
@@ -54,7 +55,6 @@ log = logging.getLogger(__name__)
 
 ENGINES = ("torch", "onnx")
 QUANTIZE = ("none", "int8")
-_CALIBRATION = re.compile(r"(?:^|\.)(?:threshold|unknown|mean|precision)_\d+$")  # not in an expert graph
 GRAPH_VERSION = 1  # bump when the graphs' inputs/outputs change: old cache entries are then not reused
 
 
@@ -67,27 +67,18 @@ class Engine(Protocol):
     def inspect(self, prep: Prepared, task_ids: Sequence[int] | None = None) -> Inspection: ...
 
 
-def check_request(model: "MoleFlow", task_ids: Sequence[int] | None) -> None:
-    """What `MoleFlow.predict` refuses, refused by every engine alike."""
-    if not model.tasks:
-        raise MoleflowError("the model has learned no task yet; call fit_task first")
-    if task_ids is None and not model.config.router.enabled:
-        raise MoleflowError("router.enabled is false (oracle mode): pass task ids (moleflow predict --task NAME)")
-
-
 # ------------------------------------------------------------------------------------------ torch
 class TorchEngine:
-    """`Inspector.inspect` in PyTorch (the reference)."""
+    """The inspection pipeline with its PyTorch backend (the reference)."""
 
     name = "torch"
 
     def __init__(self, model: "MoleFlow", batch_size: int = 32) -> None:
         self.model, self.batch_size = model, batch_size
+        self.backend = TorchBackend(model.inspector, batch_size)
 
     def inspect(self, prep: Prepared, task_ids: Sequence[int] | None = None) -> Inspection:
-        check_request(self.model, task_ids)
-        ids = None if task_ids is None else torch.as_tensor(list(task_ids), dtype=torch.long)
-        return self.model.inspector.inspect(prep, ids, None, self.batch_size)
+        return inspect(self.model.inspector, self.backend, prep, task_ids)
 
 
 # ------------------------------------------------------------------------------------------ graphs
@@ -155,7 +146,7 @@ def expert_key(model: "MoleFlow", task: int, opset: int) -> str:
     """Cache key (16 hex digits) of task `task`'s expert graph: what it is traced from, the shared flow and its
     expert (read if still pending; no other expert is)."""
     cfg = model.config
-    used = {k: v for k, v in model.inspector.expert_state(task).items() if not _CALIBRATION.search(k)}
+    used = {k: v for k, v in model.inspector.expert_state(task).items() if scores_patches(k)}
     return _state_hash(used, {**_common_key(opset), "task": task, "model": asdict(cfg.model),
                               "score": asdict(cfg.score)})
 
@@ -254,7 +245,7 @@ class OnnxEngine:
         self.cache = Path(cache_dir)
         self._session_options = (threads, optimization, spinning)
         self.paths = {"features": export_features_graph(model, self.cache, opset, quantize)}
-        self.features = onnx_session(self.paths["features"], *self._session_options)
+        self.features_session = onnx_session(self.paths["features"], *self._session_options)
         pending = set(model.inspector.pending_tasks)
         for task in model.inspector.task_ids:  # experts in memory already: exported now (a failure shows here)
             if task not in pending:
@@ -272,16 +263,18 @@ class OnnxEngine:
             self.experts[task] = onnx_session(self.paths[str(task)], *self._session_options)
         return self.experts[task]
 
-    def _features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # the pipeline's neural backend (pipeline.NeuralBackend)
+    def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tiles (M, 3, S, S) -> tokens (M, h, w, D), routing features (M, D): the features graph."""
         tokens, routing = [], []
         for chunk in pixels.split(self.batch_size):
-            t, r = self.features.run(None, {"images": np.ascontiguousarray(chunk.numpy(), dtype=np.float32)})
+            t, r = self.features_session.run(None, {"images": np.ascontiguousarray(chunk.numpy(), dtype=np.float32)})
             tokens.append(torch.from_numpy(t))
             routing.append(torch.from_numpy(r))
         return torch.cat(tokens), torch.cat(routing)
 
-    def _expert_scores(self, tokens: torch.Tensor, index: torch.Tensor, tasks: list[int]) -> torch.Tensor:
-        """Patch scores (M, h, w): row i scored by the expert of tasks[index[i]] only."""
+    def expert_scores(self, tokens: torch.Tensor, index: torch.Tensor, tasks: list[int]) -> torch.Tensor:
+        """Patch scores (M, h, w): row i scored by the expert graph of tasks[index[i]] only."""
         out = torch.empty(tokens.shape[:3], dtype=torch.float32)
         for i in index.unique().tolist():
             rows = (index == i).nonzero().squeeze(1)
@@ -290,19 +283,9 @@ class OnnxEngine:
                 out[chunk] = torch.from_numpy(patch)
         return out
 
-    @torch.no_grad()
     def inspect(self, prep: Prepared, task_ids: Sequence[int] | None = None) -> Inspection:
-        """The steps of `Inspector.inspect` (routed, or with oracle `task_ids` (N,)), with ONNX graphs."""
-        check_request(self.model, task_ids)
-        inspector = self.model.inspector
-        tasks = inspector.task_ids
-        tokens, routing = self._features(prep.pixels)
-        if task_ids is None:
-            routed = inspector.route(tokens, routing, prep.owner, prep.n_images, tasks)
-        else:
-            routed, tasks = inspector.oracle_routing(task_ids, prep.n_images)
-        return inspector.decide(prep, routed, tasks, lambda rows, index: self._expert_scores(
-            tokens if rows is None else tokens[rows], index, tasks))
+        """The inspection pipeline (routed, or with oracle `task_ids` (N,)), this engine its neural backend."""
+        return inspect(self.model.inspector, self, prep, task_ids)
 
 
 def make_engine(model: "MoleFlow", kind: str = "torch", **options) -> Engine:

@@ -1,31 +1,33 @@
-"""The one routed-inference module: images in; product, score, decision and heat map out.
+"""The routed-inference module: the torch modules and the rules that turn features into product, score, decision
+and heat map.
 
     inspector = Inspector(config, device)          # extractor + expert flow + router + memory + map maker
-    out = inspector.inspect(prep)                  # prep: data.batch.Prepared (tiles of N images)
+    out = pipeline.inspect(inspector, TorchBackend(inspector), prep)   # prep: data.batch.Prepared (N images)
     out.scores (N,)  out.maps (N, S, S)  out.task_ids (N,)  out.known (N,)  out.anomalous (N,)
     scores, maps, index, distance, known, anomalous = inspector(images)   # square images: the ONNX graph
 
-`MoleFlow.predict`, the evaluation, the ONNX export and serving all go through this module: `inspect` is the
-eager path (tiles, oracle ids, a subset of tasks); `forward` is the same composition for a batch of square
-images over all tasks, written with tensor ops only so it traces to one ONNX graph. Both call the same
-pieces: `extractor`, `router` (the one Mahalanobis formula), `expert_scores` and `outputs`.
+`MoleFlow.predict`, the evaluation, the ONNX export and serving all go through this module: the pipeline
+(pipeline.py: tiles, oracle ids, a subset of tasks; its neural calls in torch or onnxruntime) runs `route` and
+`decide`; `forward` is the same composition for a batch of square images over all tasks, written with tensor
+ops only so it traces to one ONNX graph. Both call the same pieces: `extractor`, `router` (the one Mahalanobis
+formula), `expert_scores` and `outputs`.
 
 Everything needed to score is a parameter or buffer: the router's prototypes and unknown-product limits,
 the patch memory, and each task's decision threshold (`threshold_<t>`). Its `state_dict` (without the
-backbone, which is identified by its weight hash) plus the resolved config is the checkpoint.
+backbone, which is identified by its weight hash) plus the resolved config is the checkpoint; which task owns
+a tensor is task_keys.py's rule.
 
 A model loaded lazily (`MoleFlow.load(lazy=True)`) has its routing prototypes and thresholds at once, and each
-task's expert (flow parts, patch memory) as a pending `LazyPart`, read when the task is first used:
-`ensure_experts` loads them, and every path that runs or writes an expert calls it first (`inspect` for
-the routed tasks, `patch_scores`, `forward`, `state_dict`, `model_state`, `state_by_part`), so an
-unloaded (randomly initialised) expert is never run nor saved.
+task's expert (flow parts, patch memory) as a `PendingExpert` (the model folder's `LazyPart`; this module
+knows no files), read when the task is first used: `ensure_experts` loads them, and every path that runs or
+writes an expert calls it first (`decide` for the routed tasks, `patch_scores`, `forward`, `state_dict`,
+`model_state`, `state_by_part`), so an unloaded (randomly initialised) expert is never run nor saved.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Iterable, Protocol, Sequence
 
 import torch
 from torch import nn
@@ -39,34 +41,20 @@ from .memory import PatchMemory
 from .model import ExpertFlow
 from .router import PrototypeRouter, patch_misfit
 from .scoring import MapMaker, image_scores
-from .store.checkpoint import LazyPart
+from .task_keys import BACKBONE_PREFIX, calibration_part, expert_part, is_task_buffer, key_owner, key_part
 
-# a state_dict key owned by one task: an entry of a per-task container, or a per-task buffer `<name>_<t>`
-_TASK_BUFFER = re.compile(r"(mean|precision|unknown|bank|norm|threshold)_(\d+)")  # router, memory, inspector
-_TASK_KEY = re.compile(r"(?:^|\.)(?:adapters|dias|flows|lora_A|lora_B|task_bias)\.(\d+)(?:\.|$)"
-                       rf"|(?:^|\.){_TASK_BUFFER.pattern}$")
-_BACKBONE_PREFIX = "extractor."
+class PendingExpert(Protocol):
+    """A task's expert not read yet (a lazily loaded model): what it holds, and how to read it. The Inspector
+    knows no files; the model folder (store/checkpoint.py `LazyPart`) supplies these."""
 
+    path: object  # where it is read from, for messages
+    keys: frozenset[str]  # every tensor it holds
+    eager: frozenset[str]  # those given to the Inspector already (the router's)
+    data_bytes: int  # bytes of all its tensors
 
-_CALIBRATION_KEY = re.compile(r"(?:^|\.)(?:threshold|unknown)_\d+$")
-
-
-def key_owner(key: str) -> int | None:
-    """The task that owns state_dict key `key`, or None for shared tensors."""
-    match = _TASK_KEY.search(key)
-    if match is None:
-        return None
-    return int(match.group(1) or match.group(3))
-
-
-def key_part(key: str) -> str:
-    """The checkpoint part a state_dict key is stored in: "shared", "task<t>" (the expert: flow parts,
-    prototype, memory) or "task<t>-calibration" (decision threshold and unknown-product limit, the only
-    tensors `moleflow calibrate` changes)."""
-    owner = key_owner(key)
-    if owner is None:
-        return "shared"
-    return f"task{owner}-calibration" if _CALIBRATION_KEY.search(key) else f"task{owner}"
+    def load(self) -> dict[str, torch.Tensor]:
+        """Its tensors not given already (`keys` - `eager`)."""
+        ...
 
 
 @dataclass
@@ -142,7 +130,7 @@ class Inspector(nn.Module):
             self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
         self.map_maker = MapMaker(self.grid, size, config.score.map_sigma)
         self._stitched_makers: dict[tuple[int, int], MapMaker] = {}  # map makers of stitched (tiled) grids
-        self._pending: dict[int, LazyPart] = {}  # experts of a lazily loaded model not read yet, by task id
+        self._pending: dict[int, PendingExpert] = {}  # experts of a lazily loaded model not read yet, by task id
         self.to(self.device)
         self.eval()
 
@@ -164,8 +152,39 @@ class Inspector(nn.Module):
         if self.device.type != "cpu":
             self.to(self.device)
 
+    def undo_experts(self, tasks: list[int], first_step: bool) -> None:
+        """Remove the experts of a learning step that failed (`tasks`, just added); after a failed first step
+        no task has trained the shared flow."""
+        for task in tasks:
+            self.remove_task(task)
+        if first_step:
+            self.flow.base_tasks = []
+
     def set_threshold(self, task: int, value: float) -> None:
         self.register_buffer(f"threshold_{task}", torch.tensor(float(value), dtype=torch.float64, device=self.device))
+
+    def set_prototype(self, task: int, features: torch.Tensor) -> None:
+        """Task `task`'s router prototype and unknown-product limit from its routing features (N, D), replacing
+        any it has."""
+        if task in self.router.task_ids:
+            self.router.remove_task(task)
+        self.router.add_task(task, features)
+        self.place()
+
+    def set_unknown_limit(self, task: int, limit: float) -> None:
+        """Task `task`'s unknown-product distance limit; its prototype is kept."""
+        mean, precision = self.router.prototype(task)
+        self.router.set_prototype(task, mean, precision, limit)
+
+    def add_memory(self, task: int, tokens) -> None:
+        """Task `task`'s patch memory from its normal training tokens (N, H, W, D) (in memory or memory-mapped)."""
+        self.memory.add_task(task, tokens)
+        self.place()
+
+    def set_memory_norm(self, task: int, nll: torch.Tensor, distance: torch.Tensor) -> None:
+        """Standardise task `task`'s flow NLL and memory distance by their values (N, H, W) on normal tokens."""
+        self.memory.set_norm(task, nll, distance)
+        self.place()
 
     def threshold(self, task: int) -> float:
         return float(getattr(self, f"threshold_{task}"))
@@ -214,7 +233,7 @@ class Inspector(nn.Module):
         part = self._pending[task]
         state = part.load()
         self._create_task_buffers(state)
-        expected = {k for k in self._model_state() if key_part(k) == f"task{task}" and k not in part.eager}
+        expected = {k for k in self._model_state() if key_part(k) == expert_part(task) and k not in part.eager}
         if set(state) != expected:
             raise MoleflowError(f"{part.path}: the tensors of task {task} do not fit this model (missing "
                                 f"{sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]}); "
@@ -246,7 +265,7 @@ class Inspector(nn.Module):
 
     def _model_state(self) -> dict[str, torch.Tensor]:
         """`model_state` as it is, pending experts' placeholders included: for key checks only."""
-        return {k: v for k, v in super().state_dict().items() if not k.startswith(_BACKBONE_PREFIX)}
+        return {k: v for k, v in super().state_dict().items() if not k.startswith(BACKBONE_PREFIX)}
 
     def model_state(self) -> dict[str, torch.Tensor]:
         """The state_dict without the backbone (its weights come from their source, checked by hash); every
@@ -259,7 +278,7 @@ class Inspector(nn.Module):
         calibration."""
         parts: dict[str, dict[str, torch.Tensor]] = {"shared": {}}
         for t in self.task_ids:
-            parts[f"task{t}"], parts[f"task{t}-calibration"] = {}, {}
+            parts[expert_part(t)], parts[calibration_part(t)] = {}, {}
         for key, value in self.model_state().items():
             part = key_part(key)
             if part not in parts:
@@ -267,11 +286,28 @@ class Inspector(nn.Module):
             parts[part][key] = value.detach().cpu()
         return parts
 
+    def shared_state(self) -> dict[str, torch.Tensor]:
+        """The tensors no task owns (the shared flow): what an expert learned elsewhere starts from."""
+        return {k: v for k, v in self.model_state().items() if key_owner(k) is None}
+
+    def task_state(self, task: int) -> dict[str, torch.Tensor]:
+        """Task `task`'s own tensors (expert and calibration parts), on the CPU: what `install_expert` takes."""
+        return {k: v.detach().cpu() for k, v in self.model_state().items() if key_owner(k) == task}
+
+    def load_shared_state(self, base_tasks: list[int], shared: dict[str, torch.Tensor]) -> None:
+        """Load the shared tensors `shared_state` gave (`base_tasks`: the tasks that trained them) into a model
+        without tasks, to learn a later expert on it."""
+        self.flow.base_tasks = list(base_tasks)
+        self.load_state_dict(shared, strict=False)
+        missing = [k for k in self.model_state() if k not in shared]
+        if missing:
+            raise MoleflowError(f"the shared state sent to the worker lacks {missing[:3]}")
+
     def _create_task_buffers(self, state: dict[str, torch.Tensor]) -> None:
         """Create the per-task buffers (prototypes, unknown limits, memories, thresholds) that `state` holds."""
         for key, value in state.items():  # per-task buffers are created from the saved values
             owner, name = key_owner(key), key.rsplit(".", 1)[-1]
-            if owner is None or not _TASK_BUFFER.fullmatch(name):
+            if owner is None or not is_task_buffer(name):
                 continue
             if key.startswith("router."):
                 if name.startswith("mean_"):
@@ -298,7 +334,7 @@ class Inspector(nn.Module):
         self.place()
 
     def load_model_state(self, task_ids: list[int], base_tasks: list[int], state: dict[str, torch.Tensor],
-                         pending: dict[int, LazyPart] | None = None) -> None:
+                         pending: dict[int, PendingExpert] | None = None) -> None:
         """Rebuild the experts of `task_ids` (`base_tasks`: those that trained the shared weights, removed ones
         included) and load `state` (as written by `model_state`), strictly; the experts in `pending` (task id ->
         its file, whose other tensors `state` lacks) are read on first use (`ensure_experts`)."""
@@ -308,7 +344,7 @@ class Inspector(nn.Module):
         self.flow.base_tasks = list(base_tasks)
         self._create_task_buffers(state)
         for task, part in pending.items():  # a file may hold only its own task's expert
-            stray = sorted(k for k in part.keys if key_part(k) != f"task{task}")
+            stray = sorted(k for k in part.keys if key_part(k) != expert_part(task))
             if task not in task_ids or stray:
                 raise MoleflowError(f"{part.path}: holds tensors that are not task {task}'s expert "
                                     f"({stray[:3] or 'an unknown task'})")
@@ -319,7 +355,7 @@ class Inspector(nn.Module):
             raise MoleflowError(f"the checkpoint does not fit this configuration: missing {sorted(missing)[:3]}, "
                                 f"unexpected {sorted(unexpected)[:3]}")
         self.load_state_dict({**state, **{k: v for k, v in super().state_dict().items()
-                                          if k.startswith(_BACKBONE_PREFIX)}}, strict=not pending)
+                                          if k.startswith(BACKBONE_PREFIX)}}, strict=not pending)
         self._pending = pending
         self.router.task_ids.sort(key=task_ids.index)
         self.to(self.device)
@@ -448,41 +484,14 @@ class Inspector(nn.Module):
             return log_misfit
         return distances.clamp_min(1e-12).log() + self.config.router.patch_weight * log_misfit
 
-    def oracle_routing(self, task_ids, n: int) -> tuple[Routing, list[int]]:
-        """The routing that oracle `task_ids` (N,) give, and the tasks its index points into."""
+    def oracle_routing(self, task_ids: Sequence[int] | torch.Tensor) -> tuple[Routing, list[int]]:
+        """The routing that oracle `task_ids` (N,) give (checked by `pipeline.check_request`), and the tasks its
+        index points into."""
         ids = torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
-        if len(ids) != n:
-            raise MoleflowError(f"{len(ids)} task ids for {n} images")
-        unknown = set(ids.tolist()) - set(self.task_ids)
-        if unknown:
-            raise MoleflowError(f"unknown task ids {sorted(unknown)}; learned tasks: {self.task_ids}")
         tasks = sorted(set(ids.tolist()))
         return Routing.oracle(torch.tensor([tasks.index(t) for t in ids.tolist()], dtype=torch.long), len(tasks)), tasks
 
     # ------------------------------------------------------------------------------ inference
-    @torch.no_grad()
-    def inspect(self, prep: Prepared, task_ids: torch.Tensor | None = None, among: list[int] | None = None,
-                batch_size: int = 32) -> Inspection:
-        """Route (or take `task_ids` (N,)), score and decide N prepared images; results on the CPU.
-
-        `among` restricts routing to some tasks (e.g. those learned up to a step); default all."""
-        tasks = self.task_ids if among is None else list(among)
-        if not tasks:
-            raise MoleflowError("the model has learned no task yet; call fit_task first")
-        tokens, routing = self.extract(prep.pixels, batch_size)
-        tokens, routing = tokens.float(), routing.float()
-        owner = prep.owner.to(self.device)
-        if task_ids is None:
-            routed = self.route(tokens, routing, owner, prep.n_images, tasks)
-        else:
-            routed, tasks = self.oracle_routing(task_ids, prep.n_images)
-
-        def scorer(rows: torch.Tensor | None, index: torch.Tensor) -> torch.Tensor:
-            chosen = tokens if rows is None else tokens[rows.to(self.device)]
-            return self.expert_scores(chosen, index.to(self.device), tasks, batch_size)
-
-        return self.decide(prep, routed, tasks, scorer)
-
     def decide(self, prep: Prepared, routed: Routing, tasks: list[int], scorer) -> Inspection:
         """Score the N images of `prep` under their routed products and decide; results on the CPU.
 
@@ -526,7 +535,7 @@ class Inspector(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Square images (N, 3, S, S) routed among all tasks -> scores (N,) float32, maps (N, S, S) float32,
         task index (N,) int64 into `task_ids`, router distance (N,) float64, known (N,) bool, anomalous (N,)
-        bool. The traced graph of the ONNX export; `inspect` gives the same values."""
+        bool. The traced graph of the ONNX export; `pipeline.inspect` gives the same values."""
         tasks = self.task_ids
         self.ensure_experts(tasks)  # traced: every expert is in the graph
         tokens, routing = self.features(images)

@@ -5,7 +5,7 @@
         results = ray.get([remote_fn.options(**spec.resources()).remote(...) for ...])
 
 Why this is exact: after the first step the shared flow is frozen (spec §4) and every later expert trains only
-its own parameters, from generators seeded by its task id (model.py, trainer.py, detector.py). So an expert
+its own parameters, from generators seeded by its task id (model.py, trainer.py, learning.py). So an expert
 learned in another process from the same shared weights, configuration and images is bit-identical to the one
 learned serially (tested), given the same number of torch threads: a Ray task gets `cpus_per_task` CPUs
 (`--cpus-per-expert`) and sets torch's threads to that number, so compare with `--threads` equal to it.

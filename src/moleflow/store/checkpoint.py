@@ -25,8 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,8 @@ from safetensors.torch import save as st_save
 
 from .. import __version__
 from ..errors import MoleflowError
+from ..task_info import task_infos
+from ..task_keys import ROUTING_PREFIX, expert_part_owner
 from .atomic import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -48,8 +49,6 @@ MANIFEST = "manifest.json"
 LEGACY_FILE = "model.pt"
 
 
-_TASK_PART = re.compile(r"task(\d+)")  # a task's expert file (not its calibration)
-_EAGER_PREFIX = "router."  # tensors of an expert file loaded at once: routing needs every prototype
 _CHUNK = 1 << 20
 
 
@@ -148,11 +147,9 @@ def read_tasks(path: str | Path) -> tuple[str, list[dict[str, Any]]]:
     ...) without reading any tensor (`moleflow status`); a legacy model.pt is loaded instead."""
     found = find_model(path)
     if found.suffix == ".pt":
-        from dataclasses import asdict
-
-        from ..detector import MoleFlow
-
-        return sha256_file(found), [asdict(t) for t in MoleFlow.load(found).tasks]
+        payload, _ = _read_legacy(found)  # its thresholds are the ones its tensors are made from
+        thresholds = {t["task_id"]: float(t["threshold"]) for t in payload["tasks"]}
+        return sha256_file(found), [asdict(t) for t in task_infos(payload["tasks"], thresholds)]
     manifest = _read_manifest(found)
     return sha256_file(found / MANIFEST), list(manifest.get("tasks", []))
 
@@ -222,7 +219,7 @@ def _open_lazily(path: Path, task: int, digest: str) -> tuple[LazyPart, dict[str
         with safe_open(str(path), "pt") as fh:
             keys = frozenset(fh.keys())
             # cloned: a tensor of safe_open may share the file's memory map
-            eager = {k: fh.get_tensor(k).clone() for k in sorted(keys) if k.startswith(_EAGER_PREFIX)}
+            eager = {k: fh.get_tensor(k).clone() for k in sorted(keys) if k.startswith(ROUTING_PREFIX)}
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise MoleflowError(f"{path}: not a valid safetensors file ({exc})") from None
     return LazyPart(task, path, digest, keys, frozenset(eager), data_bytes), eager
@@ -235,11 +232,11 @@ def read_model_files_lazily(folder: Path) -> tuple[dict[str, Any], dict[str, tor
     state: dict[str, torch.Tensor] = {}
     pending: dict[int, LazyPart] = {}
     for name, entry in manifest["files"].items():
-        match = _TASK_PART.fullmatch(str(entry.get("part", "")))
-        if match is None:  # the shared flow and the calibrations: small, and needed at once
+        task = expert_part_owner(str(entry.get("part", "")))
+        if task is None:  # the shared flow and the calibrations: small, and needed at once
             state.update(_read_verified(folder / name, entry["sha256"]))
             continue
-        part, eager = _open_lazily(folder / name, int(match.group(1)), entry["sha256"])
+        part, eager = _open_lazily(folder / name, task, entry["sha256"])
         pending[part.task] = part
         state.update(eager)
     return manifest, state, pending
