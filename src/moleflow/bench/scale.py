@@ -351,7 +351,7 @@ def _learn_and_measure(cfg: Config, counts: list[int], products: list[ScaleProdu
                 generate_seconds += time.perf_counter() - start
                 heldout.append(held)
                 start = time.perf_counter()
-                with _without_warnings("moleflow.detector"):
+                with _without_warnings("moleflow.learning"):
                     model.fit_task(list(train), name=product.name)
                 learn_seconds.append(time.perf_counter() - start)
             start = time.perf_counter()

@@ -12,7 +12,8 @@
     auth.py       bearer tokens (--token / MOLEFLOW_TOKEN) and the open-network warning
     static/       the review page (plain HTML + JavaScript)
 
-Every score comes from an `engine.Engine`: `Inspector.inspect` in PyTorch, or its pieces in ONNX Runtime.
+Every score comes from an `engine.Engine`: the inspection pipeline (pipeline.py) with its PyTorch backend,
+or with its neural pieces in ONNX Runtime.
 Every verdict is recorded in the verdict store (`store.verdicts`) when `settings.store` is set.
 Import `moleflow.serve.app` only where FastAPI is installed (`pip install "moleflow[serve]"`).
 """
