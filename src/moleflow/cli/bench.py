@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import MoleflowError
 from ..store.run import save_json
-from .common import add_config_options, apply_runtime, build_config
+from .common import add_config_options, apply_runtime, build_config, command_parser
 
 EXAMPLES = """examples:
   moleflow bench speed --preset cpu --json benchmarks/results/speed_cpu.json
@@ -27,8 +27,7 @@ REAL_SEQUENCE = ["magnetic_tile", "kolektor", "pcb_deeppcb", "cubes"]
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="speed and real-data benchmarks", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(sub, "bench", "speed and real-data benchmarks", EXAMPLES)
     kinds = p.add_subparsers(dest="kind", metavar="KIND", required=True)
     _add_speed(kinds)
     _add_serve(kinds)
@@ -38,18 +37,35 @@ def add_parser(sub) -> None:
     p.set_defaults(run=lambda args: p.print_help() or 2)
 
 
+def _int_options(p: argparse.ArgumentParser, options: tuple[tuple[str, int | None, str], ...]) -> None:
+    """Whole-number options: (flag, default, help) each."""
+    for flag, default, help_text in options:
+        p.add_argument(flag, type=int, default=default, help=help_text)
+
+
+def _finish(p: argparse.ArgumentParser, run, json_help: str = "output JSON") -> None:
+    """Every kind: --threads, the required --json output and the function that runs it."""
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--json", type=Path, required=True, help=json_help)
+    p.set_defaults(run=run)
+
+
+def _preset_options(p: argparse.ArgumentParser, set_help: str) -> None:
+    """The small-model kinds (scale, memory): a preset (default tiny) and --set overrides."""
+    p.add_argument("--preset", default="tiny", help="model preset (default tiny)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+
+
 def _add_speed(kinds) -> None:
-    speed = kinds.add_parser("speed", help="training/inference speed, latency, memory, bytes per task",
-                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    speed = command_parser(kinds, "speed", "training/inference speed, latency, memory, bytes per task", EXAMPLES)
     add_config_options(speed)
     speed.add_argument("--backbone-random", action="store_true",
                        help="random backbone weights (timing only; e.g. wide_resnet50_2 without a weights file)")
     speed.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     speed.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="inference precision")
-    speed.add_argument("--threads", type=int, help="CPU threads")
-    speed.add_argument("--n-train", type=int, default=300)
-    speed.add_argument("--batch-size", type=int, default=32)
-    speed.add_argument("--latency-runs", type=int, default=30)
+    _int_options(speed, (("--n-train", 300, "training images (default 300)"),
+                         ("--batch-size", 32, "images per inference batch (default 32)"),
+                         ("--latency-runs", 30, "single-image latencies timed (default 30)")))
     speed.add_argument("--data", type=Path, help="use the first class of this dataset root instead of generated images")
     speed.add_argument("--engine", default="torch", choices=["torch", "onnx"],
                        help="inference engine: torch (MoleFlow.predict) or onnx (onnxruntime; see engine.py)")
@@ -60,16 +76,13 @@ def _add_speed(kinds) -> None:
                             "exact on x86 CPUs, see BENCHMARKS.md; not offered by predict or serve)")
     speed.add_argument("--run", type=Path, dest="run_dir",
                        help="measure inference on this run's model (no training measurements)")
-    speed.add_argument("--json", type=Path, required=True, help="output JSON")
-    speed.set_defaults(run=run_speed)
+    _finish(speed, run_speed)
 
 
 def _add_serve(kinds) -> None:
-    serve = kinds.add_parser("serve", help="load test of `moleflow serve`: requests/s, p50/p99 latency",
-                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             description="Start `moleflow serve RUN_DIR` on a free loopback port and send it "
-                                         "POST /predict requests (one PNG each) from 1, 4 and 16 concurrent httpx "
-                                         "clients.")
+    serve = command_parser(kinds, "serve", "load test of `moleflow serve`: requests/s, p50/p99 latency", EXAMPLES,
+                           "Start `moleflow serve RUN_DIR` on a free loopback port and send it POST /predict "
+                           "requests (one PNG each) from 1, 4 and 16 concurrent httpx clients.")
     serve.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory (or its model folder)")
     serve.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16], help="concurrency levels (default 1 4 16)")
     serve.add_argument("--requests", type=int, default=200, help="requests per level (default 200)")
@@ -77,65 +90,47 @@ def _add_serve(kinds) -> None:
     serve.add_argument("--serve-args", default="", metavar="'ARGS'",
                        help="more `moleflow serve` options, written with '=' since they start with '-': "
                             "--serve-args='--engine torch --max-batch 8' or --serve-args=--no-store")
-    serve.add_argument("--json", type=Path, required=True, help="output JSON")
-    serve.set_defaults(run=run_serve)
+    _finish(serve, run_serve)
 
 
 def _add_real(kinds) -> None:
-    real = kinds.add_parser("real", help="continual run magnetic_tile -> kolektor -> pcb_deeppcb -> cubes",
-                            epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    real = command_parser(kinds, "real", "continual run magnetic_tile -> kolektor -> pcb_deeppcb -> cubes", EXAMPLES)
     add_config_options(real)
     real.add_argument("--data", type=Path, required=True, help="folder holding the four shared datasets")
     real.add_argument("--classes", nargs="+", default=REAL_SEQUENCE)
     real.add_argument("--out", type=Path, required=True, help="run directory")
-    real.add_argument("--json", type=Path, required=True, help="benchmark JSON")
     real.add_argument("--device", default="cpu")
-    real.add_argument("--threads", type=int)
-    real.set_defaults(run=run_real)
+    _finish(real, run_real, "benchmark JSON")
 
 
 def _add_scale(kinds) -> None:
-    scale = kinds.add_parser("scale", help="checkpoint size, load, routing and predict time, memory at 1..100 tasks",
-                             epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                             description="Learn generated products one after another into one model and measure, "
-                                         "at each task count, the checkpoint size, load time, routing and predict "
-                                         "time of a mixed batch, resident memory and the time to add a task "
-                                         "(bench/scale.py).")
+    scale = command_parser(kinds, "scale", "checkpoint size, load, routing and predict time, memory at 1..100 tasks",
+                           EXAMPLES, "Learn generated products one after another into one model and measure, at "
+                           "each task count, the checkpoint size, load time, routing and predict time of a mixed "
+                           "batch, resident memory and the time to add a task (bench/scale.py).")
     scale.add_argument("--counts", type=int, nargs="+", default=[1, 10, 50, 100],
                        help="task counts to measure at, increasing (default 1 10 50 100; at most 105)")
-    scale.add_argument("--preset", default="tiny", help="model preset (default tiny)")
-    scale.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="config override on top of the preset and the benchmark's cheap training "
-                            "(train.epochs=2, train.min_steps=0)")
-    scale.add_argument("--n-train", type=int, default=12, help="generated normal images per product (default 12)")
-    scale.add_argument("--heldout", type=int, default=3,
-                       help="held-out generated normals per product for routing accuracy (default 3)")
-    scale.add_argument("--load-runs", type=int, default=3, help="loads timed per count (median; default 3)")
-    scale.add_argument("--predict-runs", type=int, default=5,
-                       help="predict batches timed per count (median; default 5)")
-    scale.add_argument("--threads", type=int, help="CPU threads for torch")
+    _preset_options(scale, "config override on top of the preset and the benchmark's cheap training "
+                           "(train.epochs=2, train.min_steps=0)")
+    _int_options(scale, (("--n-train", 12, "generated normal images per product (default 12)"),
+                         ("--heldout", 3, "held-out generated normals per product for routing accuracy (default 3)"),
+                         ("--load-runs", 3, "loads timed per count (median; default 3)"),
+                         ("--predict-runs", 5, "predict batches timed per count (median; default 5)")))
     scale.add_argument("--out", type=Path, required=True, help="run directory for the model (must hold no model)")
-    scale.add_argument("--json", type=Path, required=True, help="output JSON")
-    scale.set_defaults(run=run_scale)
+    _finish(scale, run_scale)
 
 
 def _add_memory(kinds) -> None:
-    memory = kinds.add_parser("memory", help="peak memory and time per image of learning one task of N images",
-                              epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
-                              description="Write generated PNGs to --images and learn one task of each size in a "
-                                          "fresh process (bench/memory.py): peak RSS, feature-cache bytes, seconds "
-                                          "per image.")
+    memory = command_parser(kinds, "memory", "peak memory and time per image of learning one task of N images",
+                            EXAMPLES, "Write generated PNGs to --images and learn one task of each size in a fresh "
+                            "process (bench/memory.py): peak RSS, feature-cache bytes, seconds per image.")
     memory.add_argument("--sizes", type=int, nargs="+", default=[500, 5000], help="task sizes (default 500 5000)")
-    memory.add_argument("--preset", default="tiny", help="model preset (default tiny)")
-    memory.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override (repeatable)")
-    memory.add_argument("--workers", type=int, default=2, help="image-loading worker processes (default 2)")
-    memory.add_argument("--threads", type=int, help="CPU threads for torch")
-    memory.add_argument("--image-size", type=int, default=224, help="generated image size in px (default 224)")
+    _preset_options(memory, "config override (repeatable)")
+    _int_options(memory, (("--workers", 2, "image-loading worker processes (default 2)"),
+                          ("--image-size", 224, "generated image size in px (default 224)")))
     memory.add_argument("--images", type=Path, default=Path("bench_memory_images"),
                         help="folder for the generated images (reused when already there)")
-    memory.add_argument("--json", type=Path, required=True, help="output JSON")
-    memory.set_defaults(run=run_memory)
+    _finish(memory, run_memory)
 
 
 def run_speed(args: argparse.Namespace) -> int:

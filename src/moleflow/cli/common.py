@@ -227,3 +227,10 @@ def describe_confusability(name: str, confusability: dict[str, Any]) -> str:
     among = len(confusability.get("among", []))
     return (f"{name}: {confusability.get('n', '?')} held-out normals routed among {among} "
             f"product{'' if among == 1 else 's'}; " + "; ".join(parts))
+
+
+def command_parser(sub, name: str, help_text: str, epilog: str, description: str | None = None
+                   ) -> argparse.ArgumentParser:
+    """A (sub)command's parser: its one-line help, an optional description, and its examples shown as written."""
+    return sub.add_parser(name, help=help_text, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)

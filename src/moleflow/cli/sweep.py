@@ -14,9 +14,13 @@ from ..store import check_writable, run_lock
 from ..store.run import refuse_existing_run
 from ..trials import Trial, build_trials, describe, parse_sweep, run_trials, sweep_configurations, write_trials_report
 from .common import (add_config_options, add_data_options, add_lock_option, add_runtime_options, apply_runtime,
-                     build_config, class_sequence, continual_request)
+                     build_config, class_sequence, command_parser, continual_request)
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = ("Run one full continual run per point of the cartesian product of the --sweep values and per seed, "
+               "each in --out/<point>/seed_<s>, and write a table with mean ± std over seeds (trials.md, "
+               "trials.json, trials.csv).")
 
 EXAMPLES = """examples:
   # three LoRA ranks x three seeds = 9 runs in runs/sw/model.lora_rank=<r>/seed_<s>, 3 at once on a local Ray
@@ -78,11 +82,8 @@ def refuse_existing(trials: list[Trial], args: argparse.Namespace) -> None:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("sweep", help="one run per sweep point and seed (optionally on Ray); mean ± std table",
-                       description="Run one full continual run per point of the cartesian product of the "
-                                   "--sweep values and per seed, each in --out/<point>/seed_<s>, and write a "
-                                   "table with mean ± std over seeds (trials.md, trials.json, trials.csv).",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(sub, "sweep", "one run per sweep point and seed (optionally on Ray); mean ± std table",
+                       EXAMPLES, DESCRIPTION)
     add_data_options(p)
     p.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2,...",
                    help="config values to try, parsed like --set (repeatable: the cartesian product)")

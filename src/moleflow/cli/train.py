@@ -15,11 +15,15 @@ from ..store import check_writable, run_lock
 from ..store.run import refuse_existing_run, save_json
 from ..trials import Configuration, build_trials, describe, run_trials, seed_statistics, write_trials_report
 from .common import (add_config_options, add_data_options, add_lock_option, add_parallel_options, add_rate_option,
-                     add_runtime_options, apply_runtime, build_config, class_sequence, continual_request,
-                     format_table, parse_rates, pct)
+                     add_runtime_options, apply_runtime, build_config, class_sequence, command_parser,
+                     continual_request, format_table, parse_rates, pct)
 from .sweep import add_trial_options, trial_parallel
 
 log = logging.getLogger(__name__)
+
+DESCRIPTION = ("Learn the classes of a dataset as a continual sequence of tasks, evaluate every learned class after "
+               "each task with the router (task-agnostic), and write a checkpoint, per-step metric matrices and a "
+               "report into --out.")
 
 EXAMPLES = """examples:
   # the four real sets in ../shared/datasets, one after another, offline backbone
@@ -39,11 +43,8 @@ EXAMPLES = """examples:
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("train", help="learn classes one after another; evaluate after every task",
-                       description="Learn the classes of a dataset as a continual sequence of tasks, evaluate "
-                                   "every learned class after each task with the router (task-agnostic), and "
-                                   "write a checkpoint, per-step metric matrices and a report into --out.",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(sub, "train", "learn classes one after another; evaluate after every task",
+                       EXAMPLES, DESCRIPTION)
     add_data_options(p)
     p.add_argument("--discover", type=int, nargs="?", const=10, metavar="MAX_PRODUCTS",
                    help="pool each step's training images WITHOUT their class names and find the products "
