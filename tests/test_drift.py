@@ -147,3 +147,24 @@ def test_product_drift_reads_the_store_and_restarts_after_recalibration(tmp_path
         tasks[0]["threshold"] = float(cal_a[98])
         again = {s.product: s for s in product_drift(store, tasks, monitor)}["brick"]
         assert not again.alert and again.parts == 0 and "no parts" in again.message
+
+
+def test_warm_up_simulates_every_threshold_a_check_needs(tmp_path):
+    """A service simulates the drift thresholds while loading (`warm_up`), so its first check simulates nothing."""
+    from moleflow.drift import warm_up
+    from moleflow.store.verdicts import VerdictStore, verdict_record
+
+    monitor = DriftMonitor(paths=400, horizon=200)
+    rng = np.random.default_rng(5)
+    tasks = [{"name": "p-values", "threshold": 3.0, "calibration": {"scores": list(rng.normal(0, 1, 60))}},
+             {"name": "flag rate", "threshold": 3.0, "calibration": {"false_alarm_interval": [0.001, 0.037]}}]
+    with VerdictStore(f"sqlite:///{tmp_path / 'v.sqlite'}") as store:
+        store.add_many([verdict_record({"product": t["name"], "score": float(x), "threshold": 3.0,
+                                        "decision": "normal"}, sha256=None, path=f"{i}.png", model_sha256=None,
+                                       engine="torch", latency_ms=1.0, source="serve")
+                        for t in tasks for i, x in enumerate(rng.normal(0, 1, 30))])
+        warm_up(tasks, monitor)
+        before = (pvalue_threshold.cache_info().misses, flag_threshold.cache_info().misses)
+        states = product_drift(store, tasks, monitor)
+    assert [(s.test, s.parts) for s in states] == [("p-values", 30), ("flag rate", 30)]
+    assert (pvalue_threshold.cache_info().misses, flag_threshold.cache_info().misses) == before

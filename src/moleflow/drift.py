@@ -327,6 +327,34 @@ def calibrated_at(calibration: Mapping[str, Any]) -> str | None:
     return history[-1].get("replaced_at") if history and isinstance(history[-1], Mapping) else None
 
 
+def _passing_scores(cal: dict[str, Any], threshold: float) -> tuple[np.ndarray, int]:
+    """A product's calibration scores and how many of them pass its threshold."""
+    scores = np.asarray(cal.get("scores") or [], dtype=np.float64)
+    return scores, int((scores <= threshold).sum()) if len(scores) else 0
+
+
+def _calibrated_rate(cal: dict[str, Any]) -> float | None:
+    """The flag rate the calibration promises (its interval's upper end, else the guaranteed or requested rate);
+    None when there is none in (0, 1)."""
+    rate = cal.get("false_alarm_interval", [None, None])[1] or cal.get("guaranteed_rate") or cal.get("false_alarm_rate")
+    return float(rate) if rate and 0.0 < float(rate) < 1.0 else None
+
+
+def warm_up(tasks: Iterable[Any], monitor: DriftMonitor | None = None) -> None:
+    """Simulate and cache the alert thresholds `product_drift` will need for `tasks` (about a second per distinct
+    calibration size, once per process), so that a service does it while it loads its model, not while it
+    answers requests."""
+    monitor = monitor or DriftMonitor()
+    for task in tasks:
+        _, threshold, cal = _task_fields(task)
+        _, passing = _passing_scores(cal, threshold)
+        rate = _calibrated_rate(cal)
+        if passing >= MIN_SCORES:
+            monitor.threshold(passing)
+        elif rate is not None:
+            monitor.run_flags([], rate)
+
+
 def product_drift(store: Any, tasks: Iterable[Any], monitor: DriftMonitor | None = None) -> list[DriftState]:
     """The drift state of every product (`tasks`: TaskInfo objects or manifest task dicts with name,
     threshold and calibration) from its verdicts in `store` (a `VerdictStore`)."""
@@ -335,8 +363,7 @@ def product_drift(store: Any, tasks: Iterable[Any], monitor: DriftMonitor | None
     for task in tasks:
         name, threshold, cal = _task_fields(task)
         since = calibrated_at(cal)
-        scores = np.asarray(cal.get("scores") or [], dtype=np.float64)
-        passing = int((scores <= threshold).sum()) if len(scores) else 0
+        scores, passing = _passing_scores(cal, threshold)
         common = dict(product=name, false_alert_rate=monitor.false_alert_rate, horizon=monitor.horizon,
                       statistic_kind=monitor.statistic)
         if passing >= MIN_SCORES:
@@ -350,15 +377,14 @@ def product_drift(store: Any, tasks: Iterable[Any], monitor: DriftMonitor | None
             result = monitor.run(p_high, p_low, passing)
             test = "p-values"
         else:
-            rate = cal.get("false_alarm_interval", [None, None])[1] or cal.get("guaranteed_rate") or \
-                cal.get("false_alarm_rate")
-            if not rate or not 0.0 < float(rate) < 1.0:
+            rate = _calibrated_rate(cal)
+            if rate is None:
                 out.append(DriftState(test="none", parts=0, calibration_scores=passing, alert=False, statistic=0.0,
                                       threshold=None, message="no calibration scores and no calibrated rate: "
                                       "drift cannot be tested; run `moleflow calibrate`", **common))
                 continue
             rows = store.scores(name, ("normal", "anomalous"), threshold, limit=monitor.horizon, since=since)
-            result = monitor.run_flags([r[3] == "anomalous" for r in rows], float(rate))
+            result = monitor.run_flags([r[3] == "anomalous" for r in rows], rate)
             test = "flag rate"
         state = DriftState(test=test, parts=len(rows), calibration_scores=passing, alert=result.alert,
                            statistic=round(result.statistic, 4), threshold=round(result.threshold, 4),

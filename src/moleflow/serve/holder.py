@@ -108,6 +108,10 @@ class ModelHolder:
         engine = make_engine(model, self.settings.engine, **options)
         size = model.config.data.image_size
         engine.inspect(Prepared.square(torch.zeros(1, 3, size, size)))  # warm-up, off the request path
+        if self.settings.store and self.settings.drift_interval > 0:
+            from ..drift import warm_up
+
+            warm_up(model.tasks)  # the drift test's thresholds are simulated now, not while answering
         return Served(model=model, engine=engine, version=sha[:12], manifest_sha256=sha, loaded_at=time.time(),
                       load_seconds=time.perf_counter() - start, tasks={t.task_id: t for t in model.tasks})
 
