@@ -93,8 +93,8 @@ class VerdictRecorder:
             job = self._jobs.get()
             if job is None:
                 return
-            group, stop = [job], False
-            while sum(len(j.rows) for j in group) < MAX_GROUP:
+            group, rows, stop = [job], len(job.rows), False
+            while rows < MAX_GROUP:
                 try:
                     nxt = self._jobs.get_nowait()
                 except queue.Empty:
@@ -103,7 +103,14 @@ class VerdictRecorder:
                     stop = True
                     break
                 group.append(nxt)
-            self._write(group)
+                rows += len(nxt.rows)
+            try:
+                self._write(group)
+            except Exception as exc:  # noqa: BLE001 - the writer must outlive any one group: requests wait on it
+                log.exception("recording %d verdicts failed", rows)
+                self._count(errors=rows, last_error=f"{type(exc).__name__}: {exc}")
+                for waiting in group:  # answered without ids, as when the store cannot be written
+                    waiting.loop.call_soon_threadsafe(_resolve, waiting.done, [])
             if stop:
                 return
 
@@ -126,7 +133,11 @@ class VerdictRecorder:
             start += len(job.rows)
             job.loop.call_soon_threadsafe(_resolve, job.done, own)
         if self.settings.thumbnails and ids:
-            self._keep_thumbnails(group, ids)
+            try:
+                self._keep_thumbnails(group, ids)
+            except Exception as exc:  # noqa: BLE001 - the verdicts are recorded; only their pictures are missing
+                log.exception("thumbnails of %d verdicts not kept", len(ids))
+                self._count(last_error=f"thumbnails: {type(exc).__name__}: {exc}")
 
     def _records(self, job: _Job, hashes: list[str], paths: list[str | None]) -> list[dict[str, Any]]:
         from ..store.verdicts import verdict_record
