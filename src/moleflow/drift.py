@@ -327,17 +327,18 @@ def calibrated_at(calibration: Mapping[str, Any]) -> str | None:
     return history[-1].get("replaced_at") if history and isinstance(history[-1], Mapping) else None
 
 
-def _passing_scores(cal: dict[str, Any], threshold: float) -> tuple[np.ndarray, int]:
-    """A product's calibration scores and how many of them pass its threshold."""
+def _test_of(task: Any) -> tuple[str, float, dict, np.ndarray, int, float | None]:
+    """Which drift test a product gets: (name, threshold, calibration, calibration scores, how many of them
+    pass, flag rate). The p-value test when at least `MIN_SCORES` calibration scores pass; else the flag-rate
+    test at the rate the calibration promises (its interval's upper end, else the guaranteed or requested
+    rate); neither (rate None) when there is no rate in (0, 1)."""
+    name, threshold, cal = _task_fields(task)
     scores = np.asarray(cal.get("scores") or [], dtype=np.float64)
-    return scores, int((scores <= threshold).sum()) if len(scores) else 0
-
-
-def _calibrated_rate(cal: dict[str, Any]) -> float | None:
-    """The flag rate the calibration promises (its interval's upper end, else the guaranteed or requested rate);
-    None when there is none in (0, 1)."""
-    rate = cal.get("false_alarm_interval", [None, None])[1] or cal.get("guaranteed_rate") or cal.get("false_alarm_rate")
-    return float(rate) if rate and 0.0 < float(rate) < 1.0 else None
+    passing = int((scores <= threshold).sum()) if len(scores) else 0
+    rate = cal.get("false_alarm_interval", [None, None])[1] or cal.get("guaranteed_rate") or \
+        cal.get("false_alarm_rate")
+    rate = float(rate) if passing < MIN_SCORES and rate and 0.0 < float(rate) < 1.0 else None
+    return name, threshold, cal, scores, passing, rate
 
 
 def warm_up(tasks: Iterable[Any], monitor: DriftMonitor | None = None) -> None:
@@ -346,9 +347,7 @@ def warm_up(tasks: Iterable[Any], monitor: DriftMonitor | None = None) -> None:
     answers requests."""
     monitor = monitor or DriftMonitor()
     for task in tasks:
-        _, threshold, cal = _task_fields(task)
-        _, passing = _passing_scores(cal, threshold)
-        rate = _calibrated_rate(cal)
+        *_, passing, rate = _test_of(task)
         if passing >= MIN_SCORES:
             monitor.threshold(passing)
         elif rate is not None:
@@ -361,9 +360,8 @@ def product_drift(store: Any, tasks: Iterable[Any], monitor: DriftMonitor | None
     monitor = monitor or DriftMonitor()
     out = []
     for task in tasks:
-        name, threshold, cal = _task_fields(task)
+        name, threshold, cal, scores, passing, rate = _test_of(task)
         since = calibrated_at(cal)
-        scores, passing = _passing_scores(cal, threshold)
         common = dict(product=name, false_alert_rate=monitor.false_alert_rate, horizon=monitor.horizon,
                       statistic_kind=monitor.statistic)
         if passing >= MIN_SCORES:
@@ -377,7 +375,6 @@ def product_drift(store: Any, tasks: Iterable[Any], monitor: DriftMonitor | None
             result = monitor.run(p_high, p_low, passing)
             test = "p-values"
         else:
-            rate = _calibrated_rate(cal)
             if rate is None:
                 out.append(DriftState(test="none", parts=0, calibration_scores=passing, alert=False, statistic=0.0,
                                       threshold=None, message="no calibration scores and no calibrated rate: "
