@@ -30,7 +30,7 @@ from ..errors import MoleflowError
 from ..feedback import cluster_pile, discover_command, quality, review_queue, unknown_pile
 from .context import ServeContext, context
 from .schemas import ReviewIn
-from .uploads import Upload, UploadError, decode
+from .uploads import Upload, UploadError
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -130,23 +130,20 @@ async def image(verdict_id: int, ctx: ServeContext = Depends(context)) -> Respon
         data = await run_in_threadpool(path.read_bytes)
         if row.get("sha256") and hashlib.sha256(data).hexdigest() != row["sha256"]:
             raise UploadError(404, f"verdict {verdict_id}: {path} changed since it was inspected")
-        ctx.rendered[key] = await _redraw(ctx, data, path.name, served)
+        ctx.rendered[key] = await _redraw(ctx, data, path.name)
         while len(ctx.rendered) > _RENDERED:
             ctx.rendered.pop(next(iter(ctx.rendered)))
     return Response(ctx.rendered[key], media_type="image/png",
                     headers={"x-image-source": "file", "x-image-model": served.version})
 
 
-async def _redraw(ctx: ServeContext, data: bytes, name: str, served: Any) -> bytes:
+async def _redraw(ctx: ServeContext, data: bytes, name: str) -> bytes:
     """The overlay of an image file, through the batcher as POST /predict?maps=true (not recorded)."""
-    from .inference import prepare_item
+    from .routes import inspect_uploads
     from .verdicts import heat_images
 
-    item = await run_in_threadpool(lambda: prepare_item(decode(Upload(name, data), ctx.settings.max_pixels), served))
-    result = (await ctx.batcher.submit([item]))[0]
-    if isinstance(result, BaseException):
-        raise UploadError(500, f"{name}: inference failed ({type(result).__name__}: {result})")
-    pictures = await run_in_threadpool(heat_images, result, item.decoded.image)
+    items, results = await inspect_uploads(ctx, [Upload(name, data)])
+    pictures = await run_in_threadpool(heat_images, results[0], items[0].decoded.image)
     return base64.b64decode(pictures["overlay_png"])
 
 
