@@ -31,6 +31,7 @@ from ..heatmap import overlay_tile, resize_rgb as _tile
 __all__ = [
     "DPI",
     "bar_chart",
+    "daily_rates",
     "example_strip",
     "fig_to_png",
     "heatmap",
@@ -364,6 +365,29 @@ def map_range(maps: np.ndarray, low: float = 1.0, high: float = 99.5) -> tuple[f
         return 0.0, 1.0
     lo, hi = (float(v) for v in np.percentile(vals, [low, high]))
     return (lo, hi) if hi > lo else (lo, lo + 1.0)
+
+
+@_styled
+def daily_rates(days_of: Mapping[str, Sequence[Mapping]]) -> bytes:
+    """Per product, its realised false-alarm and detection rates (%) per day, one small panel each.
+
+    days_of: {product: [{"day": "YYYY-MM-DD", "false_alarm_rate": float | None, "detection_rate": ...}, ...]};
+    days without an estimate (None) are left out of a line, never drawn as 0."""
+    names = sorted(days_of)
+    fig, axes = _small_multiples(len(names), 3, (3.4, 2.3))
+    for ax, name in zip(axes, names):
+        days = days_of[name]
+        for key, label, style in (("false_alarm_rate", "false alarms", "o-"), ("detection_rate", "detection", "s-")):
+            pts = [(i, 100 * d[key]) for i, d in enumerate(days) if d[key] is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=3)
+        ax.set_title(name)
+        ax.set_ylim(-2, 102)
+        ax.set_xticks(range(len(days)))
+        ax.set_xticklabels([d["day"][5:] for d in days], rotation=45, fontsize=7)
+        ax.set_ylabel("%")
+        ax.legend(loc="center right", fontsize=7)
+    return fig_to_png(fig)
 
 
 @_styled

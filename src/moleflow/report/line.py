@@ -54,25 +54,6 @@ def _rows(products: Mapping[str, Any], thresholds: Mapping[str, Any]) -> list[li
     return rows
 
 
-def rates_figure(products: Mapping[str, Any]) -> bytes:
-    """Per product, the realised false-alarm and detection rates (%) per day (days without an estimate left out)."""
-    names = sorted(products)
-    fig, axes = F._small_multiples(len(names), 3, (3.4, 2.3))
-    for ax, name in zip(axes, names):
-        days = products[name]["days"]
-        for key, label, style in (("false_alarm_rate", "false alarms", "o-"), ("detection_rate", "detection", "s-")):
-            pts = [(i, 100 * d[key]) for i, d in enumerate(days) if d[key] is not None]
-            if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=label, markersize=3)
-        ax.set_title(name)
-        ax.set_ylim(-2, 102)
-        ax.set_xticks(range(len(days)))
-        ax.set_xticklabels([d["day"][5:] for d in days], rotation=45, fontsize=7)
-        ax.set_ylabel("%")
-        ax.legend(loc="center right", fontsize=7)
-    return F.fig_to_png(fig)
-
-
 def line_section(line: dict[str, Any] | None, thresholds: Mapping[str, Any]) -> list[Block]:
     """The section's blocks ([] without a verdict store)."""
     if line is None:
@@ -99,7 +80,7 @@ def line_section(line: dict[str, Any] | None, thresholds: Mapping[str, Any]) -> 
     if assumed:
         blocks.append(Bullets([f"{n}: no passed part of the audit sample reviewed yet; passed parts taken as good"
                                for n in assumed]))
-    blocks.append(Image("line_rates", rates_figure(products),
+    blocks.append(Image("line_rates", F.daily_rates({name: entry["days"] for name, entry in products.items()}),
                         "Realised false-alarm and detection rates per day, from reviews (days without an estimate "
                         "are left out)."))
     return blocks
