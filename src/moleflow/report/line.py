@@ -16,16 +16,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..store.run import VERDICT_STORE_FILE
 from . import figures as F
 from .blocks import Block, Bullets, Heading, Image, Para, Table
-
-STORE_FILE = "verdicts.sqlite"
 
 
 def read_line(run_dir: Path, audit_rate: float | None = None, store: str | None = None) -> dict[str, Any] | None:
     """The verdict store (`store`: a `--store` URL or file; default RUN/verdicts.sqlite) summarised for the
     report; None when no store is given and the run has no store file."""
-    default = Path(run_dir) / STORE_FILE
+    default = Path(run_dir) / VERDICT_STORE_FILE
     if store is None and not default.is_file():
         return None
     from ..feedback import AUDIT_RATE, check_rate, quality

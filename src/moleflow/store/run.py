@@ -19,6 +19,8 @@ import numpy as np
 from ..errors import MoleflowError
 from .atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
+VERDICT_STORE_FILE = "verdicts.sqlite"  # the run's default verdict store (store/verdicts.py)
+
 if TYPE_CHECKING:
     from ..config import Config
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from ..errors import MoleflowError
+from .run import VERDICT_STORE_FILE
 
 try:
     from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
@@ -58,7 +59,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
                         '(or `pip install "sqlalchemy>=2.0"`)') from exc
 
 SCHEMA_VERSION = 2
-DEFAULT_FILE = "verdicts.sqlite"
+DEFAULT_FILE = VERDICT_STORE_FILE
 SOURCES = ("serve", "predict", "watch")
 DECISIONS = ("normal", "anomalous", "unknown product", "unreadable")
 REVIEW_LABELS = ("defect_confirmed", "false_alarm", "good_confirmed", "wrong_product")
