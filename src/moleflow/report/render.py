@@ -24,7 +24,7 @@ import numpy as np
 from ..errors import MoleflowError
 from ..metrics import METRIC_LABELS, mean_metrics
 from ..store.atomic import atomic_write_bytes, atomic_write_text
-from ..store.run import SCORE_COLUMNS
+from ..store.run import SCORE_COLUMNS, VERDICT_STORE_FILE
 from . import figures as F
 from .blocks import Block, Bullets, Code, Heading, Image, Para, Table
 from .line import line_section, read_line
@@ -814,12 +814,15 @@ def write_report(run_dir: Path | str, title: str | None = None, audit_rate: floa
     """
     run = load_run(run_dir, audit_rate, store)
     title = title or default_title(run)
-    blocks = build_report(run, title)
-    fig_dir = run.run_dir / "figures"
+    return _write_blocks(run.run_dir, "report", build_report(run, title), title)
+
+
+def _write_blocks(run_dir: Path, stem: str, blocks: Sequence[Block], title: str) -> tuple[Path, Path]:
+    """RUN_DIR/figures/<image>.png for every figure, RUN_DIR/<stem>.md and the self-contained <stem>.html."""
     for b in blocks:
         if isinstance(b, Image):
-            atomic_write_bytes(fig_dir / f"{b.name}.png", lambda fh, b=b: fh.write(b.png))
-    md_path, html_path = run.run_dir / "report.md", run.run_dir / "report.html"
+            atomic_write_bytes(run_dir / "figures" / f"{b.name}.png", lambda fh, b=b: fh.write(b.png))
+    md_path, html_path = run_dir / f"{stem}.md", run_dir / f"{stem}.html"
     atomic_write_text(md_path, render_markdown(blocks))
     atomic_write_text(html_path, render_html(blocks, title))
     return md_path, html_path
@@ -832,7 +835,7 @@ def write_line_report(run_dir: Path | str, audit_rate: float | None = None, stor
     run_dir = Path(run_dir)
     line = read_line(run_dir, audit_rate, store)
     if line is None:
-        raise MoleflowError(f"no verdict store at {run_dir / 'verdicts.sqlite'}: record verdicts first (`moleflow "
+        raise MoleflowError(f"no verdict store at {run_dir / VERDICT_STORE_FILE}: record verdicts first (`moleflow "
                             "serve`, `watch` or `predict --record`), or pass --store URL")
     thresholds: dict[str, Any] = {}
     results = run_dir / "results.json"
@@ -842,11 +845,4 @@ def write_line_report(run_dir: Path | str, audit_rate: float | None = None, stor
         except (OSError, ValueError):
             thresholds = {}  # the requested rates are then shown as n/a
     title = f"moleflow: {run_dir.name} on the line"
-    blocks: list[Block] = [Heading(1, title), *line_section(line, thresholds)]
-    for b in blocks:
-        if isinstance(b, Image):
-            atomic_write_bytes(run_dir / "figures" / f"{b.name}.png", lambda fh, b=b: fh.write(b.png))
-    md_path, html_path = run_dir / "line.md", run_dir / "line.html"
-    atomic_write_text(md_path, render_markdown(blocks))
-    atomic_write_text(html_path, render_html(blocks, title))
-    return md_path, html_path
+    return _write_blocks(run_dir, "line", [Heading(1, title), *line_section(line, thresholds)], title)
