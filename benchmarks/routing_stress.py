@@ -23,6 +23,10 @@ Routers compared (all from the same backbone tokens, so the comparison is exact)
 * `patch_median`: smallest median over the patches of the standardised nearest-neighbour distance to each
   product's patch memory; `patch_vote`: most patches whose nearest memory is that product's;
 * `patch_median_raw`: the same with the raw distances (not standardised by each product's held-out patches);
+* `patch_paired_<s>`: the products compared on the same patches, the share s of an image's patches that fit their
+  best product best (`router.patch_misfit(..., "paired")`; a defect's patches drop out): the smallest geometric
+  mean of raw distances over them; `patch_paired_scaled_0.5`: distances divided by each product's mean held-out
+  distance first;
 * `gated_<g>` / `gated_raw_<g>`: the prototype router, unless the second-nearest prototype is within a factor
   1 + g of the nearest; then `patch_median` / `patch_median_raw` among the products within that factor.
 """
@@ -49,6 +53,7 @@ from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_a
 
 SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
 GATES = (0.02, 0.05, 0.1, 0.2, 0.5)
+PAIRED_SHARES = (0.25, 0.5, 0.75, 1.0)
 CASES = ("good",) + tuple(f"{a:g}" for a in AREAS)
 
 
@@ -121,7 +126,11 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
                 "patch_median": patch_misfit(z, e["owner"], e["n"], "median"),
                 "patch_median_raw": patch_misfit(raw, e["owner"], e["n"], "median"),
                 "patch_vote": patch_misfit(z, e["owner"], e["n"], "vote"),
+                "patch_paired_scaled_0.5": patch_misfit(raw / norm[:, 2].view(1, -1, 1, 1), e["owner"], e["n"],
+                                                        "paired", 0.5),
             }
+            for share in PAIRED_SHARES:
+                out[(name, case)][f"patch_paired_{share:g}"] = patch_misfit(raw, e["owner"], e["n"], "paired", share)
     return out
 
 
@@ -136,8 +145,7 @@ def gated_choice(proto: torch.Tensor, misfit: torch.Tensor, gate: float) -> tupl
 
 
 def routers(table: dict) -> dict[str, torch.Tensor]:
-    out = {k: table[k].argmin(1) for k in ("prototype", "prototype_mean", "patch_median", "patch_median_raw",
-                                            "patch_vote")}
+    out = {k: table[k].argmin(1) for k in table if k != "truth"}
     for g in GATES:
         out[f"gated_{g:g}"] = gated_choice(table["prototype"], table["patch_median"], g)[0]
         out[f"gated_raw_{g:g}"] = gated_choice(table["prototype"], table["patch_median_raw"], g)[0]

@@ -32,6 +32,19 @@ def test_patch_misfit_ignores_a_minority_of_foreign_patches():
         patch_misfit(z, statistic="mode")
 
 
+def test_paired_misfit_compares_products_on_the_patches_that_fit_best():
+    z = torch.full((1, 2, 10, 10), 2.0)  # 1 image, 2 products
+    z[0, 1] = 2.2  # product 1 fits a little worse on the normal patches ...
+    z[0, 0, :4] = 40.0  # ... a "defect" on 40 % of the patches fits product 1 less badly than product 0
+    z[0, 1, :4] = 20.0
+    paired = patch_misfit(z, statistic="paired", normal_share=0.5)
+    assert paired[0].tolist() == pytest.approx([2.0, 2.2])  # the defect's patches dropped out
+    everything = patch_misfit(z, statistic="paired", normal_share=1.0)  # the geometric mean over all patches
+    assert everything.argmin(1).tolist() == [1]  # lets the defect decide
+    z[0, 1] = float("inf")  # a product that is no candidate stays out
+    assert patch_misfit(z, statistic="paired")[0, 1] == float("inf")
+
+
 def test_patch_modes_need_a_patch_memory():
     with pytest.raises(MoleflowError, match="needs score.source=flow\\+memory"):
         tiny_config(**{"router.mode": "gated"})

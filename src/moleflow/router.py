@@ -53,23 +53,32 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
 
 
 def patch_misfit(z: torch.Tensor, owner: torch.Tensor | None = None, n_images: int | None = None,
-                 statistic: str = "median") -> torch.Tensor:
+                 statistic: str = "median", normal_share: float = 0.5) -> torch.Tensor:
     """How badly each image fits each candidate product, from its patches (lower fits better).
 
     `z` (M, T, H, W): every tile patch's nearest-neighbour distance to each of T products' patch memories
     (`PatchMemory.distances`). `statistic`: "median", the median over a tile's patches (a defect on a minority
     of the patches cannot move it far: what the router uses), or "vote", minus the share of the tile's patches
-    whose nearest memory is that product's (measured and not taken, docs/decisions.md §8). Tiles of one image
+    whose nearest memory is that product's (measured and not taken, docs/decisions.md §8), or "paired": the
+    products are compared on the same patches, the `normal_share` of the tile's patches that fit their best product
+    best (a defect's patches, far from every memory, drop out): the geometric mean of each product's distances over
+    those patches. Tiles of one image
     (`owner` (M,) into `n_images`) are averaged, as the prototype router averages their distances.
     Returns (N, T) float64."""
     flat = z.double().flatten(2)  # (M, T, P)
     if statistic == "median":  # the lower median as a sort and a constant index, so that it exports to ONNX
         per_tile = flat.sort(dim=2).values[..., (flat.shape[2] - 1) // 2]
+    elif statistic == "paired":  # non-candidate products arrive as inf and stay inf
+        best = flat.min(dim=1).values  # (M, P): how well each patch fits any product
+        keep = max(1, int(round(normal_share * flat.shape[2])))
+        rows = best.sort(dim=1).indices[:, :keep]  # (M, K): the patches that fit best
+        chosen = flat.gather(2, rows.unsqueeze(1).expand(-1, flat.shape[1], -1))  # (M, T, K)
+        per_tile = chosen.clamp_min(1e-12).log().mean(2).exp()
     elif statistic == "vote":
         winner = flat.argmin(dim=1)  # (M, P): each patch votes for its nearest product
         per_tile = -torch.nn.functional.one_hot(winner, flat.shape[1]).double().mean(1)
     else:
-        raise MoleflowError(f"unknown patch statistic {statistic!r}: use median or vote")
+        raise MoleflowError(f"unknown patch statistic {statistic!r}: use median, paired or vote")
     return per_tile if owner is None else mean_per_image(per_tile, owner, n_images)
 
 
