@@ -28,7 +28,8 @@ from .config import Config
 from .data.datasets import ClassSplit, load_class
 from .detector import MoleFlow
 from .errors import MoleflowError
-from .evaluation import evaluate_classes, finish_run, learned_steps, step_classes, step_record, summary_line
+from .evaluation import (evaluate_classes, evaluation_cache, finish_run, learned_steps, step_classes, step_record,
+                         summary_line)
 from .metrics import mean_metrics
 from .parallel import Parallel
 from .store.checkpoint import run_has_model
@@ -207,6 +208,7 @@ def learn_and_evaluate(model: MoleFlow, load_split: Callable[[str], ClassSplit],
     steps: list[dict[str, Any]] = []
     class_task: dict[str, int] = {}
     eval_seconds = 0.0
+    cache = evaluation_cache(model)  # test features and expert scores, reused by every later evaluation
     for step, classes in enumerate(tasks):
         splits.update({c: load_split(c) for c in classes if c not in splits})
         if step < len(learned):
@@ -223,7 +225,7 @@ def learn_and_evaluate(model: MoleFlow, load_split: Callable[[str], ClassSplit],
         t0 = time.perf_counter()
         among = [t.task_id for t in model.tasks if t.step <= step]
         evals = evaluate_classes(model, splits, class_task, among=among, batch_size=batch_size,
-                                 num_workers=num_workers,
+                                 num_workers=num_workers, cache=cache,
                                  examples_per_kind=examples_per_kind if step == len(tasks) - 1 else 0)
         eval_seconds += time.perf_counter() - t0
         steps.append(step_record(step, infos, evals, seconds))
@@ -231,7 +233,7 @@ def learn_and_evaluate(model: MoleFlow, load_split: Callable[[str], ClassSplit],
             steps[-1]["discovery"] = found
         log.info("after step %d: %s", step + 1, summary_line(mean_metrics(steps[-1]["results"])))
     return finish_run(model, run_dir, splits, class_task, steps, evals, meta, eval_seconds, start,
-                      batch_size, num_workers)
+                      batch_size, num_workers, cache)
 
 
 def check_resumable(model: MoleFlow, learned: list[list[Any]], tasks: list[list[str]], run_dir: Path) -> None:

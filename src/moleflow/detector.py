@@ -29,7 +29,7 @@ from .features import FeatureSource
 from .inspector import Inspection, Inspector
 from .learning import Learner, calibration_holdout, learn_expert_remotely, next_step
 from .parallel import Parallel
-from .pipeline import TorchBackend, check_request, concat_inspections, inspect
+from .pipeline import NeuralBackend, TorchBackend, check_request, concat_inspections, inspect
 from .store.checkpoint import read_model, read_model_lazily, write_model
 from .task_info import TaskInfo, task_infos
 
@@ -184,13 +184,17 @@ class MoleFlow:
         ids = None if task_ids is None else torch.as_tensor(task_ids, dtype=torch.long).reshape(-1)
         check_request(self.inspector, len(images), ids, among)
         backend = TorchBackend(self.inspector, batch_size)
-        parts = []
+        return concat_inspections([
+            self.inspect_prepared(self.prepare(images[start:start + batch_size]), backend,
+                                  None if ids is None else ids[start:start + batch_size], among)
+            for start in range(0, len(images), batch_size)])
+
+    def inspect_prepared(self, prep: Prepared, backend: NeuralBackend, task_ids: torch.Tensor | None = None,
+                         among: Sequence[int] | None = None) -> Prediction:
+        """One batch of prepared images through the inspection pipeline with `backend` (`predict` uses the torch
+        backend; the evaluation one that keeps test features across a run, `eval_cache`)."""
         with self._autocast():
-            for start in range(0, len(images), batch_size):
-                parts.append(inspect(self.inspector, backend, self.prepare(images[start:start + batch_size]),
-                                     None if ids is None else ids[start:start + batch_size],
-                                     None if among is None else list(among)))
-        return concat_inspections(parts)
+            return inspect(self.inspector, backend, prep, task_ids, None if among is None else list(among))
 
     def _autocast(self):
         if self.precision == "fp32":

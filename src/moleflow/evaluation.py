@@ -23,7 +23,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -31,7 +31,9 @@ from torch.utils.data import DataLoader
 
 from .data.datasets import ClassSplit, ImageDataset
 from .detector import MoleFlow
+from .eval_cache import CachedBackend, CachedBatch, EvaluationCache
 from .metrics import METRICS, auroc, backward_transfer, forgetting_measure, image_metrics, mean_metrics, pixel_metrics
+from .pipeline import TorchBackend
 from .store.run import SCORE_COLUMNS, read_csv_rows, save_json, write_csv, write_npz
 
 log = logging.getLogger(__name__)
@@ -107,28 +109,51 @@ def per_defect_auroc(labels: np.ndarray, scores: np.ndarray, defect_types: Seque
     return out
 
 
-@torch.no_grad()
-def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: bool = False, batch_size: int = 32,
-                   examples_per_kind: int = 0, num_workers: int = 0, among: list[int] | None = None
-                   ) -> ClassEvaluation:
-    """Score a class's test split (routed among `among`, or with the true task when `oracle` or when the
-    router is off, the `no_router` ablation); its metrics."""
-    oracle = oracle or not model.config.router.enabled
-    dataset = ImageDataset(split.test, model.transform)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    scores, routed, known, anomalous, maps, masks, ambiguous = [], [], [], [], [], [], []
+def test_batches(model: MoleFlow, split: ClassSplit, batch_size: int, num_workers: int,
+                 cache: EvaluationCache | None) -> Iterator[CachedBatch]:
+    """A class's test images, prepared, `batch_size` at a time with their masks: from `cache` when it kept the
+    class whole, else loaded (and offered to `cache`: a batch keeps its features when the backend admits them)."""
+    kept = cache.batches(split.class_name) if cache is not None else None
+    if kept is not None:
+        yield from kept
+        return
+    loader = DataLoader(ImageDataset(split.test, model.transform), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers)
+    batches: list[CachedBatch] | None = [] if cache is not None else None
     for batch in loader:
-        ids = [true_task] * len(batch["image"]) if oracle else None
         # with tiling the model cuts each image file itself; otherwise the loader's square tensors are used
         images = batch["image"] if model.config.data.tiling == "none" else [split.test[int(i)].image for i in batch["index"]]
-        pred = model.predict(images, task_ids=ids, batch_size=batch_size, among=among)
+        item = CachedBatch(model.prepare(images), batch["mask"].numpy())
+        yield item
+        if batches is not None and item.tokens is not None:
+            batches.append(item)
+        else:
+            batches = None  # a batch over the budget: the class is not kept (nor its pixels held)
+    if cache is not None and batches is not None:
+        cache.keep(split.class_name, batches)
+
+
+@torch.no_grad()
+def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: bool = False, batch_size: int = 32,
+                   examples_per_kind: int = 0, num_workers: int = 0, among: list[int] | None = None,
+                   cache: EvaluationCache | None = None) -> ClassEvaluation:
+    """Score a class's test split (routed among `among`, or with the true task when `oracle` or when the
+    router is off, the `no_router` ablation); its metrics. `cache` (`eval_cache`) keeps the test images'
+    features and expert scores for the run's later evaluations."""
+    oracle = oracle or not model.config.router.enabled
+    scores, routed, known, anomalous, maps, masks, ambiguous = [], [], [], [], [], [], []
+    torch_backend = TorchBackend(model.inspector, batch_size)
+    for batch in test_batches(model, split, batch_size, num_workers, cache):
+        ids = torch.full((batch.prep.n_images,), true_task, dtype=torch.long) if oracle else None
+        backend = torch_backend if cache is None else CachedBackend(torch_backend, batch, cache)
+        pred = model.inspect_prepared(batch.prep, backend, ids, among)
+        masks.append(batch.masks)
         scores.append(pred.scores.numpy())
         routed.append(pred.task_ids.numpy())
         known.append(pred.known.numpy())
         anomalous.append(pred.anomalous.numpy())
         ambiguous.append(pred.ambiguous.numpy())
         maps.append(pred.maps.numpy().astype(np.float32))
-        masks.append(batch["mask"].numpy())
     s, r = np.concatenate(scores).astype(np.float64), np.concatenate(routed)
     labels = np.array([x.label for x in split.test])
     m, k = np.concatenate(maps), np.concatenate(masks)
@@ -226,11 +251,20 @@ def routing_confusion(evals: dict[str, ClassEvaluation], task_ids: list[int], ta
 
 def evaluate_classes(model: MoleFlow, splits: dict[str, ClassSplit], class_task: dict[str, int],
                      among: list[int] | None = None, oracle: bool = False, batch_size: int = 32,
-                     examples_per_kind: int = 0, num_workers: int = 0) -> dict[str, ClassEvaluation]:
+                     examples_per_kind: int = 0, num_workers: int = 0, cache: EvaluationCache | None = None
+                     ) -> dict[str, ClassEvaluation]:
     """Evaluate each class in `class_task` (class -> true task id), routed among `among` (default all)."""
     return {c: evaluate_class(model, splits[c], t, oracle=oracle, batch_size=batch_size, among=among,
-                              examples_per_kind=examples_per_kind, num_workers=num_workers)
+                              examples_per_kind=examples_per_kind, num_workers=num_workers, cache=cache)
             for c, t in class_task.items()}
+
+
+def evaluation_cache(model: MoleFlow) -> EvaluationCache | None:
+    """A cache for the evaluations of one run (`eval_cache`): only while experts stay as learned (frozen shared
+    flow), within `train.cache_memory_gb`."""
+    if not model.config.model.freeze_base:
+        return None
+    return EvaluationCache(int(model.config.train.cache_memory_gb * 2**30))
 
 
 def learned_steps(model: MoleFlow) -> list[list[Any]]:
@@ -269,6 +303,7 @@ def reevaluate_run(model: MoleFlow, load_split: Callable[[str], ClassSplit], run
     splits = {c: load_split(c) for t in model.tasks for c in t.classes}
     class_task = {c: t.task_id for t in model.tasks for c in t.classes}
     structural = model.config.model.freeze_base
+    cache = evaluation_cache(model)
     steps: list[dict[str, Any]] = []
     by_step = learned_steps(model)
     for j, infos in enumerate(by_step):
@@ -280,17 +315,20 @@ def reevaluate_run(model: MoleFlow, load_split: Callable[[str], ClassSplit], run
         among = [t.task_id for i in by_step[: j + 1] for t in i]
         learned = {c: t for c, t in class_task.items() if t in among}
         evals = evaluate_classes(model, splits, learned, among=among, batch_size=batch_size,
-                                 examples_per_kind=examples_per_kind if last else 0, num_workers=num_workers)
+                                 examples_per_kind=examples_per_kind if last else 0, num_workers=num_workers,
+                                 cache=cache)
         old = previous["steps"][j] if previous and j < len(previous.get("steps", [])) else {}
         steps.append(step_record(j, infos, evals, old.get("train_seconds")))
     return finish_run(model, run_dir, splits, class_task, steps, evals, meta, time.perf_counter() - start, start,
-                      batch_size, num_workers)
+                      batch_size, num_workers, cache)
 
 
 def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], class_task: dict[str, int],
                steps: list[dict[str, Any]], evals: dict[str, ClassEvaluation], meta: dict[str, Any],
-               eval_seconds: float, start: float, batch_size: int, num_workers: int) -> dict[str, Any]:
-    """Oracle pass, continual metrics, confusion matrix; write every output file of the run directory."""
+               eval_seconds: float, start: float, batch_size: int, num_workers: int,
+               cache: EvaluationCache | None = None) -> dict[str, Any]:
+    """Oracle pass (reusing `cache`), continual metrics, confusion matrix; write every output file of the run
+    directory."""
     task_names = {t.task_id: t.name for t in model.tasks}
     for c, ev in evals.items():
         write_scores_csv(run_dir / "scores" / f"{c}.csv", ev, task_names)
@@ -298,7 +336,7 @@ def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], cl
             write_npz(run_dir / "examples" / f"{c}.npz", ev.examples)
     t0 = time.perf_counter()
     oracle = {c: e.metrics for c, e in evaluate_classes(model, splits, class_task, oracle=True, batch_size=batch_size,
-                                                          num_workers=num_workers).items()}
+                                                          num_workers=num_workers, cache=cache).items()}
     eval_seconds += time.perf_counter() - t0
     t0 = time.perf_counter()
     stress = routing_stress(model, splits, class_task)
@@ -319,7 +357,9 @@ def finish_run(model: MoleFlow, run_dir: Path, splits: dict[str, ClassSplit], cl
         "routing_stress": stress,
         "thresholds": threshold_summary(model, final),
         "timing": {"train_seconds": [s.get("train_seconds") for s in steps], "eval_seconds": eval_seconds,
-                   "total_seconds": time.perf_counter() - start},
+                   "total_seconds": time.perf_counter() - start,
+                   "evaluation_cache": None if cache is None else {
+                       "tiles_scored": cache.misses, "tiles_reused": cache.hits, "kept_bytes": cache.used_bytes}},
     })
     save_json(run_dir / "results.json", results)
     write_matrices(run_dir, steps, classes)
