@@ -34,8 +34,14 @@ import numpy as np
 from moleflow import MoleFlow
 from moleflow.data.datasets import ClassSplit, load_class
 from moleflow.evaluation import evaluate_class
+from moleflow.learning import Learner
 from moleflow.tuning import write_validation_images
 
+
+
+def set_memory_norm(model: MoleFlow, task: int, tokens) -> None:
+    """Standardise `task`'s flow NLL and memory distance on normal tokens (M, H, W, D), as learning does."""
+    model.inspector.set_memory_norm(task, *Learner(model.features, model.tasks)._nll_and_distance(task, tokens))
 
 def product_split(model: MoleFlow, task: int, paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """The run's (training, calibration) images of task `task`, as training drew them."""
@@ -61,7 +67,7 @@ def report_test(model: MoleFlow, data: dict[str, dict], root: Path, variants: li
         model.memory.coreset = k
         for d in data.values():
             model.memory.add_task(d["task"], d["train"])
-            model._set_memory_norm(d["task"], model.stream_features(d["cal"])[0])
+            set_memory_norm(model, d["task"], model.stream_features(d["cal"])[0])
         per_class = {}
         for name, d in data.items():
             metrics = evaluate_class(model, load_class(root, name, "folder"), d["task"]).metrics
@@ -116,7 +122,7 @@ def main() -> None:
         for name, d in data.items():
             folds = []
             for h in (0, 1):  # standardise on one half, validate on the other
-                model._set_memory_norm(d["task"], d["halves"][1 - h])
+                set_memory_norm(model, d["task"], d["halves"][1 - h])
                 metrics = evaluate_class(model, d["folds"][h], d["task"]).metrics
                 folds.append({m: metrics[m] for m in ("image_auroc", "pixel_auroc", "routing_accuracy")})
             per_class[name] = {m: float(np.mean([f[m] for f in folds])) for m in folds[0]}

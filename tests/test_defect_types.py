@@ -14,6 +14,7 @@ from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from moleflow.cli.train import defect_type_lines, print_final_table
+from moleflow.data.batch import Prepared
 from moleflow.data.datasets import ClassSplit, Sample
 from moleflow.data.transforms import ImageTransform
 from moleflow.evaluation import (continual_metrics, evaluate_class, per_defect_auroc, per_defect_counts,
@@ -91,14 +92,15 @@ def test_matches_sklearn_on_random_data_with_ties(seed):
 
 
 def _fake_model(size: int = 16) -> SimpleNamespace:
-    def predict(images: torch.Tensor, task_ids=None, batch_size: int = 32, among=None) -> SimpleNamespace:
-        n = len(images)
+    def inspect_prepared(prep: Prepared, backend, task_ids=None, among=None) -> SimpleNamespace:
+        images, n = prep.pixels, prep.n_images
         return SimpleNamespace(scores=images.mean(dim=(1, 2, 3)), task_ids=torch.zeros(n, dtype=torch.long),
                                known=torch.ones(n, dtype=torch.bool), anomalous=torch.zeros(n, dtype=torch.bool),
                                ambiguous=torch.zeros(n, dtype=torch.bool), maps=torch.zeros(n, size, size))
 
     config = SimpleNamespace(data=SimpleNamespace(tiling="none"), router=SimpleNamespace(enabled=True))
-    return SimpleNamespace(transform=ImageTransform(size), predict=predict, config=config)
+    return SimpleNamespace(transform=ImageTransform(size), prepare=Prepared.square, inspect_prepared=inspect_prepared,
+                           inspector=None, config=config)
 
 
 def _split(root: Path) -> ClassSplit:

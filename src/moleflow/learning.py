@@ -303,9 +303,12 @@ class Learner:
                    report: TrainReport, rate: float) -> TaskInfo:
         """Decision threshold from the scores of normal tiles' tokens (M, H, W, D) (`meta`: their owners and
         layouts): held-out normal training images or, without any, the training images (`source` says which)."""
-        if self.inspector.memory is not None:
-            self._set_memory_norm(task, tokens)
-        scores, pixel_median, pixel_max = self._score_tokens(tokens, task, meta)
+        patch = None
+        if self.inspector.memory is not None:  # one flow pass: standardise on the scores, then score with them
+            nll, distance = self._nll_and_distance(task, tokens)
+            self.inspector.set_memory_norm(task, nll, distance)
+            patch = self.inspector.memory.standardised_sum(nll, distance, task).float()
+        scores, pixel_median, pixel_max = self._score_tokens(tokens, task, meta, patch=patch)
         threshold = conformal_threshold(scores.numpy(), rate)
         self.inspector.set_threshold(task, threshold.threshold)
         calibration = {"source": source, **calibration_record(threshold, scores.numpy()),
@@ -317,30 +320,35 @@ class Learner:
                         threshold=threshold.threshold, calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
-    def _set_memory_norm(self, task: int, tokens: torch.Tensor, batch_size: int = 64) -> None:
-        """Standardise the flow NLL and the memory distance of `task` on normal tokens (N, H, W, D)."""
+    def _nll_and_distance(self, task: int, tokens: torch.Tensor, batch_size: int = 64
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow NLL and the memory distance (M, H, W) of `task` on normal tokens (M, H, W, D), on the CPU."""
         nll, dist = [], []
         for t in token_chunks(tokens, batch_size):
             t = t.to(self.device)
             nll.append(self.inspector.flow(t, task).nll.cpu())
             dist.append(self.inspector.memory.distances(t, task).cpu())
-        self.inspector.set_memory_norm(task, torch.cat(nll), torch.cat(dist))
+        return torch.cat(nll), torch.cat(dist)
 
     @torch.no_grad()
-    def _score_tokens(self, tokens: torch.Tensor, task: int, prep: Prepared, batch_size: int = 64
-                      ) -> tuple[torch.Tensor, float, float]:
+    def _score_tokens(self, tokens: torch.Tensor, task: int, prep: Prepared, batch_size: int = 64,
+                      patch: torch.Tensor | None = None) -> tuple[torch.Tensor, float, float]:
         """Image scores (N,) of normal tiles' tokens (M, H, W, D) (`prep`: their owners, in image order, and
         layouts), and the median of the images' median pixel values and the largest pixel value; `batch_size`
-        images at a time, so memory does not grow with the number of images."""
+        images at a time, so memory does not grow with the number of images. `patch` (M, H, W): the tiles'
+        patch scores when already computed."""
         scores, medians, peak = [], [], float("-inf")
         bounds = torch.searchsorted(prep.owner, torch.arange(prep.n_images + 1))  # each image's first tile
         for start in range(0, prep.n_images, batch_size):
             end = min(start + batch_size, prep.n_images)
             lo, hi = int(bounds[start]), int(bounds[end])
-            patch = torch.cat([self.inspector.patch_scores(t.to(self.device), task).float()
-                               for t in token_chunks(tokens[lo:hi], batch_size)])
+            if patch is None:
+                part_patch = torch.cat([self.inspector.patch_scores(t.to(self.device), task).float()
+                                        for t in token_chunks(tokens[lo:hi], batch_size)])
+            else:
+                part_patch = patch[lo:hi].to(self.device)
             part = Prepared(prep.pixels, prep.owner[lo:hi] - start, prep.layouts[start:end])
-            image, maps, _ = self.inspector.outputs(patch, part)
+            image, maps, _ = self.inspector.outputs(part_patch, part)
             scores.append(image.cpu())
             medians.append(maps.flatten(1).median(1).values.cpu())
             peak = max(peak, float(maps.max()))

@@ -115,9 +115,12 @@ class PatchMemory(nn.Module):
 
     def combine(self, nll: torch.Tensor, tokens: torch.Tensor, task: int) -> torch.Tensor:
         """Patch score (B, H, W): standardised flow NLL + standardised memory distance of task `task`."""
+        return self.standardised_sum(nll, self.distances(tokens, task), task)
+
+    def standardised_sum(self, nll: torch.Tensor, distance: torch.Tensor, task: int) -> torch.Tensor:
+        """Patch score (B, H, W) of a flow NLL and a memory distance (B, H, W) already computed under task `task`."""
         norm = getattr(self, f"norm_{task}").to(nll.dtype)
-        distance = self.distances(tokens, task).to(nll.dtype)
-        return (nll - norm[0]) / norm[1] + (distance - norm[2]) / norm[3]
+        return (nll - norm[0]) / norm[1] + (distance.to(nll.dtype) - norm[2]) / norm[3]
 
     def load_banks(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the buffers of a saved `state_dict()`."""
