@@ -38,10 +38,10 @@ from moleflow.learning import Learner
 from moleflow.tuning import write_validation_images
 
 
-
 def set_memory_norm(model: MoleFlow, task: int, tokens) -> None:
     """Standardise `task`'s flow NLL and memory distance on normal tokens (M, H, W, D), as learning does."""
-    model.inspector.set_memory_norm(task, *Learner(model.features, model.tasks)._nll_and_distance(task, tokens))
+    Learner(model.features, model.tasks).standardise_memory(task, tokens)
+
 
 def product_split(model: MoleFlow, task: int, paths: list[Path]) -> tuple[list[Path], list[Path]]:
     """The run's (training, calibration) images of task `task`, as training drew them."""

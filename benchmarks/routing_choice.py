@@ -83,11 +83,13 @@ def main() -> None:
     routers = ["prototype"] + [f"gated{raw}_{g:g}" for raw in ("", "_raw") for g in (0.02, 0.05, 0.1, 0.2, 0.5)] + [
         f"evidence_{w:g}_{g:g}" for g in (0.2, 0.5) for w in (0.5, 1, 2, 4)] + ["patch_median", "patch_median_raw"]
     # measured after the choice (stop 29): reported beside the rule's candidates, not eligible under it
+    first_table = next(iter(next(iter(saved.values())).values()))  # tables saved before stop 29 have no paired
     challengers = [f"paired{s:g}_{w:g}_{g:g}" for s in PAIRED_SHARES for g in (0.2, 0.5) for w in (1, 2, 4)
-                   if f"patch_paired_{s:g}" in next(iter(next(iter(saved.values())).values()))]
+                   if f"patch_paired_{s:g}" in first_table]
+    measured = routers + challengers
     look = [s for s in saved if s != "shared"]
     summary: dict = {}
-    for router in routers + challengers:
+    for router in measured:
         per_setting: dict = {}
         for setting, tables in saved.items():
             acc: dict = {}
@@ -105,7 +107,7 @@ def main() -> None:
         }
     # the settings where the prototype routes >= 95 % of good parts right: the hidden pair's situation
     separable = [s for s in look if summary["prototype"]["per_setting"][s]["good"] >= 0.95]
-    for r in routers + challengers:
+    for r in measured:
         per = summary[r]["per_setting"]
         summary[r]["separable_good"] = float(np.mean([per[s]["good"] for s in separable]))
         summary[r]["separable_defect"] = float(np.mean([per[s][c] for s in separable for c in DEFECTS]))
@@ -123,7 +125,7 @@ def main() -> None:
             wrong_margins += margin[wrong].tolist()
     finite = [m for m in wrong_margins if np.isfinite(m)]
     margin = float(np.quantile(finite, 0.9)) if finite else 0.0
-    for r in routers + challengers:
+    for r in measured:
         s = summary[r]
         print(f"{r:18s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "
               f"defects<=10% {100 * s['look_alike_defect']:5.1f} | separable good {100 * s['separable_good']:5.1f} "

@@ -305,8 +305,7 @@ class Learner:
         layouts): held-out normal training images or, without any, the training images (`source` says which)."""
         patch = None
         if self.inspector.memory is not None:  # one flow pass: standardise on the scores, then score with them
-            nll, distance = self._nll_and_distance(task, tokens)
-            self.inspector.set_memory_norm(task, nll, distance)
+            nll, distance = self.standardise_memory(task, tokens)
             patch = self.inspector.memory.standardised_sum(nll, distance, task).float()
         scores, pixel_median, pixel_max = self._score_tokens(tokens, task, meta, patch=patch)
         threshold = conformal_threshold(scores.numpy(), rate)
@@ -320,15 +319,18 @@ class Learner:
                         threshold=threshold.threshold, calibration=calibration, train=report.to_dict())
 
     @torch.no_grad()
-    def _nll_and_distance(self, task: int, tokens: torch.Tensor, batch_size: int = 64
-                          ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flow NLL and the memory distance (M, H, W) of `task` on normal tokens (M, H, W, D), on the CPU."""
+    def standardise_memory(self, task: int, tokens: torch.Tensor, batch_size: int = 64
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standardise `task`'s flow NLL and memory distance on normal tokens (M, H, W, D); returns both (M, H, W)
+        on the CPU, so that the caller can score the same tokens without another pass."""
         nll, dist = [], []
         for t in token_chunks(tokens, batch_size):
             t = t.to(self.device)
             nll.append(self.inspector.flow(t, task).nll.cpu())
             dist.append(self.inspector.memory.distances(t, task).cpu())
-        return torch.cat(nll), torch.cat(dist)
+        nll, dist = torch.cat(nll), torch.cat(dist)
+        self.inspector.set_memory_norm(task, nll, dist)
+        return nll, dist
 
     @torch.no_grad()
     def _score_tokens(self, tokens: torch.Tensor, task: int, prep: Prepared, batch_size: int = 64,
