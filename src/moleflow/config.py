@@ -110,6 +110,11 @@ class TrainConfig:
     # training normals (BENCHMARKS.md, "Several products in one step"): balanced 94.87, side_by_side 94.50,
     # first_only 94.12
     first_step: Literal["side_by_side", "balanced", "first_only"] = "balanced"
+    # each optimiser step trains the flow on one random window of the token grid, this share of its height and
+    # width (the positional encoding, input adapter and spatial mixer still see the whole grid, so a window keeps
+    # its place); 1 = the whole grid (spec). A window of half the side costs about a quarter of a step
+    step_window: float = 1.0
+    step_window_margin: int = 0  # tokens of context around the window that go through the flow, outside the loss
 
 
 @dataclass
@@ -256,6 +261,8 @@ class Config:
         check(0 < m.dia_hidden_ratio, "model.dia_hidden_ratio must be > 0")
         check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
         check(t.min_steps >= 0, "train.min_steps must be >= 0")
+        check(0.0 < t.step_window <= 1.0, "train.step_window must be in (0, 1]")
+        check(t.step_window_margin >= 0, "train.step_window_margin must be >= 0")
         check(s.source in ("flow", "flow+memory"), "score.source: flow|flow+memory")
         check(0.0 < s.memory_fraction <= 1.0, "score.memory_fraction must be in (0, 1]")
         check(s.memory_max_tokens >= 1, "score.memory_max_tokens must be >= 1")

@@ -262,10 +262,15 @@ class ExpertFlow(nn.Module):
             return limit
         return max(1, min(limit, CPU_TOKENS_PER_PASS // max(1, tokens.shape[1] * tokens.shape[2])))
 
-    def forward(self, tokens: torch.Tensor, task: int) -> FlowOutput:
-        """tokens (B,H,W,D) of images all belonging to `task` -> per-patch NLL, log-det and latent."""
+    def forward(self, tokens: torch.Tensor, task: int, window: tuple[slice, slice] | None = None) -> FlowOutput:
+        """tokens (B,H,W,D) of images all belonging to `task` -> per-patch NLL, log-det and latent (B,H,W[,D]).
+        `window` (rows, columns): only that part of the grid goes through the flow (training on windows,
+        `train.step_window`); the positional encoding, adapter and mixer still see the whole grid."""
         self._check_learned([task])
-        return self._output(*self.flow_forward(self.prepare(tokens, task), task))
+        x = self.prepare(tokens, task)
+        if window is not None:
+            x = x[:, window[0], window[1]]
+        return self._output(*self.flow_forward(x, task))
 
     def forward_rows(self, tokens: torch.Tensor, row_tasks: Sequence[int] | torch.Tensor) -> FlowOutput:
         """tokens (B,H,W,D), row i of task row_tasks[i] ((B,) ids) -> per-patch NLL, log-det and latent, in one
