@@ -232,6 +232,8 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     chosen.score.memory_coreset = 1000  # chosen afterwards on synthetic validation (docs/decisions.md §7)
     # and the router, chosen on training images with pasted defects and look-alike pairs (docs/decisions.md §8)
     chosen.router.mode, chosen.router.ambiguity_margin = "gated", 0.17
+    # and training on windows of the token grid, chosen by `moleflow tune` (docs/accuracy.md §7)
+    chosen.train.step_window = 0.35
     assert cpu.to_dict() == chosen.to_dict()
     faithful = Config.from_preset("cpu-faithful")
     assert faithful.score.source == "flow" and faithful.backbone.feature_merge == "mean"

@@ -455,10 +455,10 @@ def _cpu_faithful() -> Config:
 
 def _cpu() -> Config:
     """The default: the best CPU setting found, chosen by `moleflow tune` on synthetic anomalies in held-out
-    training normals (docs/accuracy.md §5), never on test images. On top of `cpu-faithful`: the backbone's
+    training normals (docs/accuracy.md §5, §7), never on test images. On top of `cpu-faithful`: the backbone's
     40 + 112 channels side by side (D = 152), a floor of 200 optimiser steps per task over at least 4
-    epochs, elongated images cut into near-square tiles, and a per-product patch memory (a 1,000-token greedy
-    coreset of its training patches) scored with the flow. Not the faithful method (the memory and tiling
+    epochs, each on a window of the token grid, elongated images cut into near-square tiles, and a per-product
+    patch memory (a 1,000-token greedy coreset of its training patches) scored with the flow. Not the faithful method (the memory and tiling
     are additions); `main`/`repo` are.
     """
     cfg = _cpu_faithful()
@@ -466,6 +466,10 @@ def _cpu() -> Config:
     cfg.backbone.embed_dim = None
     cfg.train.epochs = 4
     cfg.train.min_steps = 200
+    # each step trains the flow on a window of about a third of the token grid's side (10 x 10 of 28 x 28, cut at
+    # the edges so that every token is trained equally often): ~4x cheaper steps. The cheapest candidate within
+    # 0.3 points of the whole grid on synthetic validation (docs/accuracy.md §7, benchmarks/results/tune_step_window.json)
+    cfg.train.step_window = 0.35
     cfg.score.source = "flow+memory"
     # 1,000 coreset tokens per product: the smallest candidate no worse on synthetic validation than the
     # 20,000-token random memory (docs/decisions.md §7); the exact search is then ~20x cheaper
