@@ -111,10 +111,10 @@ class TrainConfig:
     # first_only 94.12
     first_step: Literal["side_by_side", "balanced", "first_only"] = "balanced"
     # each optimiser step trains the flow on one random window of the token grid, this share of its height and
-    # width (the positional encoding, input adapter and spatial mixer still see the whole grid, so a window keeps
-    # its place); 1 = the whole grid (spec). A window of half the side costs about a quarter of a step
+    # width, cut at the grid's edge so that every token is trained equally often (`trainer.step_window`; the
+    # positional encoding, input adapter and spatial mixer still see the whole grid, so a window keeps its
+    # place); 1 = the whole grid (spec). At 0.35 the training loop takes about a sixth of the whole grid's time
     step_window: float = 1.0
-    step_window_margin: int = 0  # tokens of context around the window that go through the flow, outside the loss
 
 
 @dataclass
@@ -262,7 +262,6 @@ class Config:
         check(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be >= 1")
         check(t.min_steps >= 0, "train.min_steps must be >= 0")
         check(0.0 < t.step_window <= 1.0, "train.step_window must be in (0, 1]")
-        check(t.step_window_margin >= 0, "train.step_window_margin must be >= 0")
         check(s.source in ("flow", "flow+memory"), "score.source: flow|flow+memory")
         check(0.0 < s.memory_fraction <= 1.0, "score.memory_fraction must be in (0, 1]")
         check(s.memory_max_tokens >= 1, "score.memory_max_tokens must be >= 1")
@@ -458,8 +457,8 @@ def _cpu() -> Config:
     training normals (docs/accuracy.md §5, §7), never on test images. On top of `cpu-faithful`: the backbone's
     40 + 112 channels side by side (D = 152), a floor of 200 optimiser steps per task over at least 4
     epochs, each on a window of the token grid, elongated images cut into near-square tiles, and a per-product
-    patch memory (a 1,000-token greedy coreset of its training patches) scored with the flow. Not the faithful method (the memory and tiling
-    are additions); `main`/`repo` are.
+    patch memory (a 1,000-token greedy coreset of its training patches) scored with the flow. Not the faithful
+    method (the memory, tiling and windows are additions); `main`/`repo` are.
     """
     cfg = _cpu_faithful()
     cfg.backbone.feature_merge = "concat"
@@ -468,7 +467,8 @@ def _cpu() -> Config:
     cfg.train.min_steps = 200
     # each step trains the flow on a window of about a third of the token grid's side (10 x 10 of 28 x 28, cut at
     # the edges so that every token is trained equally often): ~4x cheaper steps. The cheapest candidate within
-    # 0.3 points of the whole grid on synthetic validation (docs/accuracy.md §7, benchmarks/results/tune_step_window.json)
+    # 0.3 points of the whole grid on synthetic validation (docs/accuracy.md §7,
+    # benchmarks/results/tune_step_window.json)
     cfg.train.step_window = 0.35
     cfg.score.source = "flow+memory"
     # 1,000 coreset tokens per product: the smallest candidate no worse on synthetic validation than the

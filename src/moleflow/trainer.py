@@ -88,28 +88,20 @@ def batch_order(n: int, cfg: TrainConfig, generator: torch.Generator) -> list[to
     return batches
 
 
-Window = tuple[slice, slice]
-
-
-def step_window(grid: tuple[int, int], share: float, margin: int, generator: torch.Generator
-                ) -> tuple[Window, Window] | None:
-    """A random window of the token grid (H, W) for one optimiser step, drawn from `generator`: a side of `share`
-    of the grid's (at least 3), placed so that every token lies in it equally often (the start is uniform over
-    every placement that overlaps the grid, and the window is cut at the grid's edge: fixed windows inside the
-    grid would train the edge tokens up to side times less often than the middle ones). Returns (the region
-    that goes through the flow: the window and up to `margin` tokens of context around it inside the grid, the
-    window's place within that region); None (the whole grid) when `share` is 1."""
+def step_window(grid: tuple[int, int], share: float, generator: torch.Generator) -> tuple[slice, slice] | None:
+    """A random window (rows, columns) of the token grid (H, W) for one optimiser step, drawn from `generator`:
+    a side of `share` of the grid's (at least 3), placed so that every token lies in it equally often (the start
+    is uniform over every placement that overlaps the grid, and the window is cut at the grid's edge: windows
+    kept inside the grid would train the edge tokens up to side times less often than the middle ones);
+    None (the whole grid) when `share` is 1."""
     if share >= 1.0:
         return None
-    outer, inner = [], []
+    window = []
     for n in grid:
         side = min(n, max(3, round(n * share)))
         start = int(torch.randint(n + side - 1, (1,), generator=generator)) - (side - 1)
-        first, last = max(0, start), min(n, start + side)
-        low, high = max(0, first - margin), min(n, last + margin)
-        outer.append(slice(low, high))
-        inner.append(slice(first - low, last - low))
-    return (outer[0], outer[1]), (inner[0], inner[1])
+        window.append(slice(max(0, start), min(n, start + side)))
+    return window[0], window[1]
 
 
 @dataclass
@@ -182,11 +174,9 @@ def fit_experts(model: ExpertFlow, jobs: list[ExpertJob], cfg: TrainConfig, devi
         for group in optimizer.param_groups:
             group["lr"] = lr
         tokens = job.batch_features(indices).to(device, non_blocking=True)
-        window = step_window(tokens.shape[1:3], cfg.step_window, cfg.step_window_margin, windows[j])
-        out = model(tokens, job.task, window and window[0])
-        nll, logdet = (out.nll, out.logdet) if window is None else (out.nll[:, window[1][0], window[1][1]],
-                                                                    out.logdet[:, window[1][0], window[1][1]])
-        loss = tail_aware_loss(nll, cfg.tail_weight, cfg.tail_ratio) + logdet_regularisation(logdet, cfg.lambda_logdet)
+        out = model(tokens, job.task, step_window(tokens.shape[1:3], cfg.step_window, windows[j]))
+        loss = tail_aware_loss(out.nll, cfg.tail_weight, cfg.tail_ratio) + logdet_regularisation(
+            out.logdet, cfg.lambda_logdet)
         if not torch.isfinite(loss) or loss.item() > cfg.max_loss:
             report.skipped_batches += 1
             log.warning("task %d epoch %d: skipped a batch with loss %s", job.task, epoch, loss.item())
