@@ -104,3 +104,20 @@ def test_a_batch_over_the_budget_keeps_nothing():
     backend = CachedBackend(inner, batch, cache)
     backend.features(batch.prep.pixels)
     assert batch.tokens is None and cache.used_bytes == 0 and batch.prep.pixels.numel() == 48
+
+
+def test_a_class_not_kept_whole_gives_its_bytes_back():
+    from moleflow.data.batch import Prepared
+
+    inner = CountingBackend()
+    cache = EvaluationCache(budget_bytes=4 * 3 * 2 * 2 * 4 + 4 * 3 * 4)  # one batch of 4 images, not two
+    batches = [CachedBatch(Prepared.square(torch.rand(4, 3, 2, 2)), masks=None) for _ in range(2)]
+    for batch in batches:
+        CachedBackend(inner, batch, cache).features(batch.prep.pixels)
+    assert batches[0].tokens is not None and batches[1].tokens is None and cache.used_bytes == cache.budget_bytes
+    cache.keep("brick", [batches[0]], whole=False)
+    assert cache.batches("brick") is None and cache.used_bytes == 0  # the budget serves the next class
+    CachedBackend(inner, batches[1], cache).features(batches[1].prep.pixels)
+    cache.keep("grass", [batches[1]], whole=True)
+    assert cache.batches("grass") == [batches[1]] and cache.used_bytes == batches[1].feature_bytes > 0
+

@@ -40,6 +40,15 @@ class CachedBatch:
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
     scored: dict[int, torch.Tensor] = field(default_factory=dict)
 
+    @property
+    def feature_bytes(self) -> int:
+        """Bytes of the kept tokens and routing features (0 when none are kept)."""
+        return 0 if self.tokens is None else tensor_bytes(self.tokens, self.routing)
+
+
+def tensor_bytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
 
 class EvaluationCache:
     """The kept batches of every class evaluated in one run, under a memory budget."""
@@ -53,10 +62,13 @@ class EvaluationCache:
         """The kept batches of a class, in loader order, or None when it was not kept whole."""
         return self.classes.get(class_name)
 
-    def keep(self, class_name: str, batches: list[CachedBatch]) -> None:
-        """Keep a class's batches if all of them hold their features (a class is kept whole or not at all)."""
-        if all(b.tokens is not None for b in batches):
+    def keep(self, class_name: str, batches: list[CachedBatch], whole: bool) -> None:
+        """Keep a class's `batches` that hold their features when they are `whole`, all of its batches (a class is
+        kept whole or not at all); else give their bytes back to the budget."""
+        if whole:
             self.classes[class_name] = batches
+        else:
+            self.used_bytes -= sum(b.feature_bytes for b in batches)
 
     def admit(self, nbytes: int) -> bool:
         """Whether `nbytes` more fit the budget (and count them if so)."""
@@ -77,7 +89,7 @@ class CachedBackend:
         if b.tokens is not None:
             return b.tokens, b.routing
         tokens, routing = self.inner.features(pixels)
-        if self.cache.admit(tokens.numel() * tokens.element_size() + routing.numel() * routing.element_size()):
+        if self.cache.admit(tensor_bytes(tokens, routing)):
             b.tokens, b.routing = tokens, routing
             b.prep = Prepared(pixels.new_empty((0,)), b.prep.owner, b.prep.layouts)
         return tokens, routing

@@ -119,18 +119,19 @@ def test_batches(model: MoleFlow, split: ClassSplit, batch_size: int, num_worker
         return
     loader = DataLoader(ImageDataset(split.test, model.transform), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers)
-    batches: list[CachedBatch] | None = [] if cache is not None else None
+    with_features: list[CachedBatch] = []  # the batches the cache admitted (none without a cache)
+    whole = True
     for batch in loader:
         # with tiling the model cuts each image file itself; otherwise the loader's square tensors are used
         images = batch["image"] if model.config.data.tiling == "none" else [split.test[int(i)].image for i in batch["index"]]
         item = CachedBatch(model.prepare(images), batch["mask"].numpy())
         yield item
-        if batches is not None and item.tokens is not None:
-            batches.append(item)
+        if item.tokens is not None:
+            with_features.append(item)
         else:
-            batches = None  # a batch over the budget: the class is not kept (nor its pixels held)
-    if cache is not None and batches is not None:
-        cache.keep(split.class_name, batches)
+            whole = False  # a batch over the budget: the class is not kept (nor its pixels held)
+    if cache is not None:
+        cache.keep(split.class_name, with_features, whole)
 
 
 @torch.no_grad()
