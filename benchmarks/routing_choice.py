@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
 DEFECTS = ("0.02", "0.05", "0.1")
-PAIRED_SHARES = (0.25, 0.5, 0.75, 1.0)
 
 
 def misfits(table: dict, distance: str) -> torch.Tensor:
@@ -83,9 +83,10 @@ def main() -> None:
     routers = ["prototype"] + [f"gated{raw}_{g:g}" for raw in ("", "_raw") for g in (0.02, 0.05, 0.1, 0.2, 0.5)] + [
         f"evidence_{w:g}_{g:g}" for g in (0.2, 0.5) for w in (0.5, 1, 2, 4)] + ["patch_median", "patch_median_raw"]
     # measured after the choice (stop 29): reported beside the rule's candidates, not eligible under it
-    first_table = next(iter(next(iter(saved.values())).values()))  # tables saved before stop 29 have no paired
-    challengers = [f"paired{s:g}_{w:g}_{g:g}" for s in PAIRED_SHARES for g in (0.2, 0.5) for w in (1, 2, 4)
-                   if f"patch_paired_{s:g}" in first_table]
+    # the shares routing_stress.py saved tables for (tables saved before stop 29 have none)
+    first_table = next(iter(next(iter(saved.values())).values()))
+    shares = [k.removeprefix("patch_paired_") for k in first_table if re.fullmatch(r"patch_paired_[0-9.]+", k)]
+    challengers = [f"paired{s}_{w:g}_{g:g}" for s in shares for g in (0.2, 0.5) for w in (1, 2, 4)]
     measured = routers + challengers
     look = [s for s in saved if s != "shared"]
     summary: dict = {}
@@ -134,7 +135,8 @@ def main() -> None:
           f"vote; ambiguity margin (90th percentile of their margins) {margin:.4f}")
     if args.json:
         args.json.write_text(json.dumps({"rule": __doc__, "summary": summary, "chosen": chosen,
-                                         "ambiguity_margin": margin, "separable_settings": separable, "wrong_routed": len(wrong_margins),
+                                         "ambiguity_margin": margin, "separable_settings": separable,
+                                         "wrong_routed": len(wrong_margins),
                                          "wrong_routed_with_vote": len(finite)}, indent=1))
 
 
