@@ -35,6 +35,10 @@ class BackboneConfig:
     # D, then the mean of the layers) or "concat" (PatchCore: each channel's 3x3 mean, the layers' channels
     # side by side, D = the channel count, e.g. 40 + 112 = 152 for lite0; embed_dim must be None or equal)
     feature_merge: FeatureMerge = "mean"
+    # what runs a CNN backbone on the CPU: "onnxruntime" (the same weights traced once per process; about twice as
+    # fast as PyTorch's eager CPU kernels for lite0, tokens equal to float rounding) or "torch". ViT backbones, GPUs
+    # and autocast always run in PyTorch. Not part of the method: results differ only by float rounding
+    runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
 
 
 @dataclass
@@ -267,6 +271,7 @@ class Config:
         check(s.memory_max_tokens >= 1, "score.memory_max_tokens must be >= 1")
         check(s.memory_coreset >= 0, "score.memory_coreset must be >= 0 (0 = no coreset)")
         check(self.backbone.feature_merge in ("mean", "concat"), "backbone.feature_merge: mean|concat")
+        check(self.backbone.runtime in ("onnxruntime", "torch"), "backbone.runtime: onnxruntime|torch")
         check(t.lr > 0, "train.lr must be > 0")
         check(0.0 <= t.tail_weight, "train.tail_weight must be >= 0")
         check(0.0 < t.tail_ratio <= 1.0, "train.tail_ratio must be in (0, 1]")

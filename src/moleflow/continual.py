@@ -166,7 +166,7 @@ def run_meta(cfg: Config, extra: dict[str, Any]) -> dict[str, Any]:
 def run_record(request: ContinualRequest, model: MoleFlow) -> dict[str, Any]:
     """What results.json records besides the results: provenance, the backbone and the data."""
     backbone = {"name": model.extractor.name, "weights_sha256": model.extractor.weights_sha256,
-                "weights_source": model.extractor.weights_source}
+                "weights_source": model.extractor.weights_source, "runtime": model.extractor.runtime_used(model.device)}
     dataset = {"root": str(request.data.root), "name": request.data.layout, "scenario": request.scenario,
                "classes": request.classes, "tasks": request.tasks, "discover": request.discover}
     return run_meta(request.config, {"backbone": backbone, "dataset": dataset})

@@ -28,11 +28,9 @@ holds only the experts it is asked for.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import tempfile
-import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Sequence
@@ -43,6 +41,7 @@ from torch import nn
 
 from .data.batch import Prepared
 from .errors import MoleflowError
+from .onnx_runtime import trace_onnx
 from .inspector import Inspection, Inspector
 from .pipeline import TorchBackend, inspect
 from .store.atomic import atomic_write_bytes
@@ -105,21 +104,6 @@ class _ExpertGraph(nn.Module):
         return self.inspector.patch_scores(tokens, self.task).float()
 
 
-def _trace(module: nn.Module, example: torch.Tensor, inputs: list[str], outputs: list[str], opset: int) -> bytes:
-    """ONNX bytes of `module` traced on `example`, with a dynamic first axis on every input and output."""
-    dynamic = {name: {0: "M"} for name in inputs + outputs}
-    buffer = io.BytesIO()
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer warnings about static shapes: the image size is fixed
-            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=opset, input_names=inputs,
-                              output_names=outputs, dynamic_axes=dynamic, do_constant_folding=True)
-    except Exception as exc:  # noqa: BLE001 - exporter failures come in many types
-        raise MoleflowError(f"ONNX export of the {type(module).__name__.strip('_')} failed "
-                            f"({type(exc).__name__}: {exc}); use --engine torch") from exc
-    return buffer.getvalue()
-
-
 def _state_hash(state: dict[str, torch.Tensor], extra: dict) -> str:
     digest = hashlib.sha256(json.dumps(extra, sort_keys=True, default=str).encode())
     for key in sorted(state):
@@ -174,7 +158,7 @@ def export_features_graph(model: "MoleFlow", cache: Path, opset: int, quantize: 
     size = model.config.data.image_size
     path = cache / f"features-{features_key(model, opset, quantize)}.onnx"
     if not path.is_file():
-        data = _trace(_FeaturesGraph(model.inspector), torch.zeros(2, 3, size, size), ["images"],
+        data = trace_onnx(_FeaturesGraph(model.inspector), torch.zeros(2, 3, size, size), ["images"],
                       ["tokens", "routing"], opset)
         if quantize == "int8":
             data = _quantize_int8(data)
@@ -189,7 +173,7 @@ def export_expert_graph(model: "MoleFlow", task: int, cache: Path, opset: int) -
     path = cache / f"expert{task}-{expert_key(model, task, opset)}.onnx"
     if not path.is_file():
         example = torch.randn(2, h, w, dim, generator=torch.Generator().manual_seed(0))
-        data = _trace(_ExpertGraph(model.inspector, task), example, ["tokens"], ["patch_scores"], opset)
+        data = trace_onnx(_ExpertGraph(model.inspector, task), example, ["tokens"], ["patch_scores"], opset)
         atomic_write_bytes(path, lambda fh, data=data: fh.write(data))
         log.info("exported the expert graph of task %d: %s", task, path)
     return path
@@ -229,7 +213,7 @@ class OnnxEngine:
     def __init__(self, model: "MoleFlow", cache_dir: str | Path | None = None, threads: int | None = None,
                  optimization: str = "all", quantize: str = "none", batch_size: int = 32, opset: int = 17,
                  expert_batch: int = 4, spinning: bool = False) -> None:
-        from .export import onnx_session
+        from .onnx_runtime import onnx_session
 
         self.model, self.batch_size, self.quantize, self.opset = model, batch_size, quantize, opset
         # idle onnxruntime threads sleep rather than spin (`spinning=False`): measured faster when other threads
@@ -256,7 +240,7 @@ class OnnxEngine:
         """Task `task`'s onnxruntime session, opened on first use; a lazily loaded expert is read and its graph
         exported (or found in the cache) then."""
         if task not in self.experts:
-            from .export import onnx_session
+            from .onnx_runtime import onnx_session
 
             if str(task) not in self.paths:
                 self.paths[str(task)] = export_expert_graph(self.model, task, self.cache, self.opset)

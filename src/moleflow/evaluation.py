@@ -374,8 +374,9 @@ STRESS_IMAGES = 24  # good test images per class used for the pasted-defect rout
 def routing_stress(model: MoleFlow, splits: dict[str, ClassSplit], class_task: dict[str, int],
                    n_images: int = STRESS_IMAGES) -> dict[str, Any]:
     """Routing of each class's good test images with one pasted defect covering 2, 5, 10 and 20 % of the
-    image (routing_stress.py); labels are not used beyond picking good images. Oracle runs: skipped."""
-    if not model.config.router.enabled:
+    image (routing_stress.py); labels are not used beyond picking good images. Skipped (empty) in oracle runs and
+    with one product (its router has no choice to get wrong)."""
+    if not model.config.router.enabled or len(model.tasks) < 2:
         return {}
     from .data.transforms import load_rgb
     from .routing_stress import AREAS, inspector_route, routing_under_defects

@@ -57,6 +57,7 @@ import torch
 
 from .config import ScoreConfig
 from .errors import MoleflowError
+from .onnx_runtime import onnx_session
 from .store.atomic import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -227,43 +228,6 @@ def _file_sha256(path: Path) -> str:
 
 
 # ------------------------------------------------------------------------------------------ inference
-OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
-
-
-def onnx_session(onnx_path: str | Path, threads: int | None = None, optimization: str = "all",
-                 spinning: bool = True):
-    """An onnxruntime CPU session for an exported model: `threads` intra-op threads (default: onnxruntime's
-    choice, one per core), graph optimisation level `optimization` (disable, basic, extended, all);
-    `spinning=False`: idle intra-op threads sleep instead of spin-waiting (better when other threads, e.g. a
-    server's request threads, need the cores between model calls)."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise MoleflowError("the package onnxruntime is not installed; run `pip install onnxruntime`") from None
-    path = Path(onnx_path)
-    if not path.is_file():
-        raise MoleflowError(f"{path}: ONNX model not found; export one with `moleflow export RUN_DIR --format onnx`")
-    if optimization not in OPTIMIZATION_LEVELS:
-        raise MoleflowError(f"ONNX Runtime optimisation level {optimization!r}: use one of "
-                            f"{', '.join(OPTIMIZATION_LEVELS)}")
-    levels = ort.GraphOptimizationLevel
-    options = ort.SessionOptions()
-    options.graph_optimization_level = {"disable": levels.ORT_DISABLE_ALL, "basic": levels.ORT_ENABLE_BASIC,
-                                        "extended": levels.ORT_ENABLE_EXTENDED,
-                                        "all": levels.ORT_ENABLE_ALL}[optimization]
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.inter_op_num_threads = 1
-    if threads:
-        options.intra_op_num_threads = threads
-    if not spinning:
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own error types
-        raise MoleflowError(f"{path}: onnxruntime cannot load this model ({' '.join(str(exc).split())[:200]}); "
-                            "export it again") from None
-
-
 def predict_onnx(onnx_path: str | Path, images: np.ndarray, session=None) -> dict[str, np.ndarray]:
     """Run an exported model on normalised images float32 (N, 3, S, S): {output name: array}."""
     x = np.ascontiguousarray(np.asarray(images, dtype=np.float32))

@@ -425,7 +425,7 @@ class Inspector(nn.Module):
 
     def features(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Tiles (B, 3, S, S) on the module's device -> patch tokens (B, H, W, D) and routing features (B, D)."""
-        tokens = self.extractor.tokens(pixels)
+        tokens = self.extractor.run(pixels)
         return tokens, self.router.features(tokens)
 
     def extract(self, pixels: torch.Tensor, batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:

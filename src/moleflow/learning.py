@@ -241,7 +241,7 @@ class Learner:
             else:
                 owners = meta.owner[idx]
                 tiles = torch.stack([dataset[int(o)][0][int(j - first[o])] for j, o in zip(idx, owners)])
-            return self.inspector.extractor.tokens(tiles.to(self.device))
+            return self.inspector.extractor.run(tiles.to(self.device))
 
         return batch_features
 

@@ -18,6 +18,7 @@ from .config import TrainConfig
 from .errors import MoleflowError
 from .losses import logdet_regularisation, tail_aware_loss
 from .model import ExpertFlow
+from .nn.adamp import AdamP
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +68,10 @@ def learning_rate(epoch: int, base_task: bool, cfg: TrainConfig, epochs: int | N
 
 
 def make_optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamP as in the reference (betas 0.9/0.999, delta 0.1, wd_ratio 0.1); no silent fallback."""
+    """AdamP as in the reference (betas 0.9/0.999, delta 0.1, wd_ratio 0.1; nn/adamp.py, the `adamp` package's
+    update for many tensors at once), or AdamW when asked for explicitly."""
     if cfg.optimizer == "adamp":
-        try:
-            from adamp import AdamP
-        except ImportError:
-            raise MoleflowError("the optimizer AdamP needs the package adamp: pip install adamp==0.3.0 "
-                                "(or choose train.optimizer=adamw explicitly)") from None
-        return AdamP(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, delta=0.1,
-                     wd_ratio=0.1, nesterov=False)
+        return AdamP(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay, delta=0.1, wd_ratio=0.1)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 

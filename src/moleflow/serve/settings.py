@@ -40,7 +40,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         from ..engine import ENGINES
-        from ..export import OPTIMIZATION_LEVELS
+        from ..onnx_runtime import OPTIMIZATION_LEVELS
 
         checks = [(self.engine in ENGINES, f"engine {self.engine!r}: use one of {', '.join(ENGINES)}"),
                   (self.max_batch >= 1, "--max-batch must be at least 1"),
