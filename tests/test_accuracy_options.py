@@ -73,6 +73,21 @@ def test_a_window_keeps_its_place_in_the_grid():
     assert not torch.allclose(out.nll, shifted.nll)
 
 
+def test_a_window_is_prepared_from_its_neighbourhood_only():
+    """`prepare` of a window (the window and the mixer's reach) equals the whole grid's prepared input sliced,
+    at the grid's corners and edges as inside it."""
+    cfg = tiny_config()
+    model = ExpertFlow(cfg.model, 32)
+    assert model.scm is not None and model.scm.conv.kernel_size[0] > 1  # the mixer reaches beyond a token
+    task = model.add_task()
+    tokens = torch.randn(2, 9, 7, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = model.prepare(tokens, task)
+        for window in [(slice(0, 3), slice(0, 3)), (slice(6, 9), slice(4, 7)), (slice(3, 6), slice(2, 5)),
+                       (slice(0, 9), slice(1, 2)), (slice(0, 9), slice(0, 7))]:
+            assert torch.equal(model.prepare(tokens, task, window), whole[:, window[0], window[1]])
+
+
 def test_training_on_windows_learns_and_is_checked():
     cfg = tiny_config(**{"train.epochs": 6, "train.step_window": 0.5})
     model = ExpertFlow(cfg.model, 32)

@@ -225,18 +225,32 @@ class ExpertFlow(nn.Module):
         return {"shared": shared, "per_task": per_task}
 
     # ------------------------------------------------------------------------------ forward
-    def prepare(self, tokens: torch.Tensor, task: int | RowTasks) -> torch.Tensor:
-        """Tokens (B,H,W,D) -> flow input: + PE, task adapter (per row with `RowTasks`), spatial context mixer."""
-        x = tokens
+    def prepare(self, tokens: torch.Tensor, task: int | RowTasks, window: tuple[slice, slice] | None = None
+                ) -> torch.Tensor:
+        """Tokens (B,H,W,D) -> flow input: + PE, task adapter (per row with `RowTasks`), spatial context mixer.
+        With `window` (rows, columns of the grid): only that part of the flow input (B,h,w,D), computed from the
+        window and the mixer's reach around it; equal to slicing the whole grid's (every step is per token
+        except the mixer's k x k convolution, whose zero padding stays at the grid's own edges)."""
+        b, h, w, d = tokens.shape
+        x, encoding = tokens, None
         if self.cfg.use_pos_embedding:
-            b, h, w, d = x.shape
-            x = x + sinusoidal_position_encoding(h, w, d, device=x.device).to(x.dtype)
+            encoding = sinusoidal_position_encoding(h, w, d, device=x.device).to(x.dtype)
+        if window is not None:  # the window and the mixer's reach around it, inside the grid
+            reach = 0 if self.scm is None else self.scm.conv.kernel_size[0] // 2
+            rows, cols = (slice(max(0, cut.start - reach), min(n, cut.stop + reach)) for cut, n in zip(window, (h, w)))
+            x = x[:, rows, cols]
+            encoding = None if encoding is None else encoding[rows, cols]
+        if encoding is not None:
+            x = x + encoding
         adapters = self._experts(self.adapters, task)
         if adapters:
             x = self._run_experts(adapters, task, x)
         if self.scm is not None:
             x = self.scm(x)
-        return x
+        if window is None:
+            return x
+        return x[:, window[0].start - rows.start:window[0].stop - rows.start,
+                 window[1].start - cols.start:window[1].stop - cols.start]
 
     def flow_forward(self, x: torch.Tensor, task: int | RowTasks) -> tuple[torch.Tensor, torch.Tensor]:
         """The invertible part: coupling blocks then DIA_t (per row with `RowTasks`). (B,H,W,D) -> z,
@@ -265,12 +279,9 @@ class ExpertFlow(nn.Module):
     def forward(self, tokens: torch.Tensor, task: int, window: tuple[slice, slice] | None = None) -> FlowOutput:
         """tokens (B,H,W,D) of images all belonging to `task` -> per-patch NLL, log-det and latent (B,H,W[,D]).
         `window` (rows, columns): only that part of the grid goes through the flow (training on windows,
-        `train.step_window`); the positional encoding, adapter and mixer still see the whole grid."""
+        `train.step_window`), prepared as it is in the whole grid (its own place's encoding, the mixer's context)."""
         self._check_learned([task])
-        x = self.prepare(tokens, task)
-        if window is not None:
-            x = x[:, window[0], window[1]]
-        return self._output(*self.flow_forward(x, task))
+        return self._output(*self.flow_forward(self.prepare(tokens, task, window), task))
 
     def forward_rows(self, tokens: torch.Tensor, row_tasks: Sequence[int] | torch.Tensor) -> FlowOutput:
         """tokens (B,H,W,D), row i of task row_tasks[i] ((B,) ids) -> per-patch NLL, log-det and latent, in one
