@@ -356,3 +356,13 @@ def test_validate_split_reports_the_first_and_counts_the_rest(tmp_path):
         assert "(3 more bad files: " in msg
         for other in ("train/good/004.png", "ground_truth/crack/000_mask.png", "test/good/000.tif"):
             assert str(cdir / other) in msg, other
+
+
+@pytest.mark.parametrize("mode", ["squash", "letterbox", "resize_crop"])
+def test_grey_images_resize_as_their_rgb_copies(mode):
+    """A grey image is resized before its channel is tripled (cheaper): the same bytes as resizing its RGB copy."""
+    from moleflow.data.transforms import ImageTransform
+
+    grey = Image.fromarray(np.random.default_rng(0).integers(0, 256, (61, 97), dtype=np.uint8), "L")
+    transform = ImageTransform(32, mode)
+    assert np.array_equal(transform.to_array(grey), transform.to_array(grey.convert("RGB")))

@@ -71,14 +71,17 @@ class Prepared:
                         [layout for p in parts for layout in p.layouts])
 
 
-def as_rgb(item: ImageInput) -> Image.Image:
-    """A file path, PIL image or array (H, W), (H, W, 3|4) of uint8/uint16 -> 8-bit RGB PIL image."""
+def as_rgb(item: ImageInput, keep_grey: bool = False) -> Image.Image:
+    """A file path, PIL image or array (H, W), (H, W, 3|4) of uint8/uint16 -> 8-bit RGB PIL image (`keep_grey`:
+    8-bit grey stays grey, for `ImageTransform`)."""
     if isinstance(item, (str, Path)):
-        return load_rgb(item)
+        return load_rgb(item, keep_grey)
     if isinstance(item, np.ndarray):
         item = Image.fromarray(item)
     if not isinstance(item, Image.Image):
         raise MoleflowError(f"an image must be a file path, a PIL image or a numpy array, got {type(item).__name__}")
+    if keep_grey and item.mode == "L":
+        return item
     return to_rgb8(item, "<in-memory image>")
 
 
@@ -92,7 +95,7 @@ class PreparedDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, TileLayout]:
-        item = as_rgb(self.images[index])
+        item = as_rgb(self.images[index], keep_grey=True)
         layout = tile_layout(*item.size, self.tiling)
         return torch.stack([self.transform(tile) for tile in split_tiles(item, layout)]), layout
 
