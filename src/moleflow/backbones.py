@@ -322,7 +322,7 @@ class FeatureExtractor(nn.Module):
             size = images.shape[-1]
             graph = trace_onnx(_TokensGraph(self), torch.zeros(2, 3, size, size), ["images"], ["tokens"],
                                instead="install onnx and onnxruntime, or set backbone.runtime=torch")
-            self._session.value = onnx_session(graph, threads=torch.get_num_threads())
+            self._session.value = onnx_session(graph, threads=torch.get_num_threads(), spinning=False)
         session, pixels = self._session.value, images.float().contiguous().numpy()
         return torch.cat([torch.from_numpy(session.run(None, {"images": pixels[i:i + ONNX_BATCH]})[0])
                           for i in range(0, len(pixels), ONNX_BATCH)])
