@@ -10,15 +10,15 @@ from helpers import random_images, tiny_config
 
 
 def _count_backbone_images(model: MoleFlow) -> list[int]:
+    """Count the images the backbone is run on (`FeatureExtractor.run`, whichever runtime computes them)."""
     seen = [0]
-    inner = model.extractor.model
-    original = inner.forward
+    original = model.extractor.run
 
     def counting(x, *args, **kwargs):
         seen[0] += len(x)
         return original(x, *args, **kwargs)
 
-    inner.forward = counting
+    model.extractor.run = counting
     return seen
 
 
