@@ -68,12 +68,16 @@ def encode_cases(model: MoleFlow, paths: list[Path], rng: np.random.Generator) -
                               for i, a in enumerate(arrays)]
     out = {}
     for case, images in cases.items():
-        prep = model.prepare(images)
-        if len(prep.owner) != len(images):
-            raise SystemExit("this benchmark expects one tile per image (magnetic_tile is not tiled)")
+        prep = model.prepare(images)  # elongated tiles are cut in two (data.tiling=aspect)
         tokens, routing = model.inspector.extract(prep.pixels)
-        out[case] = {"tokens": tokens.float(), "routing": routing.float()}
+        out[case] = {"tokens": tokens.float(), "routing": routing.float(), "owner": prep.owner, "n": len(images)}
     return out
+
+
+def median_fit(model: MoleFlow, encoded: dict, task: int) -> torch.Tensor:
+    """(N,) median over each image's patches (all its tiles) of its standardised patch scores under `task`."""
+    patch = model.inspector.patch_scores(encoded["tokens"], task).flatten(1).cpu()  # (M, h*w)
+    return torch.stack([patch[encoded["owner"] == i].flatten().median() for i in range(encoded["n"])])
 
 
 @torch.no_grad()
@@ -81,9 +85,7 @@ def route_pair(model: MoleFlow, encoded: dict, pair: list[int], truth: int, fit:
                ) -> dict[str, float]:
     """Accuracy of each router on one lighting's encoded case, among `pair` (task ids); `fit`: task -> (N,)
     median standardised patch score of these images under that task's expert."""
-    tokens, routing = encoded["tokens"], encoded["routing"]
-    n = len(tokens)
-    routed = model.inspector.route(tokens, routing, torch.arange(n), n, pair)
+    routed = model.inspector.route(encoded["tokens"], encoded["routing"], encoded["owner"], encoded["n"], pair)
     gated = torch.tensor(pair)[routed.index]
     scores = torch.stack([fit[t] for t in pair], 1)  # (N, 2)
     plausible = routed.plausible.cpu()
@@ -101,17 +103,25 @@ def main() -> None:
     ap.add_argument("--max-images", type=int, default=60, help="fit images per lighting (evaluation: a third)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--model", type=Path, help="keep the learned lighting products here (and reuse them if there)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     split = lighting_split(args.data, rng, args.max_images, max(1, args.max_images // 3))
-    model = MoleFlow(Config.from_preset("cpu"))
     start = time.perf_counter()
-    tasks = {name: model.fit_task([load_rgb(p) for p in v["fit"]], name=name).task_id for name, v in split.items()}
+    if args.model and (args.model / "model").is_dir():  # learned by an earlier run of this benchmark
+        model = MoleFlow.load(args.model)
+    else:
+        model = MoleFlow(Config.from_preset("cpu"))
+        for name, v in split.items():
+            model.fit_task([load_rgb(p) for p in v["fit"]], name=name)
+        if args.model:
+            model.save(args.model)
+    tasks = {t.name: t.task_id for t in model.tasks}
     learn_seconds = time.perf_counter() - start
     encoded = {name: encode_cases(model, v["eval"], rng) for name, v in split.items()}
-    fit = {name: {case: {t: model.inspector.patch_scores(e["tokens"], t).flatten(1).median(1).values.cpu()
-                         for t in tasks.values()} for case, e in cases.items()} for name, cases in encoded.items()}
+    fit = {name: {case: {t: median_fit(model, e, t) for t in tasks.values()} for case, e in cases.items()}
+           for name, cases in encoded.items()}
     pairs = [(k, k + 1) for k in range(1, 6)] + [(k, k + 2) for k in range(1, 5)]
     table: dict = {}
     for k, j in pairs:
