@@ -35,8 +35,8 @@ class BackboneConfig:
     # D, then the mean of the layers) or "concat" (PatchCore: each channel's 3x3 mean, the layers' channels
     # side by side, D = the channel count, e.g. 40 + 112 = 152 for lite0; embed_dim must be None or equal)
     feature_merge: FeatureMerge = "mean"
-    # what runs a CNN backbone on the CPU: "onnxruntime" (the same weights traced once per process; about twice as
-    # fast as PyTorch's eager CPU kernels for lite0, tokens equal to float rounding) or "torch". ViT backbones, GPUs
+    # what runs a CNN backbone on the CPU: "onnxruntime" (the same weights traced once per process; about three times
+    # as fast as PyTorch's eager CPU kernels for lite0, tokens equal to float rounding) or "torch". ViT backbones, GPUs
     # and autocast always run in PyTorch. Not part of the method: results differ only by float rounding
     runtime: Literal["onnxruntime", "torch"] = "onnxruntime"
 
@@ -116,8 +116,8 @@ class TrainConfig:
     first_step: Literal["side_by_side", "balanced", "first_only"] = "balanced"
     # each optimiser step trains the flow on one random window of the token grid, this share of its height and
     # width, cut at the grid's edge so that every token is trained equally often (`trainer.step_window`; the
-    # positional encoding, input adapter and spatial mixer still see the whole grid, so a window keeps its
-    # place); 1 = the whole grid (spec). At 0.35 the training loop takes about a sixth of the whole grid's time
+    # window's flow input is the whole grid's, prepared from the window and the mixer's reach, so a window keeps
+    # its place); 1 = the whole grid (spec). At 0.35 the training loop takes about a sixth of the whole grid's time
     step_window: float = 1.0
 
 
