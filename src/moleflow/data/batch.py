@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..errors import MoleflowError
 from .tiling import TileLayout, split_tiles, tile_layout
-from .transforms import ImageTransform, load_rgb, to_rgb8
+from .transforms import ImageTransform, load_rgb, to_rgb8, to_rgb8_or_grey
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
 Images = Union[Sequence[ImageInput], torch.Tensor]
@@ -80,9 +80,7 @@ def as_rgb(item: ImageInput, keep_grey: bool = False) -> Image.Image:
         item = Image.fromarray(item)
     if not isinstance(item, Image.Image):
         raise MoleflowError(f"an image must be a file path, a PIL image or a numpy array, got {type(item).__name__}")
-    if keep_grey and item.mode == "L":
-        return item
-    return to_rgb8(item, "<in-memory image>")
+    return (to_rgb8_or_grey if keep_grey else to_rgb8)(item, "<in-memory image>")
 
 
 class PreparedDataset(Dataset):

@@ -163,10 +163,11 @@ def load_rgb(path: str | Path, keep_grey: bool = False) -> Image.Image:
     """Open an image file as 8-bit RGB (see `to_rgb8` for 16-bit and float files); `keep_grey`: an 8-bit grey
     file stays grey ("L"; `ImageTransform` triples its channel after resizing, which is cheaper). Raises
     `MoleflowError` if the file is unreadable or its pixel format is not understood."""
-    return _open(path, "image", _to_rgb8_or_grey if keep_grey else to_rgb8)
+    return _open(path, "image", to_rgb8_or_grey if keep_grey else to_rgb8)
 
 
-def _to_rgb8_or_grey(img: Image.Image, path: str | Path | None = None) -> Image.Image:
+def to_rgb8_or_grey(img: Image.Image, path: str | Path | None = None) -> Image.Image:
+    """`to_rgb8`, except that 8-bit grey ("L") stays grey (`ImageTransform` triples it after resizing)."""
     return img if img.mode == "L" else to_rgb8(img, path)
 
 
