@@ -16,6 +16,7 @@ from moleflow.data import (
     VISA_CLASSES,
     ImageDataset,
     ImageTransform,
+    MaskDataset,
     default_classes,
     list_classes,
     load_class,
@@ -234,6 +235,26 @@ def test_mask_size_mismatch(tmp_path):
     msg = _raises(wrong, ImageDataset(split.test, ImageTransform(16)).__getitem__, 0)
     assert str(cdir / "test" / "crack" / "000.png") in msg
     _raises(wrong, load_masks, split.test, ImageTransform(16))
+    _raises(wrong, MaskDataset(split.test, ImageTransform(16)).__getitem__, 0)
+
+
+def test_mask_dataset_reads_masks_without_decoding_images(tmp_path):
+    """Under tiling the evaluation reads the masks alone (the model decodes each image itself): the masks
+    and labels equal the image dataset's, and an image whose pixel data is cut off (header intact) is not
+    decoded here."""
+    _make_class(tmp_path, "cut", tests={"good": 1, "crack": 2})
+    split = load_class(tmp_path, "cut", "folder")
+    transform = ImageTransform(16)
+    full, masks = ImageDataset(split.test, transform), MaskDataset(split.test, transform)
+    for i in range(len(split.test)):
+        assert torch.equal(full[i]["mask"], masks[i]["mask"])
+        assert (full[i]["label"], full[i]["index"]) == (masks[i]["label"], masks[i]["index"])
+        assert "image" not in masks[i]
+    assert masks[[s.label for s in split.test].index(1)]["mask"].any()
+    cut = split.test[0].image
+    cut.write_bytes(cut.read_bytes()[:60])  # the header survives, the pixels do not
+    assert masks[0]["mask"].shape == (16, 16)
+    _raises(cut, full.__getitem__, 0)
 
 
 def test_missing_mask_error_or_empty(tmp_path):

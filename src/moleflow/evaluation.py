@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .data.datasets import ClassSplit, ImageDataset
+from .data.datasets import ClassSplit, ImageDataset, MaskDataset
 from .detector import MoleFlow
 from .eval_cache import CachedBackend, CachedBatch, EvaluationCache
 from .metrics import METRICS, auroc, backward_transfer, forgetting_measure, image_metrics, mean_metrics, pixel_metrics
@@ -117,13 +117,15 @@ def test_batches(model: MoleFlow, split: ClassSplit, batch_size: int, num_worker
     if kept is not None:
         yield from kept
         return
-    loader = DataLoader(ImageDataset(split.test, model.transform), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers)
+    # with tiling the model cuts each image file itself and the loader reads only the masks; otherwise the
+    # loader's square tensors are used
+    tiled = model.config.data.tiling != "none"
+    dataset = MaskDataset(split.test, model.transform) if tiled else ImageDataset(split.test, model.transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     with_features: list[CachedBatch] = []  # the batches the cache admitted (none without a cache)
     whole = True
     for batch in loader:
-        # with tiling the model cuts each image file itself; otherwise the loader's square tensors are used
-        images = batch["image"] if model.config.data.tiling == "none" else [split.test[int(i)].image for i in batch["index"]]
+        images = [split.test[int(i)].image for i in batch["index"]] if tiled else batch["image"]
         item = CachedBatch(model.prepare(images), batch["mask"].numpy())
         yield item
         if item.tokens is not None:

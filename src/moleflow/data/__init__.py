@@ -12,6 +12,7 @@ from .datasets import (
     VISA_SPLIT_CSV,
     ClassSplit,
     ImageDataset,
+    MaskDataset,
     Sample,
     default_classes,
     list_classes,
@@ -28,7 +29,7 @@ _SYNTHETIC = ("AREA_RANGE", "DEFECT_KINDS", "PRODUCTS", "Product", "SyntheticCla
 
 __all__ = [
     "DATASETS", "IMAGE_EXTENSIONS", "MPDD_CLASSES", "MVTEC_CLASSES", "VISA_CLASSES", "VISA_SPLIT_CSV",
-    "ClassSplit", "ImageDataset", "Sample", "default_classes", "list_classes", "load_class",
+    "ClassSplit", "ImageDataset", "MaskDataset", "Sample", "default_classes", "list_classes", "load_class",
     "load_images", "load_masks", "load_mvtec_layout", "load_visa",
     "IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "load_mask", "load_rgb",
     *_SYNTHETIC,

@@ -383,6 +383,34 @@ class ImageDataset(Dataset):
         return {"image": self.transform(img), "mask": mask_t, "label": int(sample.label), "index": int(index)}
 
 
+class MaskDataset(Dataset):
+    """Lazy torch dataset of samples' masks alone, for callers that read the images themselves (tiling cuts
+    each file): items are dicts `{"mask": BoolTensor(S,S), "label": int, "index": int}`. The mask's size is
+    checked against its image's header, so the image is not decoded here."""
+
+    def __init__(self, samples: Sequence[Sample], transform: ImageTransform) -> None:
+        self.samples = list(samples)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        return {"mask": header_checked_mask(sample, self.transform), "label": int(sample.label), "index": int(index)}
+
+
+def header_checked_mask(sample: Sample, transform: ImageTransform) -> torch.Tensor:
+    """A sample's mask transformed to (S, S) bool, all False without a mask; its size is checked against its
+    image's header (the image is not decoded)."""
+    s = transform.size
+    if sample.mask is None:
+        return torch.zeros(s, s, dtype=torch.bool)
+    mask = load_mask(sample.mask)
+    _check_mask_size(sample, mask, _image_size(sample.image))
+    return transform.mask(mask)
+
+
 def load_images(samples: Sequence[Sample], transform: ImageTransform) -> torch.Tensor:
     """All images of a small set as one tensor (N, 3, S, S)."""
     s = transform.size
@@ -394,11 +422,6 @@ def load_images(samples: Sequence[Sample], transform: ImageTransform) -> torch.T
 def load_masks(samples: Sequence[Sample], transform: ImageTransform) -> torch.Tensor:
     """All masks of a small set as one bool tensor (N, S, S); all False where a sample has no mask.
     The mask size is checked against its image."""
-    s = transform.size
-    out = torch.zeros(len(samples), s, s, dtype=torch.bool)
-    for i, x in enumerate(samples):
-        if x.mask is not None:
-            mask = load_mask(x.mask)
-            _check_mask_size(x, mask, _image_size(x.image))
-            out[i] = transform.mask(mask)
-    return out
+    if not samples:
+        return torch.zeros(0, transform.size, transform.size, dtype=torch.bool)
+    return torch.stack([header_checked_mask(x, transform) for x in samples])
