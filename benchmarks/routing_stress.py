@@ -39,6 +39,7 @@ import json
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -57,19 +58,27 @@ PAIRED_SHARES = (0.25, 0.5, 0.75, 1.0)
 CASES = ("good",) + tuple(f"{a:g}" for a in AREAS)
 
 
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # normalised tiles (M, 3, S, S) -> routing features (M, D')
+
+
 @torch.no_grad()
-def encode(model: MoleFlow, images: list[Image.Image], batch_size: int = 16) -> dict:
-    """Tokens (M, H, W, D), median and mean routing features (M, D), owner (M,), n images."""
+def encode(model: MoleFlow, images: list[Image.Image], batch_size: int = 16,
+           extra: dict[str, FeatureFn] | None = None) -> dict:
+    """Tokens (M, H, W, D), median and mean routing features (M, D), owner (M,), n images; plus each `extra`
+    feature (M, D') of the same tiles under its name."""
     tokens, owners, offset = [], [], 0
+    more: dict[str, list] = {k: [] for k in extra or {}}
     for start in range(0, len(images), batch_size):
         prep = model.prepare(images[start:start + batch_size])
         tokens.append(model.extractor.tokens(prep.pixels).float())
+        for k, fn in (extra or {}).items():
+            more[k].append(fn(prep.pixels).double())
         owners.append(prep.owner + offset)
         offset += prep.n_images
     tokens = torch.cat(tokens)
     flat = tokens.flatten(1, 2)
     return {"tokens": tokens, "median": flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2], "mean": flat.mean(1),
-            "owner": torch.cat(owners), "n": offset}
+            "owner": torch.cat(owners), "n": offset, **{k: torch.cat(v) for k, v in more.items()}}
 
 
 def split_groups(keys: list[str], rng: np.random.Generator) -> tuple[set, set, set]:
@@ -91,15 +100,18 @@ def product_split(files: list[Path], keys: list[str], rng: np.random.Generator, 
     return {s: [load_rgb(f) for f in v[:limit if s == "fit" else max(1, limit // 3)]] for s, v in out.items()}
 
 
-def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: np.random.Generator) -> dict:
+def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: np.random.Generator,
+                    extra: dict[str, FeatureFn] | None = None) -> dict:
     """For every product's evaluation case: prototype distances (N, T) under both statistics and patch misfits
-    (N, T) under both statistics, with the true product's column index."""
+    (N, T) under both statistics, with the true product's column index; `prototype_<name>` (N, T) for each
+    `extra` routing feature (a Gaussian prototype of it per product, as the router builds)."""
     cfg = model.config
     names = list(products)
-    routers = {s: PrototypeRouter(cfg.router.__class__(**{**vars(cfg.router), "statistic": s})) for s in ("median", "mean")}
+    routers = {s: PrototypeRouter(cfg.router.__class__(**{**vars(cfg.router), "statistic": s}))
+               for s in ("median", "mean", *(extra or {}))}
     memory = PatchMemory(cfg.score.memory_fraction, cfg.train.seed, cfg.score.memory_max_tokens, cfg.score.memory_coreset)
     for t, name in enumerate(names):
-        fit, cal = encode(model, products[name]["fit"]), encode(model, products[name]["cal"])
+        fit, cal = (encode(model, products[name][s], extra=extra) for s in ("fit", "cal"))
         for s, router in routers.items():
             router.add_task(t, torch.cat([fit[s], cal[s]]))
         memory.add_task(t, fit["tokens"])
@@ -114,7 +126,7 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
             cases[f"{a:g}"] = [Image.fromarray(paste_area_defect(x, a, rng, donor=arrays[(i + 1) % len(arrays)]))
                                for i, x in enumerate(arrays)]
         for case, imgs in cases.items():
-            e = encode(model, imgs)
+            e = encode(model, imgs, extra=extra)
             raw = torch.stack([memory.distances(e["tokens"], u) for u in range(len(names))], 1)
             norm = torch.stack([getattr(memory, f"norm_{u}") for u in range(len(names))])  # (T, 4)
             z = (raw - norm[:, 2].view(1, -1, 1, 1)) / norm[:, 3].view(1, -1, 1, 1)  # in units of each product's own
@@ -129,6 +141,8 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
                 "patch_paired_scaled_0.5": patch_misfit(raw / norm[:, 2].view(1, -1, 1, 1), e["owner"], e["n"],
                                                         "paired", 0.5),
             }
+            for k in extra or {}:
+                out[(name, case)][f"prototype_{k}"] = mean_per_image(routers[k].distances(e[k]), e["owner"], e["n"])
             for share in PAIRED_SHARES:
                 out[(name, case)][f"patch_paired_{share:g}"] = patch_misfit(raw, e["owner"], e["n"], "paired", share)
     return out
@@ -174,22 +188,9 @@ def margins(tables: dict) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--max-images", type=int, default=60, help="fit images per product (evaluation: a third)")
-    ap.add_argument("--settings", nargs="+", default=["shared", "lighting", "boards", "synthetic"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--tables", type=Path, help="also save every image's distances and misfits (torch.save)")
-    args = ap.parse_args()
-    torch.manual_seed(args.seed)
-    model = MoleFlow(Config.from_preset(args.preset))
-    rng = np.random.default_rng(args.seed)
-    results: dict = {"setting": {k: str(v) for k, v in vars(args).items()}, "accuracy": {}, "margins": {}}
+def build_scenarios(args: argparse.Namespace, rng: np.random.Generator) -> dict[str, dict[str, dict[str, list]]]:
+    """{setting: {product: {"fit" | "cal" | "eval": images}}} for `args.settings` (see the module doc)."""
     scenarios: dict[str, dict[str, dict[str, list]]] = {}
-    saved: dict = {}
 
     def groups(cls: str) -> dict[Path, str]:
         with open(args.data / cls / "provenance.csv") as fh:
@@ -230,6 +231,25 @@ def main() -> None:
             for kind in LOOK_ALIKE_KINDS:
                 twin = {s: [look_alike(im, kind) for im in v] for s, v in split.items()}
                 scenarios[f"{c}/{kind}"] = {c: split, f"{c}+{kind}": twin}
+    return scenarios
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--max-images", type=int, default=60, help="fit images per product (evaluation: a third)")
+    ap.add_argument("--settings", nargs="+", default=["shared", "lighting", "boards", "synthetic"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--tables", type=Path, help="also save every image's distances and misfits (torch.save)")
+    args = ap.parse_args()
+    torch.manual_seed(args.seed)
+    model = MoleFlow(Config.from_preset(args.preset))
+    rng = np.random.default_rng(args.seed)
+    results: dict = {"setting": {k: str(v) for k, v in vars(args).items()}, "accuracy": {}, "margins": {}}
+    saved: dict = {}
+    scenarios = build_scenarios(args, rng)
     for name, products in scenarios.items():
         start = time.perf_counter()
         tables = scenario_tables(model, products, rng)

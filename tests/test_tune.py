@@ -9,7 +9,7 @@ import pytest
 
 from moleflow.cli import main
 from moleflow.data.synthetic import write_mvtec_layout
-from moleflow.data.synthetic_anomalies import ANOMALY_KINDS, cut_paste, paste_anomaly
+from moleflow.data.synthetic_anomalies import ANOMALY_KINDS, SUBTLE_KINDS, cut_paste, noise_blob, paste_anomaly
 from moleflow.errors import MoleflowError
 
 
@@ -18,7 +18,7 @@ def _image(seed: int, h: int = 96, w: int = 128) -> np.ndarray:
     return (rng.normal(128, 30, (h, w, 3))).clip(0, 255).astype(np.uint8)
 
 
-@pytest.mark.parametrize("kind", ANOMALY_KINDS)
+@pytest.mark.parametrize("kind", ANOMALY_KINDS + SUBTLE_KINDS)
 def test_every_kind_is_covered_by_its_mask(kind):
     """The mask covers what was pasted: painted kinds mark pixels covered at least half by the shape, so
     only faint anti-aliased edges (well under the defect's own contrast) may change outside it."""
@@ -37,6 +37,37 @@ def test_cut_paste_mask_is_exactly_the_changed_pixels():
     assert np.array_equal(mask, np.any(out != image, axis=-1))
     ys, xs = np.nonzero(mask)  # one rectangle
     assert mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].mean() > 0.9
+
+
+@pytest.mark.parametrize("kind", SUBTLE_KINDS)
+def test_subtle_kinds_change_exactly_their_mask_inside_one_blob(kind):
+    """Subtle anomalies: the mask is exactly the changed pixels, inside a blob of 0.5-5 % of the image, and the
+    change is faint (a mean change well under a painted hole's)."""
+    image, donor = _image(7), _image(8)
+    rng = np.random.default_rng(9)
+    blob = noise_blob(image.shape[:2], np.random.default_rng(9))
+    assert 0.004 <= blob.mean() <= 0.051
+    out, mask = paste_anomaly(image, donor, kind, rng, severity=0.5)
+    assert np.array_equal(mask, np.any(out != image, axis=-1))
+    assert np.array_equal(mask, mask & blob)  # the same draw: the change stays inside its blob
+    change = np.abs(out.astype(int) - image.astype(int)).max(-1)[mask].mean()
+    hole, hole_mask = paste_anomaly(image, donor, "hole", np.random.default_rng(9), severity=1.0)
+    assert change < np.abs(hole.astype(int) - image.astype(int)).max(-1)[hole_mask].mean()
+
+
+def test_painted_and_subtle_validations_hold_out_the_same_images(tmp_path):
+    from moleflow.data.datasets import load_class
+    from moleflow.tuning import make_validation_split
+
+    root = tmp_path / "data"
+    write_mvtec_layout(root, ["brick"], n_train=20, n_test_good=1, n_test_defect=1, size=64, seed=0)
+    split = load_class(root, "brick", "folder")
+    painted, subtle = (make_validation_split(split, tmp_path / kind, 0.25, None, 0, kind) for kind in ("painted", "subtle"))
+    assert [s.image for s in painted.train] == [s.image for s in subtle.train]
+    assert [s.defect_type for s in painted.test if s.label] != [s.defect_type for s in subtle.test if s.label]
+    assert {s.defect_type for s in subtle.test if s.label} <= set(SUBTLE_KINDS)
+    with pytest.raises(MoleflowError, match="unknown anomaly set"):
+        make_validation_split(split, tmp_path / "x", 0.25, None, 0, "loud")
 
 
 def test_unknown_kind_is_refused():
@@ -64,6 +95,7 @@ def test_tune_chooses_reproducibly_without_reading_test_images(tmp_path):
     assert a["chosen"] == b["chosen"]
     assert [r["validation_score"] for r in a["candidates"]] == [r["validation_score"] for r in b["candidates"]]
     assert a["n_validation"]["brick"] == {"normal": 4, "anomalous": 4, "fit": 16}
+    assert a["anomalies"] == "painted" and a["anomaly_kinds"] == list(ANOMALY_KINDS)
     best = max(a["candidates"], key=lambda r: r["validation_score"])
     assert a["chosen"] == best["name"]
     import yaml

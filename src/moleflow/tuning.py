@@ -27,7 +27,7 @@ from PIL import Image
 
 from .config import Config
 from .data.datasets import ClassSplit, Sample
-from .data.synthetic_anomalies import ANOMALY_KINDS, paste_anomaly
+from .data.synthetic_anomalies import ANOMALY_SETS, paste_anomaly
 from .data.transforms import load_rgb
 from .errors import MoleflowError
 
@@ -82,9 +82,10 @@ def _downscaled(img: Image.Image) -> np.ndarray:
 
 
 def make_validation_split(split: ClassSplit, out: Path, holdout: float, max_train: int | None,
-                          seed: int) -> ClassSplit:
-    """Hold out normal training images of `split`, write them with and without synthetic anomalies into
-    `out/<class>` (MVTec layout), and return fit images + validation set as a `ClassSplit`."""
+                          seed: int, anomalies: str = "painted") -> ClassSplit:
+    """Hold out normal training images of `split`, write them with and without synthetic anomalies of the set
+    `anomalies` (`ANOMALY_SETS`) into `out/<class>` (MVTec layout), and return fit images + validation set as a
+    `ClassSplit`. The held-out images depend on `seed` and the image count only, not on `anomalies`."""
     train = list(split.train)
     rng = np.random.default_rng([seed, len(train)])
     order = rng.permutation(len(train))
@@ -96,16 +97,20 @@ def make_validation_split(split: ClassSplit, out: Path, holdout: float, max_trai
                             f"{n_val} for validation")
     val_idx, fit_idx = order[:n_val], np.sort(order[n_val:])
     test = write_validation_images(split.class_name, [Path(train[i].image) for i in val_idx],
-                                   [Path(train[i].image) for i in fit_idx], out / split.class_name, rng)
+                                   [Path(train[i].image) for i in fit_idx], out / split.class_name, rng,
+                                   anomalies)
     fit = [Sample(train[i].image, 0, None, split.class_name, "good", "train") for i in fit_idx]
     return ClassSplit(split.class_name, fit, test, True)
 
 
 def write_validation_images(class_name: str, images: list[Path], donors: list[Path], root: Path,
-                            rng: np.random.Generator) -> list[Sample]:
+                            rng: np.random.Generator, anomalies: str = "painted") -> list[Sample]:
     """Each of `images` as it is (root/test/good) and with one synthetic anomaly pasted in (kinds in turn,
     patches from a random image of `donors`; root/test/<kind> with exact masks in root/ground_truth), in the
     MVTec layout; return the normal then the anomalous samples."""
+    if anomalies not in ANOMALY_SETS:
+        raise MoleflowError(f"unknown anomaly set {anomalies!r}; choose from {', '.join(ANOMALY_SETS)}")
+    kinds = ANOMALY_SETS[anomalies]
     good, gt = root / "test" / "good", root / "ground_truth"
     good.mkdir(parents=True, exist_ok=True)
     normal: list[Sample] = []
@@ -115,7 +120,7 @@ def write_validation_images(class_name: str, images: list[Path], donors: list[Pa
         donor = _downscaled(load_rgb(donors[int(rng.integers(len(donors)))]))
         if donor.shape != image.shape:
             donor = np.asarray(Image.fromarray(donor).resize(image.shape[1::-1], Image.BICUBIC))
-        kind = ANOMALY_KINDS[i % len(ANOMALY_KINDS)]
+        kind = kinds[i % len(kinds)]
         bad, mask = paste_anomaly(image, donor, kind, rng, float(rng.uniform(*SEVERITY)))
         stem = f"{i:04d}_{path.stem}"
         Image.fromarray(image).save(good / f"{stem}.png")
@@ -151,7 +156,8 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def tune(candidates: list[Candidate], load_split: Callable[[str], ClassSplit], tasks: list[list[str]], out: Path,
          run_candidate: Callable[[Candidate, Callable[[str], ClassSplit], Path], dict[str, Any]],
-         holdout: float = 0.2, max_train: int | None = 300, seed: int = 0) -> dict[str, Any]:
+         holdout: float = 0.2, max_train: int | None = 300, seed: int = 0,
+         anomalies: str = "painted") -> dict[str, Any]:
     """Build the validation sets once, run every candidate through `run_candidate`, pick one."""
     if not candidates:
         raise MoleflowError("no candidates to compare")
@@ -159,7 +165,7 @@ def tune(candidates: list[Candidate], load_split: Callable[[str], ClassSplit], t
     if len(set(names)) != len(names):
         raise MoleflowError(f"candidate names must be unique: {names}")
     out.mkdir(parents=True, exist_ok=True)
-    splits = {c: make_validation_split(load_split(c), out / "validation", holdout, max_train, seed)
+    splits = {c: make_validation_split(load_split(c), out / "validation", holdout, max_train, seed, anomalies)
               for task in tasks for c in task}
     rows = []
     for cand in candidates:
@@ -175,7 +181,8 @@ def tune(candidates: list[Candidate], load_split: Callable[[str], ClassSplit], t
     best = choose(rows)
     return {"criterion": "mean over products of (synthetic image AUROC + synthetic pixel AUROC) / 2, "
                          "task-agnostic after the last task; ties to the earlier candidate",
-            "holdout": holdout, "max_train": max_train, "seed": seed, "anomaly_kinds": list(ANOMALY_KINDS),
+            "holdout": holdout, "max_train": max_train, "seed": seed, "anomalies": anomalies,
+            "anomaly_kinds": list(ANOMALY_SETS[anomalies]),
             "severity": list(SEVERITY),
             "tasks": tasks, "candidates": rows, "chosen": best["name"],
             "n_validation": {c: {"normal": sum(1 for s in sp.test if s.label == 0),

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..config import Config
 from ..continual import learn_and_evaluate, run_meta
 from ..data.datasets import load_class
+from ..data.synthetic_anomalies import ANOMALY_SETS
 from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..store.run import save_json, write_config
@@ -42,6 +43,10 @@ def add_parser(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.2, help="share of training images held out (default 0.2)")
     p.add_argument("--max-train", type=int, default=300,
                    help="use at most this many training images per product (default 300; 0 = all)")
+    p.add_argument("--anomalies", choices=sorted(ANOMALY_SETS), default="painted",
+                   help="the synthetic anomalies pasted into the held-out images: painted (drawn defects and "
+                        "cut-paste; default) or subtle (texture-preserving blends, shifts and tints in irregular "
+                        "blobs)")
     add_config_options(p)
     add_runtime_options(p)
     p.set_defaults(run=run)
@@ -68,7 +73,8 @@ def run(args: argparse.Namespace) -> int:
                                   batch_size=args.batch_size, num_workers=args.workers, examples_per_kind=0)
 
     result = tune(candidates, lambda c: load_class(args.data, c, args.dataset), tasks, args.out, run_candidate,
-                  holdout=args.holdout, max_train=args.max_train or None, seed=base.train.seed)
+                  holdout=args.holdout, max_train=args.max_train or None, seed=base.train.seed,
+                  anomalies=args.anomalies)
     save_json(args.out / "tune.json", result)
     chosen = next(c for c in candidates if c.name == result["chosen"])
     write_config(args.out / "chosen.yaml", chosen.config)

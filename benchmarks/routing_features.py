@@ -1,0 +1,174 @@
+"""Would a routing feature from deeper backbone stages tell look-alike products apart better? TRAINING images only.
+
+    python benchmarks/routing_features.py --data ../shared/datasets --json benchmarks/results/routing_features.json
+
+docs/decisions.md §8 found that the statistic over the patches is not what limits routing of defective look-alike
+parts: the features are. The router's prototype reads the median of the stride-8/16 patch tokens (EfficientNet-Lite0
+stages 2 and 3, 40 + 112 channels, 3x3 means). This compares, on the settings and images of
+`benchmarks/routing_stress.py` (same seed, same splits, same pasted defects), Gaussian prototypes of other image
+features of the same tiles, each the coordinate-wise median over the grid unless said otherwise:
+* `tokens`: today's feature (152-d);
+* `b4`: stage 4's output (112 channels at stride 16, before any pooling);
+* `b6`: the last stage's output (320 channels at stride 32);
+* `head`: the 1x1 head after it (1,280 channels at stride 32, what ImageNet classification pools);
+* `pixels`: the 10/25/50/75/90 % quantiles of each normalised colour channel (15-d; a low-level control);
+* `tokens*F`: the geometric mean of the `tokens` and `F` prototype distances (scale-free, so neither feature's units
+  dominate, as the evidence weighs its terms).
+Each enters the default router (gated evidence, weight 2, gate 0.2: the nearest prototype unless the runner-up is
+within a factor 1.2, then log(prototype distance) + 2 log(patch misfit)) in place of today's prototype distance; the
+prototype alone is reported too.
+
+The rule, fixed before this script first ran:
+1. under the evidence router, the shared four products' good parts and parts with defects up to 10 % must route
+   100 % right;
+2. among those, the highest mean routing of look-alike parts with defects of 2, 5, 10 % (every look-alike setting
+   weighted equally), with look-alike good parts no more than 0.5 points below today's;
+3. it replaces today's feature only if it gains at least 1.0 point there AND loses no more than 0.5 points on the
+   separable settings (those where today's prototype routes >= 95 % of good parts right: the hidden pair's
+   situation), good or defective. Otherwise today's feature stays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moleflow import Config, MoleFlow
+from moleflow.backbones import lite_state_dict
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from routing_choice import choose  # noqa: E402
+from routing_stress import build_scenarios, scenario_tables  # noqa: E402
+
+DEFECTS = ("0.02", "0.05", "0.1")
+DEEP = ("b4", "b6", "head", "pixels")
+ROUTER = "evidence_2_0.2"
+
+
+def grid_median(maps: torch.Tensor) -> torch.Tensor:
+    """(M, C, H, W) -> (M, C): the lower median over the grid of each channel."""
+    flat = maps.flatten(2)
+    return flat.sort(dim=2).values[..., (flat.shape[2] - 1) // 2]
+
+
+def deep_features(name: str = "tf_efficientnet_lite0") -> dict[str, callable]:
+    """Feature functions of normalised tiles (M, 3, S, S) from the whole ImageNet network (stem, 7 stages, head)."""
+    import timm
+
+    net = timm.create_model(name, pretrained=False)
+    net.load_state_dict(lite_state_dict(name))
+    net.eval()
+    cache: dict = {}
+
+    @torch.no_grad()
+    def stages(pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        if cache.get("key") is not pixels:  # one forward serves the three deep features of the same tiles
+            x = net.bn1(net.conv_stem(pixels))
+            out = {}
+            for i, block in enumerate(net.blocks):
+                x = block(x)
+                if i == 4:
+                    out["b4"] = grid_median(x)
+            out["b6"] = grid_median(x)
+            out["head"] = grid_median(net.bn2(net.conv_head(x)))
+            cache.update(key=pixels, out=out)
+        return cache["out"]
+
+    def pixel_quantiles(pixels: torch.Tensor) -> torch.Tensor:
+        q = torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])
+        return torch.quantile(pixels.flatten(2).float(), q, dim=2).permute(1, 2, 0).flatten(1)  # (M, 3 * 5)
+
+    fns = {k: (lambda p, k=k: stages(p)[k]) for k in ("b4", "b6", "head")}
+    fns["pixels"] = pixel_quantiles
+    return fns
+
+
+def with_prototype(table: dict, kind: str) -> dict:
+    """`table` with its prototype distances replaced by those of feature `kind` (see the module doc)."""
+    if kind == "tokens":
+        return table
+    if kind.startswith("tokens*"):
+        proto = (table["prototype"] * table[f"prototype_{kind[7:]}"]).sqrt()
+    else:
+        proto = table[f"prototype_{kind}"]
+    return {**table, "prototype": proto}
+
+
+def summarise(saved: dict) -> dict:
+    kinds = ["tokens", *DEEP, *(f"tokens*{k}" for k in DEEP)]
+    look = [s for s in saved if s != "shared"]
+    summary: dict = {}
+    for kind in kinds:
+        for router in ("prototype", ROUTER):
+            per_setting: dict = {}
+            for setting, tables in saved.items():
+                acc: dict = {}
+                for key, table in tables.items():
+                    choice, _ = choose(with_prototype(table, kind), router)
+                    acc.setdefault(key.split("|")[1], []).append(float((choice == table["truth"]).double().mean()))
+                per_setting[setting] = {case: float(np.mean(v)) for case, v in acc.items()}
+            shared = per_setting.get("shared", {})
+            summary[f"{kind} {router}"] = {
+                "shared_ok": all(shared.get(c, 0) == 1.0 for c in ("good",) + DEFECTS),
+                "look_alike_good": float(np.mean([per_setting[s]["good"] for s in look])),
+                "look_alike_defect": float(np.mean([per_setting[s][c] for s in look for c in DEFECTS])),
+                "per_setting": per_setting}
+    separable = [s for s in look if summary["tokens prototype"]["per_setting"][s]["good"] >= 0.95]
+    for entry in summary.values():
+        per = entry["per_setting"]
+        entry["separable_good"] = float(np.mean([per[s]["good"] for s in separable]))
+        entry["separable_defect"] = float(np.mean([per[s][c] for s in separable for c in DEFECTS]))
+    today = summary[f"tokens {ROUTER}"]
+    eligible = [k for k in kinds if summary[f"{k} {ROUTER}"]["shared_ok"]
+                and summary[f"{k} {ROUTER}"]["look_alike_good"] >= today["look_alike_good"] - 0.005]
+    best = max(eligible, key=lambda k: summary[f"{k} {ROUTER}"]["look_alike_defect"])
+    b = summary[f"{best} {ROUTER}"]
+    adopt = (best != "tokens" and b["look_alike_defect"] >= today["look_alike_defect"] + 0.01
+             and b["separable_good"] >= today["separable_good"] - 0.005
+             and b["separable_defect"] >= today["separable_defect"] - 0.005)
+    return {"rule": __doc__, "summary": summary, "separable_settings": separable, "best": best,
+            "chosen": best if adopt else "tokens"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--max-images", type=int, default=60, help="fit images per product (evaluation: a third)")
+    ap.add_argument("--settings", nargs="+", default=["shared", "lighting", "boards", "synthetic"])
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
+    args = ap.parse_args()
+    if args.tables and args.tables.exists():
+        saved = torch.load(args.tables)
+    else:
+        torch.manual_seed(args.seed)
+        model = MoleFlow(Config.from_preset(args.preset))
+        rng = np.random.default_rng(args.seed)
+        extra = deep_features(model.config.backbone.name)
+        saved = {}
+        for name, products in build_scenarios(args, rng).items():
+            start = time.perf_counter()
+            saved[name] = {f"{p}|{c}": v for (p, c), v in scenario_tables(model, products, rng, extra).items()}
+            print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+            if args.tables:
+                torch.save(saved, args.tables)
+    result = summarise(saved)
+    for key, s in result["summary"].items():
+        print(f"{key:32s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "
+              f"defects<=10% {100 * s['look_alike_defect']:5.1f} | separable good {100 * s['separable_good']:5.1f} "
+              f"defects<=10% {100 * s['separable_defect']:5.1f}")
+    print(f"best eligible: {result['best']}; chosen: {result['chosen']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()

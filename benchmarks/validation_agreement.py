@@ -1,0 +1,128 @@
+"""Does a synthetic validation rank configurations as the real defects do? An agreement study (issue 26).
+
+    python benchmarks/validation_agreement.py --data ../shared/datasets --out /tmp/agreement \
+        --json benchmarks/results/validation_agreement.json
+
+Every candidate (a set of overrides of the `cpu` preset, listed in CANDIDATES, fixed before the first run) learns the
+four shared products one after another (1-1) from the same fit images: `moleflow tune`'s split (seed 0, at most 300
+training images per product, 20 % of them held out). The one learned model is then scored, task-agnostic after the
+last product, on three sets:
+* `painted`: the held-out images as they are and with one painted defect or cut-paste each (`moleflow tune`'s
+  validation today, `--anomalies painted`);
+* `subtle`: the same held-out images with one texture-preserving anomaly each instead (`--anomalies subtle`:
+  blends of the product's own texture, small shifts, low-contrast tints in irregular blobs);
+* `test`: the shared sets' real test images and defects.
+A set's score of a candidate is `moleflow tune`'s criterion: the mean over products of (image AUROC + pixel AUROC) / 2.
+The study reports, for each validation set, Spearman's rho and Kendall's tau between its scores and the test scores
+over the candidates (scipy.stats). This is a measurement of the validations, not a selection: the test scores rank
+the validations, never the candidates.
+
+The rule for the defaults, fixed before the first run: `moleflow tune` uses the validation set with the higher Spearman
+rho. A default is changed only if the chosen validation ranks another candidate first by more than 0.25 points
+(the margin of docs/decisions.md §7), and only when that validation reaches rho >= 0.8.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from moleflow import Config, MoleFlow
+from moleflow.data.datasets import ClassSplit, load_class
+from moleflow.evaluation import evaluate_class
+from moleflow.tuning import make_validation_split
+
+CLASSES = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
+# name -> overrides of the cpu preset: memory sizes, the feature merge, step budgets and windows, the score's source
+CANDIDATES: dict[str, list[str]] = {
+    "default": [],
+    "coreset0": ["score.memory_coreset=0"],
+    "coreset4000": ["score.memory_coreset=4000"],
+    "whole_grid": ["train.step_window=1.0"],
+    "merge_mean": ["backbone.feature_merge=mean", "backbone.embed_dim=128"],
+    "flow_only": ["score.source=flow"],
+    "steps100": ["train.min_steps=100"],
+}
+SETS = ("painted", "subtle", "test")
+
+
+def set_score(per_class: dict[str, dict]) -> float:
+    """`moleflow tune`'s criterion: mean over products of (image AUROC + pixel AUROC) / 2."""
+    return float(np.mean([np.mean([m["image_auroc"], m["pixel_auroc"]]) for m in per_class.values()]))
+
+
+def splits_for(data: Path, out: Path) -> dict[str, dict[str, ClassSplit]]:
+    """{set: {class: split}}: the painted and subtle validations (the same fit and held-out images) and the tests."""
+    out_sets: dict[str, dict[str, ClassSplit]] = {s: {} for s in SETS}
+    for c in CLASSES:
+        real = load_class(data, c, "folder")
+        for kind in ("painted", "subtle"):
+            out_sets[kind][c] = make_validation_split(real, out / f"validation_{kind}", 0.2, 300, 0, kind)
+        assert [s.image for s in out_sets["painted"][c].train] == [s.image for s in out_sets["subtle"][c].train]
+        out_sets["test"][c] = ClassSplit(c, out_sets["painted"][c].train, real.test, real.has_masks)
+    return out_sets
+
+
+def run_candidate(overrides: list[str], splits: dict[str, dict[str, ClassSplit]]) -> dict:
+    """Learn the classes 1-1 on the fit images; score the final model on every set."""
+    model = MoleFlow(Config.from_preset("cpu").with_overrides(overrides))
+    start = time.perf_counter()
+    task_of = {c: model.fit_task([s.image for s in splits["painted"][c].train], name=c).task_id for c in CLASSES}
+    learn_seconds = time.perf_counter() - start
+    out: dict = {"learn_seconds": learn_seconds}
+    for kind in SETS:
+        per_class = {}
+        for c in CLASSES:
+            ev = evaluate_class(model, splits[kind][c], task_of[c], among=list(task_of.values()))
+            per_class[c] = {k: ev.metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro", "routing_accuracy",
+                                                         "per_defect_image_auroc")}
+        out[kind] = {"score": set_score(per_class), "per_class": per_class}
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def agreement(results: dict[str, dict]) -> dict:
+    names = list(results)
+    test = [results[n]["test"]["score"] for n in names]
+    out = {}
+    for kind in ("painted", "subtle"):
+        val = [results[n][kind]["score"] for n in names]
+        rho, tau = stats.spearmanr(val, test).statistic, stats.kendalltau(val, test).statistic
+        out[kind] = {"spearman": float(rho), "kendall": float(tau),
+                     "ranked_first": names[int(np.argmax(val))], "margin_over_default":
+                     float(max(val) - results["default"][kind]["score"]) if "default" in results else None}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True, help="folder for the validation images")
+    ap.add_argument("--json", type=Path, required=True, help="results (read back to resume)")
+    ap.add_argument("--candidates", nargs="+", default=list(CANDIDATES))
+    args = ap.parse_args()
+    splits = splits_for(args.data, args.out)
+    saved = json.loads(args.json.read_text()) if args.json.exists() else {}
+    results: dict = saved.get("candidates", {})
+    for name in args.candidates:
+        if name in results:
+            continue
+        results[name] = {"overrides": CANDIDATES[name], **run_candidate(CANDIDATES[name], splits)}
+        r = results[name]
+        print(f"{name:12s} " + " ".join(f"{k} {100 * r[k]['score']:.2f}" for k in SETS)
+              + f" ({r['seconds']:.0f} s)", flush=True)
+        args.json.write_text(json.dumps({"rule": __doc__, "candidates": results}, indent=1))
+    summary = agreement(results) if len(results) >= 3 else {}
+    for kind, a in summary.items():
+        print(f"{kind}: Spearman {a['spearman']:.3f}, Kendall {a['kendall']:.3f}, first {a['ranked_first']} "
+              f"(+{100 * a['margin_over_default']:.2f} over default)")
+    args.json.write_text(json.dumps({"rule": __doc__, "candidates": results, "agreement": summary}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
