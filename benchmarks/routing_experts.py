@@ -15,7 +15,11 @@ one or two steps apart, each lighting's evaluation images, as they are and with 
   (`Inspector.patch_scores`: flow NLL + memory distance, each standardised on that product's own held-out normal
   patches, so the two experts' scores are in the same units); a defect moves only a minority of the patches;
 * `gated+expert_fit`: `gated`, except for parts whose routing it calls ambiguous (`router.ambiguity_margin`):
-  there `expert_fit` between the plausible products (the parts the decision already scores under both experts).
+  there `expert_fit` between the plausible products (the parts the decision already scores under both experts);
+* `decided`: the product the verdict reports (`MoleFlow.predict` among the pair): `gated`, except that an ambiguous
+  part flagged under the routed product but normal under another plausible one is reported against that one
+  (`Inspector.decide`). `gated` is then what a decision that keeps the router's product for the report (and applies
+  the several-products rule to the flag only) would report; the flag is the same under both, saved as `flagged`.
 
 Printed and saved: accuracy per router, pair and case, and the means over pairs; one step apart (k/k+1) the two
 lightings overlap in mean grey (spread 10-21 around steps of 17), so no router should be expected near 100 % there.
@@ -40,7 +44,7 @@ from moleflow.data.transforms import load_rgb
 from moleflow.routing_stress import AREAS, paste_area_defect
 
 CASES = ("good",) + tuple(f"{a:g}" for a in AREAS)
-ROUTERS = ("gated", "expert_fit", "gated+expert_fit")
+ROUTERS = ("gated", "expert_fit", "gated+expert_fit", "decided")
 
 
 def lighting_split(data: Path, rng: np.random.Generator, max_fit: int, max_eval: int
@@ -70,10 +74,12 @@ def encode_cases(model: MoleFlow, paths: list[Path], rng: np.random.Generator) -
     for case, images in cases.items():
         prep = model.prepare(images)  # elongated tiles are cut in two (data.tiling=aspect)
         tokens, routing = model.inspector.extract(prep.pixels)
-        out[case] = {"tokens": tokens.float(), "routing": routing.float(), "owner": prep.owner, "n": len(images)}
+        out[case] = {"tokens": tokens.float(), "routing": routing.float(), "owner": prep.owner, "n": len(images),
+                     "images": images}
     return out
 
 
+@torch.no_grad()  # the experts' parameters require gradients: without this every activation would be kept
 def median_fit(model: MoleFlow, encoded: dict, task: int) -> torch.Tensor:
     """(N,) median over each image's patches (all its tiles) of its standardised patch scores under `task`."""
     patch = model.inspector.patch_scores(encoded["tokens"], task).flatten(1).cpu()  # (M, h*w)
@@ -92,8 +98,11 @@ def route_pair(model: MoleFlow, encoded: dict, pair: list[int], truth: int, fit:
     by_fit = torch.tensor(pair)[scores.argmin(1)]
     among = scores.masked_fill(~plausible, float("inf")).argmin(1)
     combined = torch.where(routed.ambiguous.cpu(), torch.tensor(pair)[among], gated)
+    verdict = model.predict(encoded["images"], among=pair)
     return {"gated": float((gated == truth).double().mean()), "expert_fit": float((by_fit == truth).double().mean()),
             "gated+expert_fit": float((combined == truth).double().mean()),
+            "decided": float((verdict.task_ids.cpu() == truth).double().mean()),
+            "flagged": float((verdict.anomalous.cpu() | ~verdict.known.cpu()).double().mean()),
             "ambiguous": float(routed.ambiguous.double().mean())}
 
 
@@ -136,8 +145,8 @@ def main() -> None:
         chosen = [key for key in table if int(key.split("/")[1]) - int(key.split("/")[0]) == step]
         summary[f"{step} step"] = {r: {case: float(np.mean([table[key][case][name][r] for key in chosen
                                                             for name in table[key][case]]))
-                                       for case in CASES} for r in ROUTERS + ("ambiguous",)}
-        for r in ROUTERS + ("ambiguous",):
+                                       for case in CASES} for r in ROUTERS + ("ambiguous", "flagged")}
+        for r in ROUTERS + ("ambiguous", "flagged"):
             cells = summary[f"{step} step"][r]
             print(f"{step} step apart, {r:18s} " + " ".join(f"{c}={100 * v:5.1f}" for c, v in cells.items()))
     for key, cases in table.items():
