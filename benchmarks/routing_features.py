@@ -44,7 +44,7 @@ from moleflow.backbones import lite_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_choice import choose  # noqa: E402
-from routing_stress import build_scenarios, scenario_tables  # noqa: E402
+from routing_stress import add_setting_arguments, build_scenarios, scenario_tables  # noqa: E402
 
 DEFECTS = ("0.02", "0.05", "0.1")
 DEEP = ("b4", "b6", "head", "pixels")
@@ -138,12 +138,7 @@ def summarise(saved: dict) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--max-images", type=int, default=60, help="fit images per product (evaluation: a third)")
-    ap.add_argument("--settings", nargs="+", default=["shared", "lighting", "boards", "synthetic"])
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", type=Path)
+    add_setting_arguments(ap)
     ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
     args = ap.parse_args()
     if args.tables and args.tables.exists():

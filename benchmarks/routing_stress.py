@@ -234,14 +234,19 @@ def build_scenarios(args: argparse.Namespace, rng: np.random.Generator) -> dict[
     return scenarios
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_setting_arguments(ap: argparse.ArgumentParser) -> None:
+    """The data, model and settings options shared with the scripts that reuse `build_scenarios`."""
     ap.add_argument("--data", type=Path, required=True)
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--max-images", type=int, default=60, help="fit images per product (evaluation: a third)")
     ap.add_argument("--settings", nargs="+", default=["shared", "lighting", "boards", "synthetic"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setting_arguments(ap)
     ap.add_argument("--tables", type=Path, help="also save every image's distances and misfits (torch.save)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)

@@ -364,25 +364,6 @@ def validate_split(split: ClassSplit, workers: int | None = None) -> None:
     validate_samples([*split.train, *split.test], workers)
 
 
-class ImageDataset(Dataset):
-    """Lazy torch dataset over samples: items are dicts
-    `{"image": FloatTensor(3,S,S), "mask": BoolTensor(S,S), "label": int, "index": int}`."""
-
-    def __init__(self, samples: Sequence[Sample], transform: ImageTransform) -> None:
-        self.samples = list(samples)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> dict:
-        sample = self.samples[index]
-        img, mask = _load_pair(sample)
-        size = self.transform.size
-        mask_t = self.transform.mask(mask) if mask is not None else torch.zeros(size, size, dtype=torch.bool)
-        return {"image": self.transform(img), "mask": mask_t, "label": int(sample.label), "index": int(index)}
-
-
 class MaskDataset(Dataset):
     """Lazy torch dataset of samples' masks alone, for callers that read the images themselves (tiling cuts
     each file): items are dicts `{"mask": BoolTensor(S,S), "label": int, "index": int}`. The mask's size is
@@ -398,6 +379,18 @@ class MaskDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         sample = self.samples[index]
         return {"mask": header_checked_mask(sample, self.transform), "label": int(sample.label), "index": int(index)}
+
+
+class ImageDataset(MaskDataset):
+    """Lazy torch dataset over samples: items are dicts
+    `{"image": FloatTensor(3,S,S), "mask": BoolTensor(S,S), "label": int, "index": int}`."""
+
+    def __getitem__(self, index: int) -> dict:
+        sample = self.samples[index]
+        img, mask = _load_pair(sample)
+        size = self.transform.size
+        mask_t = self.transform.mask(mask) if mask is not None else torch.zeros(size, size, dtype=torch.bool)
+        return {"image": self.transform(img), "mask": mask_t, "label": int(sample.label), "index": int(index)}
 
 
 def header_checked_mask(sample: Sample, transform: ImageTransform) -> torch.Tensor:
