@@ -46,7 +46,7 @@ CANDIDATES: dict[str, list[str]] = {
     "coreset4000": ["score.memory_coreset=4000"],
     "whole_grid": ["train.step_window=1.0"],
     "merge_mean": ["backbone.feature_merge=mean", "backbone.embed_dim=128"],
-    "flow_only": ["score.source=flow"],
+    "flow_only": ["score.source=flow", "router.mode=prototype"],  # the gated router needs the memories
     "steps100": ["train.min_steps=100"],
     "size288": ["data.image_size=288"],  # a finer map: a 36 x 36 token grid instead of 28 x 28
 }
