@@ -33,6 +33,8 @@ def test_too_few_scores_say_what_they_can_guarantee():
     assert r.threshold == 5.0 and r.rank == 5
     assert r.supported == pytest.approx(1 / 6) and r.guaranteed == pytest.approx(1 / 6)
     assert "5 calibration images" in r.warning and "99" in r.warning
+    # both ways to tighten the promise are named: more good parts later, or more of the product's images held out
+    assert "moleflow calibrate" in r.warning and "score.calibration_keep_train" in r.warning
     empty = conformal_threshold([], 0.01)
     assert math.isinf(empty.threshold) and empty.warning
 
@@ -60,6 +62,8 @@ def test_calibration_split_holds_out_what_the_rate_needs():
     assert calibration_split(400, 0.05, 0.1, 200) == 40  # at least 10 %
     assert calibration_split(9, 0.01, 0.1, 200) == 0  # too few images to hold any out
     assert calibration_split(300, 0.01, 0.0, 200) == 0  # repo preset: nothing held out
+    # a small product that trades training images for a tighter promise (docs/decisions.md §1)
+    assert calibration_split(120, 0.01, 0.1, 200) == 12 and calibration_split(120, 0.01, 0.1, 80) == 40
 
 
 def test_fit_task_uses_its_own_false_alarm_rate():

@@ -65,7 +65,8 @@ def conformal_threshold(scores, rate: float, level: float = 0.95) -> Threshold:
         warning = (f"the threshold rests on {n} calibration images, which guarantee a false-alarm rate of "
                    f"{supported:.1%} at best, not the requested {rate:.1%}: expect up to {supported:.1%} false "
                    f"alarms; give the product at least {images_needed(rate)} calibration images (more good "
-                   "images, or `moleflow calibrate` with extra good parts)")
+                   "images, `moleflow calibrate` with extra good parts, or hold more of its images out with "
+                   "`score.calibration_keep_train`: docs/decisions.md §1)")
     k = max(k, 1)
     tail = (1.0 - level) / 2
     low, high = beta.ppf([tail, 1.0 - tail], n + 1 - k, k)
