@@ -164,6 +164,25 @@ def test_memory_keeps_a_seeded_share_and_scores_its_own_patches_zero(tmp_path):
     assert not a.has(0)
 
 
+def test_memory_weight_scales_the_standardised_memory_term_only():
+    tokens = torch.randn(6, 4, 4, 8, generator=torch.Generator().manual_seed(2))
+    nll = torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(3))
+    plain, heavy, none = (PatchMemory(0.5, seed=1, weight=w) for w in (1.0, 2.5, 0.0))
+    for memory in (plain, heavy, none):
+        memory.add_task(0, tokens[:3])
+        memory.set_norm(0, nll[:3], memory.distances(tokens[:3], 0))
+    norm = plain.norm_0
+    z_nll = (nll - norm[0]) / norm[1]
+    z_mem = (plain.distances(tokens, 0) - norm[2]) / norm[3]
+    assert torch.equal(plain.combine(nll, tokens, 0), z_nll + z_mem)  # 1: the plain sum, bit for bit
+    torch.testing.assert_close(heavy.combine(nll, tokens, 0), z_nll + 2.5 * z_mem)
+    torch.testing.assert_close(none.combine(nll, tokens, 0), z_nll)
+    cfg = tiny_config(**{"score.source": "flow+memory", "score.memory_weight": 2.5})
+    assert MoleFlow(cfg).memory.weight == 2.5
+    with pytest.raises(MoleflowError, match="memory_weight"):
+        tiny_config(**{"score.memory_weight": -1})
+
+
 def test_flow_plus_memory_detects_and_survives_save_and_load(tmp_path):
     cfg = tiny_config(**{"score.source": "flow+memory", "train.epochs": 1})
     model = MoleFlow(cfg)

@@ -173,6 +173,8 @@ class ScoreConfig:
     # the coverage of normal patches with far fewer rows (the exact nearest-neighbour search is most of the
     # CPU inference time; see BENCHMARKS.md "Serving"). How the cpu preset's value was chosen: docs/decisions.md
     memory_coreset: int = 0
+    # the patch score is the standardised NLL plus this times the standardised memory distance (1: their plain sum)
+    memory_weight: float = 1.0
     # decision threshold: the split-conformal order statistic of held-out normal training scores that keeps
     # false alarms on new good parts at or below this rate (calibration.py)
     false_alarm_rate: float = 0.01
@@ -270,6 +272,7 @@ class Config:
         check(0.0 < s.memory_fraction <= 1.0, "score.memory_fraction must be in (0, 1]")
         check(s.memory_max_tokens >= 1, "score.memory_max_tokens must be >= 1")
         check(s.memory_coreset >= 0, "score.memory_coreset must be >= 0 (0 = no coreset)")
+        check(s.memory_weight >= 0, "score.memory_weight must be >= 0")
         check(self.backbone.feature_merge in ("mean", "concat"), "backbone.feature_merge: mean|concat")
         check(self.backbone.runtime in ("onnxruntime", "torch"), "backbone.runtime: onnxruntime|torch")
         check(t.lr > 0, "train.lr must be > 0")

@@ -123,7 +123,8 @@ class Inspector(nn.Module):
         self.router = PrototypeRouter(config.router)
         score = config.score
         self.memory = (PatchMemory(score.memory_fraction, config.train.seed, score.memory_max_tokens,
-                                   score.memory_coreset) if score.source == "flow+memory" else None)
+                                   score.memory_coreset, score.memory_weight)
+                       if score.source == "flow+memory" else None)
         self.extractor.to(self.device)
         size = config.data.image_size
         with torch.no_grad():  # the token grid of this backbone at this image size, e.g. 28 x 28 at 224 px
@@ -559,7 +560,10 @@ class Inspector(nn.Module):
         index = torch.where(doubt, by_fit, first)
         own = torch.nn.functional.one_hot(index, n_tasks).bool()
         plausible = (doubt.unsqueeze(1) & (fit <= best.unsqueeze(1) + cfg.ambiguity_margin)) | own  # no bool Where
-        every = torch.stack([self.patch_scores(tokens, t).float() for t in tasks], dim=1)  # (N, T, H, W)
+        # the memory distances z that routing read are the ones scoring needs: one nearest-neighbour search per
+        # product, not two
+        every = torch.stack([self.memory.standardised_sum(self.flow(tokens, t).nll, z[:, c], t).float()
+                             for c, t in enumerate(tasks)], dim=1)  # (N, T, H, W)
         h, w = every.shape[2:]
         all_scores = image_scores(every.flatten(0, 1), self.config.score).reshape(-1, n_tasks)  # dynamic batch
         normal = plausible & (all_scores.double() <= self.thresholds(tasks).unsqueeze(0))

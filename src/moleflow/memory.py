@@ -79,11 +79,14 @@ class PatchMemory(nn.Module):
     and of the memory distance over held-out normal patches of the task (set by `set_norm`).
 
     A task keeps a seeded random `fraction` (at most `max_tokens`) of its training tokens; with `coreset` > 0
-    that sample is then thinned to `coreset` tokens by `greedy_coreset`."""
+    that sample is then thinned to `coreset` tokens by `greedy_coreset`. A patch's score is its standardised NLL
+    plus `weight` times its standardised memory distance."""
 
-    def __init__(self, fraction: float, seed: int = 0, max_tokens: int | None = None, coreset: int = 0) -> None:
+    def __init__(self, fraction: float, seed: int = 0, max_tokens: int | None = None, coreset: int = 0,
+                 weight: float = 1.0) -> None:
         super().__init__()
         self.fraction, self.seed, self.max_tokens, self.coreset = fraction, seed, max_tokens, coreset
+        self.weight = weight
 
     def has(self, task: int) -> bool:
         return hasattr(self, f"bank_{task}")
@@ -114,13 +117,13 @@ class PatchMemory(nn.Module):
         return nearest_distance(tokens.reshape(-1, d), bank).reshape(b, h, w)
 
     def combine(self, nll: torch.Tensor, tokens: torch.Tensor, task: int) -> torch.Tensor:
-        """Patch score (B, H, W): standardised flow NLL + standardised memory distance of task `task`."""
+        """Patch score (B, H, W): standardised flow NLL + `weight` x standardised memory distance of task `task`."""
         return self.standardised_sum(nll, self.distances(tokens, task), task)
 
     def standardised_sum(self, nll: torch.Tensor, distance: torch.Tensor, task: int) -> torch.Tensor:
         """Patch score (B, H, W) of a flow NLL and a memory distance (B, H, W) already computed under task `task`."""
         norm = getattr(self, f"norm_{task}").to(nll.dtype)
-        return (nll - norm[0]) / norm[1] + (distance.to(nll.dtype) - norm[2]) / norm[3]
+        return (nll - norm[0]) / norm[1] + self.weight * ((distance.to(nll.dtype) - norm[2]) / norm[3])
 
     def load_banks(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the buffers of a saved `state_dict()`."""
