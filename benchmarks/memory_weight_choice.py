@@ -25,6 +25,8 @@ import argparse
 import json
 from pathlib import Path
 
+import numpy as np
+
 from validation_agreement import SETS, run_candidate, splits_for
 
 WEIGHTS = (0.5, 1.0, 2.0, 4.0)
@@ -56,7 +58,7 @@ def main() -> None:
         overrides = [f"score.memory_weight={weight}"]
         results[name] = {"overrides": overrides, **run_candidate(overrides, splits)}
         r = results[name]
-        pixel = {k: sum(m["pixel_auroc"] for m in r[k]["per_class"].values() if m["pixel_auroc"] is not None) / 3
+        pixel = {k: float(np.mean([m["pixel_auroc"] for m in r[k]["per_class"].values() if m["pixel_auroc"] is not None]))
                  for k in SETS}
         print(f"weight {name:4s} " + " ".join(f"{k} {100 * r[k]['score']:.2f} (P {100 * pixel[k]:.2f})" for k in SETS)
               + f" ({r['seconds']:.0f} s)", flush=True)

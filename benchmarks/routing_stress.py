@@ -20,6 +20,8 @@ patch memory: seeded random 10 % of the tokens, at most 20,000, thinned to a 1,0
 
 Routers compared (all from the same backbone tokens, so the comparison is exact):
 * `prototype`: nearest Gaussian prototype of the median token (today's default); `prototype_mean`: of the mean;
+  `prototype_pooled`: of the median token, every product's distance measured with one metric, the inverse of the
+  mean of the products' covariances (as linear discriminant analysis does; benchmarks/routing_pooled.py);
 * `patch_median`: smallest median over the patches of the standardised nearest-neighbour distance to each
   product's patch memory; `patch_vote`: most patches whose nearest memory is that product's;
 * `patch_median_raw`: the same with the raw distances (not standardised by each product's held-out patches);
@@ -49,7 +51,7 @@ from moleflow import Config, MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.data.transforms import load_rgb
 from moleflow.memory import PatchMemory
-from moleflow.router import PrototypeRouter, mean_per_image, patch_misfit
+from moleflow.router import PrototypeRouter, mahalanobis, mean_per_image, patch_misfit
 from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_area_defect
 
 SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
@@ -117,6 +119,7 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
         memory.add_task(t, fit["tokens"])
         dist = memory.distances(cal["tokens"], t)
         memory.set_norm(t, dist, dist)
+    common = pooled_precision(routers["median"], list(range(len(names))))
     out = {}
     for t, name in enumerate(names):
         images = products[name]["eval"]
@@ -131,10 +134,13 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
             norm = torch.stack([getattr(memory, f"norm_{u}") for u in range(len(names))])  # (T, 4)
             z = (raw - norm[:, 2].view(1, -1, 1, 1)) / norm[:, 3].view(1, -1, 1, 1)  # in units of each product's own
             proto = {s: r.distances(e[s]) for s, r in routers.items()}
+            pooled = torch.stack([mahalanobis(e["median"].double(), routers["median"].prototype(u)[0], common)
+                                  for u in range(len(names))], 1)
             out[(name, case)] = {
                 "truth": t,
                 "prototype": mean_per_image(proto["median"], e["owner"], e["n"]),
                 "prototype_mean": mean_per_image(proto["mean"], e["owner"], e["n"]),
+                "prototype_pooled": mean_per_image(pooled, e["owner"], e["n"]),
                 "patch_median": patch_misfit(z, e["owner"], e["n"], "median"),
                 "patch_median_raw": patch_misfit(raw, e["owner"], e["n"], "median"),
                 "patch_vote": patch_misfit(z, e["owner"], e["n"], "vote"),
@@ -146,6 +152,13 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
             for share in PAIRED_SHARES:
                 out[(name, case)][f"patch_paired_{share:g}"] = patch_misfit(raw, e["owner"], e["n"], "paired", share)
     return out
+
+
+def pooled_precision(router: PrototypeRouter, tasks: list[int]) -> torch.Tensor:
+    """(D, D) float64 inverse of the mean of the `tasks`' covariances (each the inverse of its stored precision):
+    one metric for every product, as linear discriminant analysis uses."""
+    cov = torch.stack([torch.linalg.inv(router.prototype(t)[1]) for t in tasks]).mean(0)
+    return torch.linalg.inv(cov)
 
 
 def gated_choice(proto: torch.Tensor, misfit: torch.Tensor, gate: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,14 +88,15 @@ def test_every_router_mode_routes_distinct_products(model, probe, mode):
     with _with_router(model, mode=mode, gate=10.0):
         pred = model.predict(probe[:6])
     assert pred.task_ids.tolist() == [0, 1, 2, 0, 1, 2]
+    # every mode weighs a runner-up (prototype: its log distance ratio) and chose clearly
+    assert torch.isfinite(pred.route_margin).all() and (pred.route_margin > 0).all()
     if mode == "prototype":
-        assert torch.isinf(pred.route_margin).all() and not pred.ambiguous.any()
-    else:  # the patch vote ran and chose clearly: the margin is positive and finite
-        assert torch.isfinite(pred.route_margin).all() and (pred.route_margin > 0).all()
+        assert not pred.ambiguous.any()
 
 
-def test_ambiguous_parts_are_flagged_only_if_flagged_under_every_plausible_product(model, probe):
-    with _with_router(model, mode="patch", ambiguity_margin=1e9):  # every product is plausible for every part
+@pytest.mark.parametrize("router", [{"mode": "patch"}, {"mode": "prototype", "metric": "pooled"}])
+def test_ambiguous_parts_are_flagged_only_if_flagged_under_every_plausible_product(model, probe, router):
+    with _with_router(model, **router, ambiguity_margin=1e9):  # every product is plausible for every part
         pred = model.predict(probe)
     assert pred.ambiguous.all()
     assert all(sorted(alt + [t]) == [0, 1, 2] for alt, t in zip(pred.alternatives, pred.task_ids.tolist()))
@@ -108,17 +109,20 @@ def test_ambiguous_parts_are_flagged_only_if_flagged_under_every_plausible_produ
         assert float(pred.scores[i]) == pytest.approx(float(under[t].scores[i]), rel=1e-5, abs=1e-5)
         assert float(pred.thresholds[i]) == float(under[t].thresholds[i])
     assert bool(pred.anomalous[6])  # the large defect is flagged under all three
-    with _with_router(model, mode="patch", ambiguity_margin=0.0):  # no doubt: each part under its routed product
+    with _with_router(model, **router, ambiguity_margin=0.0):  # no doubt: each part under its routed product
         plain = model.predict(probe)
     assert not plain.ambiguous.any() and plain.alternatives == [[]] * len(probe)
     assert (pred.anomalous <= plain.anomalous).all()  # the rule only ever clears a flag
 
 
-@pytest.mark.parametrize("margin", [0.0, 1e9])
-def test_the_exported_graph_and_the_onnx_engine_follow_the_same_rule(model, probe, margin, tmp_path):
+@pytest.mark.parametrize("router", [{"mode": "gated", "gate": 10.0, "ambiguity_margin": 0.0},
+                                    {"mode": "gated", "gate": 10.0, "ambiguity_margin": 1e9},
+                                    {"mode": "prototype", "metric": "pooled", "ambiguity_margin": 0.0},
+                                    {"mode": "prototype", "metric": "pooled", "ambiguity_margin": 1e9}])
+def test_the_exported_graph_and_the_onnx_engine_follow_the_same_rule(model, probe, router, tmp_path):
     from moleflow.engine import make_engine
 
-    with _with_router(model, mode="gated", gate=10.0, ambiguity_margin=margin):
+    with _with_router(model, **router):
         pred = model.predict(probe)
         out = predict_onnx(export_onnx(model, tmp_path), probe.numpy())
         engine = make_engine(model, "onnx", cache_dir=tmp_path / "engine").inspect(model.prepare(probe))
@@ -130,6 +134,37 @@ def test_the_exported_graph_and_the_onnx_engine_follow_the_same_rule(model, prob
     assert torch.equal(engine.task_ids, pred.task_ids) and torch.equal(engine.anomalous, pred.anomalous)
     assert torch.equal(engine.ambiguous, pred.ambiguous) and engine.alternatives == pred.alternatives
     assert float((engine.scores - pred.scores).abs().max()) < 1e-4
+
+
+def test_the_pooled_metric_keeps_a_defective_part_with_its_product_where_own_covariances_do_not():
+    """Two look-alike products whose means differ along e1; A varies little along e2, B a lot. A part of A with a
+    defect that moves it along e2 is nearer B under each product's own covariance (B allows that move), but the
+    pooled metric counts the move the same for both and keeps the part with A."""
+    from moleflow.config import RouterConfig
+    from moleflow.router import PrototypeRouter, mahalanobis
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 0.1], dtype=torch.float64)
+    b = torch.randn(400, 2, generator=g, dtype=torch.float64) * torch.tensor([1.0, 3.0], dtype=torch.float64)
+    b[:, 0] += 3.0
+    own, pooled = (PrototypeRouter(RouterConfig(metric=m)) for m in ("mahalanobis", "pooled"))
+    for router in (own, pooled):
+        router.add_task(0, a)
+        router.add_task(1, b)
+    part = torch.tensor([[0.5, 2.0]], dtype=torch.float64)  # an A part (e1 = 0.5) moved 20 of A's sigmas along e2
+    assert own(part)[0].tolist() == [1] and pooled(part)[0].tolist() == [0]
+    cov = (torch.linalg.inv(own.prototype(0)[1]) + torch.linalg.inv(own.prototype(1)[1])) / 2
+    assert torch.allclose(pooled.pooled_precision([0, 1]), torch.linalg.inv(cov))
+    expected = torch.stack([mahalanobis(part, own.prototype(t)[0], torch.linalg.inv(cov)) for t in (0, 1)], 1)
+    assert torch.allclose(pooled.choice_distances(part, [0, 1]), expected)
+    # the reported distance and the unknown-product check stay in the chosen product's own metric
+    index, distance, known = pooled(part)
+    assert torch.allclose(distance, own.distances(part, [0, 1])[:, 0]) and not bool(known[0])
+    assert torch.equal(own.choice_distances(part), own.distances(part))  # the spec's metric chooses with its own
+    pooled.remove_task(1)  # a changed set of prototypes is never measured with the old pooled metric
+    pooled.add_task(1, b * 2)
+    cov = (torch.linalg.inv(pooled.prototype(0)[1]) + torch.linalg.inv(pooled.prototype(1)[1])) / 2
+    assert torch.allclose(pooled.pooled_precision([0, 1]), torch.linalg.inv(cov))
 
 
 def test_confusability_is_measured_when_a_product_is_learned():

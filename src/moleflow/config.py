@@ -126,7 +126,11 @@ class RouterConfig:
     """Prototype router (spec §5). `enabled=False` is oracle routing (the true task id is given)."""
 
     enabled: bool = True
-    metric: Literal["mahalanobis", "euclidean"] = "mahalanobis"
+    # the distance that chooses the product: "mahalanobis", each product's own precision (spec §5); "pooled", one
+    # precision for all, the inverse of the mean of the products' covariances (linear discriminant analysis: a
+    # defect moves the choice only along what separates the products; docs/decisions.md §8); "euclidean". The
+    # distance reported and the unknown-product limit are always in the chosen product's own metric
+    metric: Literal["mahalanobis", "pooled", "euclidean"] = "mahalanobis"
     covariance: Literal["ledoit_wolf", "oas", "ridge"] = "ledoit_wolf"
     ridge: float = 1e-5
     unknown_quantile: float = 0.99  # distance quantile of held-out own-task images ...
@@ -286,7 +290,7 @@ class Config:
         check(0.0 < s.false_alarm_rate < 1.0, "score.false_alarm_rate must be in (0, 1)")
         check(0.0 <= s.calibration_fraction < 0.5, "score.calibration_fraction must be in [0, 0.5)")
         check(s.calibration_keep_train >= 0, "score.calibration_keep_train must be >= 0")
-        check(r.metric in ("mahalanobis", "euclidean"), "router.metric: mahalanobis|euclidean")
+        check(r.metric in ("mahalanobis", "pooled", "euclidean"), "router.metric: mahalanobis|pooled|euclidean")
         check(r.covariance in ("ledoit_wolf", "oas", "ridge"), "router.covariance: ledoit_wolf|oas|ridge")
         check(r.mode in ("prototype", "patch", "gated"), "router.mode: prototype|patch|gated")
         check(r.gate >= 0 and r.ambiguity_margin >= 0 and r.patch_weight >= 0,
@@ -483,11 +487,12 @@ def _cpu() -> Config:
     # 20,000-token random memory (docs/decisions.md §7); the exact search is then ~20x cheaper
     cfg.score.memory_coreset = 1000
     cfg.data.tiling = "aspect"
-    # routing weighs the prototype and the patch memory where two products' prototypes are close, and scores an
-    # ambiguous part under every plausible product: chosen on held-out training images with pasted defects and
-    # real look-alike pairs (benchmarks/routing_choice.py, docs/decisions.md §8)
-    cfg.router.mode = "gated"
-    cfg.router.ambiguity_margin = 0.17
+    # routing: the nearest prototype, every product measured with one pooled metric (linear discriminant analysis),
+    # and an ambiguous part (log distances within 0.032) scored under every plausible product: chosen on held-out
+    # training images with pasted defects and real look-alike pairs over the gated router of prototype and patch
+    # memory (benchmarks/routing_pooled.py, docs/decisions.md §8)
+    cfg.router.metric = "pooled"
+    cfg.router.ambiguity_margin = 0.032
     return cfg
 
 

@@ -84,7 +84,7 @@ class Routing:
     index: torch.Tensor  # (N,) long: the chosen column
     distances: torch.Tensor  # (N, T) float64: distances to the products' prototypes (nan with oracle ids)
     limits: torch.Tensor  # (T,) float64: the products' unknown-product distance limits (inf with oracle ids)
-    margin: torch.Tensor  # (N,) float64: runner-up evidence minus the chosen one's (inf: prototype only)
+    margin: torch.Tensor  # (N,) float64: runner-up evidence minus the chosen one's (inf: no runner-up weighed)
     plausible: torch.Tensor  # (N, T) bool: products the part is scored under (the chosen one always)
     evidence: torch.Tensor  # (N, T) float64: `Inspector._evidence` where computed (inf elsewhere): plausible ones' order
 
@@ -439,23 +439,31 @@ class Inspector(nn.Module):
               ) -> Routing:
         """Which of `tasks` each of n images is (tiles: tokens (M, H, W, D), routing features (M, D), owner (M,)).
 
-        `router.mode`: "prototype" takes the nearest prototype. "patch" and "gated" also compare the images'
-        patches with the candidate products' patch memories (`router.patch_misfit`: the median over an image's
-        patches of the distance to the nearest remembered patch, which a defect on a minority of them cannot move
-        far): "patch" chooses on that misfit alone among all products; "gated", where the runner-up prototype is
-        within a factor 1 + `router.gate` of the nearest, weighs prototype distance and patch misfit among those
-        products (`_evidence`). Products whose evidence is within `router.ambiguity_margin` (log units) of the
-        best are plausible."""
+        `router.mode`: "prototype" takes the nearest prototype (its evidence: the log distance). "patch" and
+        "gated" also compare the images' patches with the candidate products' patch memories
+        (`router.patch_misfit`: the median over an image's patches of the distance to the nearest remembered patch,
+        which a defect on a minority of them cannot move far): "patch" chooses on that misfit alone among all
+        products; "gated", where the runner-up prototype is within a factor 1 + `router.gate` of the nearest,
+        weighs prototype distance and patch misfit among those products (`_evidence`). Prototype distances here
+        are the router's choice distances (`router.metric`); the distance reported is in the chosen product's
+        own metric. Products whose evidence is within `router.ambiguity_margin` (log units) of the best are
+        plausible."""
         cfg = self.config.router
-        distances = self.router.image_distances(routing, tasks, owner, n)  # (N, T) float64
-        nearest, index = distances.min(1)
+        distances = self.router.image_distances(routing, tasks, owner, n)  # (N, T) float64, own metrics
+        choice = distances if cfg.metric != "pooled" else self.router.image_distances(routing, tasks, owner, n, True)
+        nearest, index = choice.min(1)
         n_tasks = len(tasks)
         margin = torch.full((n,), float("inf"), dtype=torch.float64, device=distances.device)
         evidence = torch.full((n, n_tasks), float("inf"), dtype=torch.float64, device=distances.device)
         plausible = torch.nn.functional.one_hot(index, n_tasks).bool()
-        if cfg.mode != "prototype" and n_tasks > 1:
+        if cfg.mode == "prototype" and n_tasks > 1:
+            evidence = choice.clamp_min(1e-12).log()
+            top = evidence.topk(2, dim=1, largest=False).values
+            margin = top[:, 1] - top[:, 0]
+            plausible = plausible | (evidence <= top[:, :1] + cfg.ambiguity_margin)
+        elif n_tasks > 1:
             gate = float("inf") if cfg.mode == "patch" else cfg.gate
-            candidates = distances <= nearest.unsqueeze(1) * (1 + gate)
+            candidates = choice <= nearest.unsqueeze(1) * (1 + gate)
             doubt = candidates.sum(1) > 1
             if bool(doubt.any()):
                 images = doubt.nonzero().squeeze(1)
@@ -467,7 +475,7 @@ class Inspector(nn.Module):
                 z = tokens.new_full((len(rows), n_tasks, *tokens.shape[1:3]), float("inf"))
                 for c in columns:
                     z[:, c] = self.memory.distances(tokens[rows], tasks[c])
-                fit = self._evidence(distances[images], patch_misfit(z, renumber[owner[rows]], len(images)))
+                fit = self._evidence(choice[images], patch_misfit(z, renumber[owner[rows]], len(images)))
                 fit = fit.masked_fill(~candidates[images], float("inf"))
                 top = fit.topk(2, dim=1, largest=False)
                 index[images] = top.indices[:, 0]
@@ -541,29 +549,35 @@ class Inspector(nn.Module):
         self.ensure_experts(tasks)  # traced: every expert is in the graph
         tokens, routing = self.features(images)
         tokens = tokens.float()
-        if self.config.router.mode == "prototype":
+        cfg, n_tasks = self.config.router, len(tasks)
+        if cfg.mode == "prototype" and (cfg.ambiguity_margin == 0 or n_tasks == 1):
             index, distance, known = self.router(routing, tasks)
             patch = self.expert_scores(tokens, index, tasks)
             scores = image_scores(patch, self.config.score)
             anomalous = scores.double() > self.thresholds(tasks).index_select(0, index)
             return scores, self.map_maker(patch), index, distance, known, anomalous
         # `route` and `decide` written with tensor ops only: every expert scores every image, the rule picks
-        cfg, n_tasks = self.config.router, len(tasks)
-        distances = self.router.distances(routing, tasks)  # (N, T)
-        nearest, first = distances.min(1)
-        gate = float("inf") if cfg.mode == "patch" else cfg.gate
-        candidates = distances <= nearest.unsqueeze(1) * (1 + gate)
-        z = torch.stack([self.memory.distances(tokens, t) for t in tasks], dim=1)  # (N, T, H, W)
-        fit = self._evidence(distances, patch_misfit(z)).masked_fill(~candidates, float("inf"))
+        distances = self.router.distances(routing, tasks)  # (N, T), own metrics
+        choice = distances if cfg.metric != "pooled" else self.router.choice_distances(routing, tasks)
+        nearest, first = choice.min(1)
+        if cfg.mode == "prototype":  # every product a candidate, the evidence its log distance
+            candidates = torch.ones_like(choice, dtype=torch.bool)
+            fit = choice.clamp_min(1e-12).log()
+            every = torch.stack([self.patch_scores(tokens, t).float() for t in tasks], dim=1)  # (N, T, H, W)
+        else:
+            gate = float("inf") if cfg.mode == "patch" else cfg.gate
+            candidates = choice <= nearest.unsqueeze(1) * (1 + gate)
+            z = torch.stack([self.memory.distances(tokens, t) for t in tasks], dim=1)  # (N, T, H, W)
+            fit = self._evidence(choice, patch_misfit(z)).masked_fill(~candidates, float("inf"))
+            # the memory distances z that routing read are the ones scoring needs: one nearest-neighbour search
+            # per product, not two
+            every = torch.stack([self.memory.standardised_sum(self.flow(tokens, t).nll, z[:, c], t).float()
+                                 for c, t in enumerate(tasks)], dim=1)  # (N, T, H, W)
         best, by_fit = fit.min(1)
         doubt = candidates.sum(1) > 1
         index = torch.where(doubt, by_fit, first)
         own = torch.nn.functional.one_hot(index, n_tasks).bool()
         plausible = (doubt.unsqueeze(1) & (fit <= best.unsqueeze(1) + cfg.ambiguity_margin)) | own  # no bool Where
-        # the memory distances z that routing read are the ones scoring needs: one nearest-neighbour search per
-        # product, not two
-        every = torch.stack([self.memory.standardised_sum(self.flow(tokens, t).nll, z[:, c], t).float()
-                             for c, t in enumerate(tasks)], dim=1)  # (N, T, H, W)
         h, w = every.shape[2:]
         all_scores = image_scores(every.flatten(0, 1), self.config.score).reshape(-1, n_tasks)  # dynamic batch
         normal = plausible & (all_scores.double() <= self.thresholds(tasks).unsqueeze(0))

@@ -11,6 +11,10 @@ it) times `unknown_margin`. An image farther than that from its nearest prototyp
 product. Cross-fitting gives every training image a calibration distance, so the rule does not rest on
 a handful of held-out images.
 
+With `metric="pooled"` the product is chosen with one metric for all products, the inverse of the mean of their
+covariances (linear discriminant analysis); the distance reported and the unknown-product limit stay in the chosen
+product's own metric.
+
 The prototypes are float64 buffers of an `nn.Module` (`mean_<t>` (D,), `precision_<t>` (D, D),
 `unknown_<t>` ()), so they are part of the inspector's state_dict, move with it and export to ONNX.
 `mahalanobis` is the one distance formula: routing, calibration and the exported graph all use it.
@@ -96,6 +100,7 @@ class PrototypeRouter(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.task_ids: list[int] = []
+        self._pooled: dict[tuple, torch.Tensor] = {}  # pooled precisions, keyed by the precisions they came from
 
     # ------------------------------------------------------------------------------ features
     def features(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -111,7 +116,7 @@ class PrototypeRouter(nn.Module):
     def fit_prototype(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean (D,) and precision (D, D) float64 of features (N, D)."""
         x = x.detach().double().cpu()
-        if self.cfg.metric == "mahalanobis":
+        if self.cfg.metric != "euclidean":
             precision = torch.from_numpy(estimate_precision(x.numpy(), self.cfg.covariance, self.cfg.ridge))
         else:
             precision = torch.eye(x.shape[1], dtype=torch.float64)
@@ -171,23 +176,49 @@ class PrototypeRouter(nn.Module):
         x = features.double()
         return torch.stack([mahalanobis(x, *self.prototype(t)) for t in tasks], dim=1)
 
+    def pooled_precision(self, tasks: list[int]) -> torch.Tensor:
+        """(D, D) float64: the inverse of the mean of the covariances of `tasks` (each the inverse of its stored
+        precision), the one metric of `metric="pooled"`. Computed in NumPy, so that an ONNX trace takes it as a
+        constant, and kept while those precisions are the same tensors, unmodified."""
+        precisions = [self.prototype(t)[1] for t in tasks]
+        key = tuple((p.data_ptr(), p._version, p.device, float(p.sum())) for p in precisions)
+        if key not in self._pooled:
+            cov = np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], axis=0)
+            self._pooled = {key: torch.from_numpy(np.linalg.inv(cov)).to(precisions[0].device)}  # the latest only
+        return self._pooled[key]
+
+    def choice_distances(self, features: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:
+        """(N, D) -> (N, T) float64 distances that choose the product: with `metric="pooled"` every prototype's
+        distance measured with the pooled precision of `tasks` (linear discriminant analysis: a defect's move
+        counts only along what separates the products, not through their different covariances; docs/decisions.md
+        §8), else `distances`."""
+        tasks = self.task_ids if tasks is None else list(tasks)
+        if self.cfg.metric != "pooled":
+            return self.distances(features, tasks)
+        x, precision = features.double(), self.pooled_precision(tasks)
+        return torch.stack([mahalanobis(x, self.prototype(t)[0], precision) for t in tasks], dim=1)
+
     def forward(self, features: torch.Tensor, tasks: list[int] | None = None, owner: torch.Tensor | None = None,
                 n_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(M, D) -> per image (N,): index into `tasks`, distance to that task, known (within its limit).
 
         `tasks` restricts the choice (e.g. to the tasks learned up to some step); default all. `owner` (M,)
         groups rows into `n_images` images (the tiles of one image): an image goes to the task with the
-        smallest mean distance over its rows. Default: every row is its own image."""
+        smallest mean choice distance over its rows; its distance and limit are in that task's own metric.
+        Default: every row is its own image."""
         tasks = self.task_ids if tasks is None else list(tasks)
-        distances = self.image_distances(features, tasks, owner, n_images)
-        best, index = distances.min(1)
+        own = self.image_distances(features, tasks, owner, n_images)
+        choice = own if self.cfg.metric != "pooled" else self.image_distances(features, tasks, owner, n_images, True)
+        index = choice.argmin(1)
+        best = own.gather(1, index.unsqueeze(1)).squeeze(1)
         return index, best, best <= self.limits(tasks).index_select(0, index)
 
     def image_distances(self, features: torch.Tensor, tasks: list[int], owner: torch.Tensor | None = None,
-                        n_images: int | None = None) -> torch.Tensor:
-        """(M, D) -> (N, T) float64: each image's distance to each prototype of `tasks`, the mean over its rows
-        (`owner` (M,) groups rows into `n_images` images, the tiles of one image; default: a row per image)."""
-        distances = self.distances(features, tasks)  # (M, T) float64
+                        n_images: int | None = None, choice: bool = False) -> torch.Tensor:
+        """(M, D) -> (N, T) float64: each image's distance to each prototype of `tasks` (`choice`: the distances
+        that choose, `choice_distances`), the mean over its rows (`owner` (M,) groups rows into `n_images` images,
+        the tiles of one image; default: a row per image)."""
+        distances = self.choice_distances(features, tasks) if choice else self.distances(features, tasks)  # (M, T)
         return distances if owner is None else mean_per_image(distances, owner, n_images)
 
     def limits(self, tasks: list[int]) -> torch.Tensor:
