@@ -1,7 +1,8 @@
 """What each router costs in decisions on a trained run: measured on its TEST images, after the choice.
 
     python benchmarks/router_modes.py runs/real --json benchmarks/results/router_modes_shared.json
-    python benchmarks/router_modes.py /tmp/la13 --data /tmp/lookalike --modes prototype gated
+    python benchmarks/router_modes.py /tmp/la13 --data /tmp/lookalike \
+        --modes "prototype:metric=mahalanobis,ambiguity_margin=0" "prototype:metric=pooled,ambiguity_margin=0.032"
 
 The routers were chosen on training images (benchmarks/routing_stress.py, docs/decisions.md §8); this script
 only reports, per product and router: good and defective parts routed to their own product, parts routed
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from moleflow import Config, MoleFlow
+from moleflow import MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.evaluation import evaluate_classes, threshold_summary
 
@@ -31,7 +32,8 @@ def main() -> None:
     ap.add_argument("run", type=Path)
     ap.add_argument("--data", type=Path, help="dataset root (default: the run's)")
     ap.add_argument("--modes", nargs="+", default=["prototype", "gated:ambiguity_margin=0", "gated"],
-                    help="router modes, each optionally with router fields: gated:ambiguity_margin=0")
+                    help="router modes, each optionally with router fields (the run's own otherwise): "
+                         "gated:metric=mahalanobis,ambiguity_margin=0.17")
     ap.add_argument("--set", nargs="*", default=[], help="router fields, e.g. gate=0.1 ambiguity_margin=0.5")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path)
@@ -40,9 +42,6 @@ def main() -> None:
     model = MoleFlow.load(args.run)
     results = json.loads((args.run / "results.json").read_text())
     root = args.data or Path(results["dataset"]["root"])
-    # runs saved before the gated router: its fields take the `cpu` preset's values unless --set says otherwise
-    if "gated" in " ".join(args.modes) and model.config.router.ambiguity_margin == 0:
-        model.config.router.ambiguity_margin = Config.from_preset("cpu").router.ambiguity_margin
     class_task = {c: t.task_id for t in model.tasks for c in t.classes}
     splits = {c: load_class(root, c, "folder") for c in class_task}
     for item in args.set:

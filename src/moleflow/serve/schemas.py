@@ -16,8 +16,8 @@ class Verdict(BaseModel):
     decision: str = Field(description="normal, anomalous or unknown product")
     unknown_product: bool
     router_distance: float | None
-    route_margin: float | None = Field(None, description="how much worse the runner-up product fits (patch misfit); "
-                                       "null when the prototype router alone decided")
+    route_margin: float | None = Field(None, description="how much worse the runner-up product fits, in log units "
+                                       "(the router's evidence); null when no runner-up was weighed")
     route_ambiguous: bool = Field(False, description="routing was in doubt: the part was scored under every "
                                   "plausible product and flagged only if flagged under all of them")
     plausible_products: list[str] = Field(default_factory=list, description="the other plausible products")
