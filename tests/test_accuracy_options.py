@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -260,8 +263,11 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     chosen = Config.from_preset("cpu-faithful").with_overrides(CANDIDATES["concat+memory+tiles"])
     chosen.preset = cpu.preset
     chosen.score.memory_coreset = 1000  # chosen afterwards on synthetic validation (docs/decisions.md §7)
-    # and the router, chosen on training images with pasted defects and look-alike pairs (docs/decisions.md §8)
-    chosen.router.mode, chosen.router.ambiguity_margin = "gated", 0.17
+    # and the router, chosen on training images with pasted defects and look-alike pairs (docs/decisions.md §8):
+    # the pooled prototype and its ambiguity margin, as benchmarks/routing_pooled.py recorded them
+    study = json.loads((Path(__file__).parents[1] / "benchmarks/results/routing_pooled.json").read_text())
+    assert study["chosen"] == "pooled prototype" and round(study["ambiguity_margin"], 3) == 0.032
+    chosen.router.metric, chosen.router.ambiguity_margin = "pooled", 0.032
     # and training on windows of the token grid, chosen by `moleflow tune` (docs/accuracy.md §7)
     chosen.train.step_window = 0.35
     assert cpu.to_dict() == chosen.to_dict()
