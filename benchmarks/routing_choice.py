@@ -28,6 +28,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -74,6 +75,53 @@ def choose(table: dict, router: str) -> tuple[torch.Tensor, torch.Tensor]:
     return choice, torch.where(doubt, margin, torch.full_like(margin, float("inf")))
 
 
+def setting_accuracy(saved: dict, route: Callable[[dict], torch.Tensor]) -> dict[str, dict[str, float]]:
+    """{setting: {case: share routed right}} of a router `route(table) -> choice (N,)` over saved tables."""
+    per_setting: dict = {}
+    for setting, tables in saved.items():
+        acc: dict = {}
+        for key, table in tables.items():
+            acc.setdefault(key.split("|")[1], []).append(float((route(table) == table["truth"]).double().mean()))
+        per_setting[setting] = {case: float(np.mean(v)) for case, v in acc.items()}
+    return per_setting
+
+
+def separable_settings(saved: dict) -> list[str]:
+    """The look-alike settings where the prototype (each product's own covariance, no patch memory) routes >= 95 %
+    of good parts right: the hidden pair's situation."""
+    per = setting_accuracy(saved, lambda table: table["prototype"].argmin(1))
+    return [s for s in saved if s != "shared" and per[s]["good"] >= 0.95]
+
+
+def router_summary(saved: dict, route: Callable[[dict], torch.Tensor], separable: list[str]) -> dict:
+    """What every rule here reads of one router: the shared products all right, look-alike good parts and parts with
+    defects up to 10 % (and of 20 %), the same on the separable settings, and every setting's figures."""
+    per = setting_accuracy(saved, route)
+    look = [s for s in saved if s != "shared"]
+    shared = per.get("shared", {})
+    return {"shared_ok": all(shared.get(c, 0) == 1.0 for c in ("good",) + DEFECTS),
+            "look_alike_good": float(np.mean([per[s]["good"] for s in look])),
+            "look_alike_defect": float(np.mean([per[s][c] for s in look for c in DEFECTS])),
+            "look_alike_defect_20": float(np.mean([per[s]["0.2"] for s in look])),
+            "separable_good": float(np.mean([per[s]["good"] for s in separable])),
+            "separable_defect": float(np.mean([per[s][c] for s in separable for c in DEFECTS])),
+            "per_setting": per}
+
+
+def wrong_margins(saved: dict, route: Callable[[dict], tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """The margins of a router `route(table) -> (choice (N,), margin (N,))` on the look-alike parts (good and defects
+    up to 10 %) it routes wrongly."""
+    out: list[float] = []
+    for setting, tables in saved.items():
+        if setting == "shared":
+            continue
+        for key, table in tables.items():
+            if key.split("|")[1] in ("good",) + DEFECTS:
+                choice, margin = route(table)
+                out += margin[choice != table["truth"]].tolist()
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tables", type=Path, required=True)
@@ -88,55 +136,27 @@ def main() -> None:
     shares = [k.removeprefix("patch_paired_") for k in first_table if re.fullmatch(r"patch_paired_[0-9.]+", k)]
     challengers = [f"paired{s}_{w:g}_{g:g}" for s in shares for g in (0.2, 0.5) for w in (1, 2, 4)]
     measured = routers + challengers
-    look = [s for s in saved if s != "shared"]
-    summary: dict = {}
-    for router in measured:
-        per_setting: dict = {}
-        for setting, tables in saved.items():
-            acc: dict = {}
-            for key, table in tables.items():
-                case = key.split("|")[1]
-                choice, _ = choose(table, router)
-                acc.setdefault(case, []).append(float((choice == table["truth"]).double().mean()))
-            per_setting[setting] = {case: float(np.mean(v)) for case, v in acc.items()}
-        shared = per_setting.get("shared", {})
-        summary[router] = {
-            "shared_ok": all(shared.get(c, 0) == 1.0 for c in ("good",) + DEFECTS),
-            "look_alike_good": float(np.mean([per_setting[s]["good"] for s in look])),
-            "look_alike_defect": float(np.mean([per_setting[s][c] for s in look for c in DEFECTS])),
-            "per_setting": per_setting,
-        }
-    # the settings where the prototype routes >= 95 % of good parts right: the hidden pair's situation
-    separable = [s for s in look if summary["prototype"]["per_setting"][s]["good"] >= 0.95]
-    for r in measured:
-        per = summary[r]["per_setting"]
-        summary[r]["separable_good"] = float(np.mean([per[s]["good"] for s in separable]))
-        summary[r]["separable_defect"] = float(np.mean([per[s][c] for s in separable for c in DEFECTS]))
+    separable = separable_settings(saved)
+    summary = {router: router_summary(saved, lambda table, r=router: choose(table, r)[0], separable)
+               for router in measured}
     base = summary["prototype"]["look_alike_good"]
     eligible = [r for r in routers if summary[r]["shared_ok"] and summary[r]["look_alike_good"] >= base - 0.005]
     best = max(summary[r]["look_alike_defect"] for r in eligible)
     chosen = next(r for r in eligible if summary[r]["look_alike_defect"] >= best - 0.005)  # routers are in cost order
-    wrong_margins = []
-    for setting in look:
-        for key, table in saved[setting].items():
-            if key.split("|")[1] not in ("good",) + DEFECTS:
-                continue
-            choice, margin = choose(table, chosen)
-            wrong = choice != table["truth"]
-            wrong_margins += margin[wrong].tolist()
-    finite = [m for m in wrong_margins if np.isfinite(m)]
+    wrong = wrong_margins(saved, lambda table: choose(table, chosen))
+    finite = [m for m in wrong if np.isfinite(m)]
     margin = float(np.quantile(finite, 0.9)) if finite else 0.0
     for r in measured:
         s = summary[r]
         print(f"{r:18s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "
               f"defects<=10% {100 * s['look_alike_defect']:5.1f} | separable good {100 * s['separable_good']:5.1f} "
               f"defects<=10% {100 * s['separable_defect']:5.1f}" + ("   <- chosen" if r == chosen else ""))
-    print(f"chosen {chosen}; its wrongly routed look-alike parts: {len(wrong_margins)}, {len(finite)} with a patch "
+    print(f"chosen {chosen}; its wrongly routed look-alike parts: {len(wrong)}, {len(finite)} with a patch "
           f"vote; ambiguity margin (90th percentile of their margins) {margin:.4f}")
     if args.json:
         args.json.write_text(json.dumps({"rule": __doc__, "summary": summary, "chosen": chosen,
                                          "ambiguity_margin": margin, "separable_settings": separable,
-                                         "wrong_routed": len(wrong_margins),
+                                         "wrong_routed": len(wrong),
                                          "wrong_routed_with_vote": len(finite)}, indent=1))
 
 

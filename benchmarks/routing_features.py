@@ -33,20 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from moleflow import Config, MoleFlow
 from moleflow.backbones import lite_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import choose  # noqa: E402
-from routing_stress import add_setting_arguments, build_scenarios, scenario_tables  # noqa: E402
+from routing_choice import choose, router_summary, separable_settings  # noqa: E402
+from routing_stress import add_setting_arguments, measured_tables  # noqa: E402
 
-DEFECTS = ("0.02", "0.05", "0.1")
 DEEP = ("b4", "b6", "head", "pixels")
 ROUTER = "evidence_2_0.2"
 
@@ -102,28 +98,10 @@ def with_prototype(table: dict, kind: str) -> dict:
 
 def summarise(saved: dict) -> dict:
     kinds = ["tokens", *DEEP, *(f"tokens*{k}" for k in DEEP)]
-    look = [s for s in saved if s != "shared"]
-    summary: dict = {}
-    for kind in kinds:
-        for router in ("prototype", ROUTER):
-            per_setting: dict = {}
-            for setting, tables in saved.items():
-                acc: dict = {}
-                for key, table in tables.items():
-                    choice, _ = choose(with_prototype(table, kind), router)
-                    acc.setdefault(key.split("|")[1], []).append(float((choice == table["truth"]).double().mean()))
-                per_setting[setting] = {case: float(np.mean(v)) for case, v in acc.items()}
-            shared = per_setting.get("shared", {})
-            summary[f"{kind} {router}"] = {
-                "shared_ok": all(shared.get(c, 0) == 1.0 for c in ("good",) + DEFECTS),
-                "look_alike_good": float(np.mean([per_setting[s]["good"] for s in look])),
-                "look_alike_defect": float(np.mean([per_setting[s][c] for s in look for c in DEFECTS])),
-                "per_setting": per_setting}
-    separable = [s for s in look if summary["tokens prototype"]["per_setting"][s]["good"] >= 0.95]
-    for entry in summary.values():
-        per = entry["per_setting"]
-        entry["separable_good"] = float(np.mean([per[s]["good"] for s in separable]))
-        entry["separable_defect"] = float(np.mean([per[s][c] for s in separable for c in DEFECTS]))
+    separable = separable_settings(saved)
+    summary = {f"{kind} {router}": router_summary(
+        saved, lambda table, kind=kind, router=router: choose(with_prototype(table, kind), router)[0], separable)
+        for kind in kinds for router in ("prototype", ROUTER)}
     today = summary[f"tokens {ROUTER}"]
     eligible = [k for k in kinds if summary[f"{k} {ROUTER}"]["shared_ok"]
                 and summary[f"{k} {ROUTER}"]["look_alike_good"] >= today["look_alike_good"] - 0.005]
@@ -141,20 +119,7 @@ def main() -> None:
     add_setting_arguments(ap)
     ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
     args = ap.parse_args()
-    if args.tables and args.tables.exists():
-        saved = torch.load(args.tables)
-    else:
-        torch.manual_seed(args.seed)
-        model = MoleFlow(Config.from_preset(args.preset))
-        rng = np.random.default_rng(args.seed)
-        extra = deep_features(model.config.backbone.name)
-        saved = {}
-        for name, products in build_scenarios(args, rng).items():
-            start = time.perf_counter()
-            saved[name] = {f"{p}|{c}": v for (p, c), v in scenario_tables(model, products, rng, extra).items()}
-            print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
-            if args.tables:
-                torch.save(saved, args.tables)
+    saved = measured_tables(args, lambda model: deep_features(model.config.backbone.name))
     result = summarise(saved)
     for key, s in result["summary"].items():
         print(f"{key:32s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "

@@ -35,19 +35,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from moleflow import Config, MoleFlow
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import choose  # noqa: E402
-from routing_stress import add_setting_arguments, build_scenarios, scenario_tables  # noqa: E402
+from routing_choice import choose, router_summary, separable_settings, wrong_margins  # noqa: E402
+from routing_stress import add_setting_arguments, measured_tables  # noqa: E402
 
-DEFECTS = ("0.02", "0.05", "0.1")
 WEIGHT, GATE = 2.0, 0.2
 CANDIDATES = ("own", "pooled", "own gate, pooled evidence", "pooled prototype")
 
@@ -67,59 +64,21 @@ def route(table: dict, candidate: str) -> torch.Tensor:
     return torch.where(doubt, evidence.masked_fill(~candidates, float("inf")).argmin(1), own.argmin(1))
 
 
-def margin_of(table: dict, candidate: str) -> torch.Tensor:
-    """(N,) runner-up minus chosen evidence (log units) of `candidate`; a "pooled prototype" part's evidence is its
-    log distance, as `Inspector.route` computes it in prototype mode; inf where the prototype decided alone."""
+def route_with_margin(table: dict, candidate: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Choice (N,) and margin (N,): runner-up minus chosen evidence (log units) of `candidate`; a "pooled prototype"
+    part's evidence is its log distance, as `Inspector.route` computes it in prototype mode; inf where the prototype
+    decided alone."""
     if candidate == "pooled prototype":
         top = table["prototype_pooled"].clamp_min(1e-12).log().topk(2, dim=1, largest=False).values
-        return top[:, 1] - top[:, 0]
+        return route(table, candidate), top[:, 1] - top[:, 0]
     if candidate == "own":
-        return choose(table, f"evidence_{WEIGHT:g}_{GATE:g}")[1]
-    return choose({**table, "prototype": table["prototype_pooled"]}, f"evidence_{WEIGHT:g}_{GATE:g}")[1]
-
-
-def ambiguity_margin(saved: dict, candidate: str) -> float:
-    """The rule of benchmarks/routing_choice.py: the 90th percentile of `candidate`'s margins among the look-alike
-    parts (good and defects up to 10 %) it routes wrongly, so that nine in ten of them are scored under both
-    products."""
-    wrong = []
-    for setting, tables in saved.items():
-        if setting == "shared":
-            continue
-        for key, table in tables.items():
-            if key.split("|")[1] in ("good",) + DEFECTS:
-                miss = route(table, candidate) != table["truth"]
-                wrong.append(margin_of(table, candidate)[miss])
-    margins = torch.cat(wrong)
-    return float(torch.quantile(margins[margins.isfinite()], 0.9))
+        return choose(table, f"evidence_{WEIGHT:g}_{GATE:g}")
+    return choose({**table, "prototype": table["prototype_pooled"]}, f"evidence_{WEIGHT:g}_{GATE:g}")
 
 
 def summarise(saved: dict) -> dict:
-    look = [s for s in saved if s != "shared"]
-    summary: dict = {}
-    for candidate in CANDIDATES:
-        per_setting: dict = {}
-        for setting, tables in saved.items():
-            acc: dict = {}
-            for key, table in tables.items():
-                right = route(table, candidate) == table["truth"]
-                acc.setdefault(key.split("|")[1], []).append(float(right.double().mean()))
-            per_setting[setting] = {case: float(np.mean(v)) for case, v in acc.items()}
-        shared = per_setting.get("shared", {})
-        summary[candidate] = {
-            "shared_ok": all(shared.get(c, 0) == 1.0 for c in ("good",) + DEFECTS),
-            "look_alike_good": float(np.mean([per_setting[s]["good"] for s in look])),
-            "look_alike_defect": float(np.mean([per_setting[s][c] for s in look for c in DEFECTS])),
-            "look_alike_defect_20": float(np.mean([per_setting[s]["0.2"] for s in look])),
-            "per_setting": per_setting}
-    # separable: where today's prototype (own covariance, no patch memory) routes >= 95 % of good parts right
-    prototype_good = {s: float(np.mean([float((t["prototype"].argmin(1) == t["truth"]).double().mean())
-                                        for k, t in saved[s].items() if k.endswith("|good")])) for s in look}
-    separable = [s for s in look if prototype_good[s] >= 0.95]
-    for entry in summary.values():
-        per = entry["per_setting"]
-        entry["separable_good"] = float(np.mean([per[s]["good"] for s in separable]))
-        entry["separable_defect"] = float(np.mean([per[s][c] for s in separable for c in DEFECTS]))
+    separable = separable_settings(saved)
+    summary = {c: router_summary(saved, lambda table, c=c: route(table, c), separable) for c in CANDIDATES}
     today = summary["own"]
     eligible = [k for k in CANDIDATES if summary[k]["shared_ok"]
                 and summary[k]["look_alike_good"] >= today["look_alike_good"] - 0.005]
@@ -129,8 +88,10 @@ def summarise(saved: dict) -> dict:
              and b["separable_good"] >= today["separable_good"] - 0.005
              and b["separable_defect"] >= today["separable_defect"] - 0.005)
     chosen = best if adopt else "own"
+    # benchmarks/routing_choice.py's rule: nine in ten of the validation's routing errors are scored under both
+    wrong = [m for m in wrong_margins(saved, lambda table: route_with_margin(table, chosen)) if np.isfinite(m)]
     return {"rule": __doc__, "summary": summary, "separable_settings": separable, "best": best, "chosen": chosen,
-            "ambiguity_margin": ambiguity_margin(saved, chosen)}
+            "ambiguity_margin": float(np.quantile(wrong, 0.9))}
 
 
 def main() -> None:
@@ -138,19 +99,7 @@ def main() -> None:
     add_setting_arguments(ap)
     ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
     args = ap.parse_args()
-    if args.tables and args.tables.exists():
-        saved = torch.load(args.tables)
-    else:
-        torch.manual_seed(args.seed)
-        model = MoleFlow(Config.from_preset(args.preset))
-        rng = np.random.default_rng(args.seed)
-        saved = {}
-        for name, products in build_scenarios(args, rng).items():
-            start = time.perf_counter()
-            saved[name] = {f"{p}|{c}": v for (p, c), v in scenario_tables(model, products, rng).items()}
-            print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
-            if args.tables:
-                torch.save(saved, args.tables)
+    saved = measured_tables(args)
     result = summarise(saved)
     for key, s in result["summary"].items():
         print(f"{key:28s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "

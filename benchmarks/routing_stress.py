@@ -257,6 +257,27 @@ def add_setting_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--json", type=Path)
 
 
+def measured_tables(args: argparse.Namespace, extra_of: Callable[[MoleFlow], dict[str, FeatureFn]] | None = None
+                    ) -> dict[str, dict[str, dict]]:
+    """{setting: {"product|case": table}} of `scenario_tables` for every setting of `args`: read from `args.tables`
+    when that file exists, else measured (with the `extra` features `extra_of(model)` gives) and saved there after
+    every setting."""
+    if args.tables and args.tables.exists():
+        return torch.load(args.tables)
+    torch.manual_seed(args.seed)
+    model = MoleFlow(Config.from_preset(args.preset))
+    rng = np.random.default_rng(args.seed)
+    extra = extra_of(model) if extra_of else None
+    saved: dict = {}
+    for name, products in build_scenarios(args, rng).items():
+        start = time.perf_counter()
+        saved[name] = {f"{p}|{c}": v for (p, c), v in scenario_tables(model, products, rng, extra).items()}
+        print(f"{name}: {time.perf_counter() - start:.0f} s", flush=True)
+        if args.tables:
+            torch.save(saved, args.tables)
+    return saved
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_setting_arguments(ap)
