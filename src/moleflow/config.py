@@ -469,8 +469,10 @@ def _cpu() -> Config:
     training normals (docs/accuracy.md §5, §7), never on test images. On top of `cpu-faithful`: the backbone's
     40 + 112 channels side by side (D = 152), a floor of 200 optimiser steps per task over at least 4
     epochs, each on a window of the token grid, elongated images cut into near-square tiles, and a per-product
-    patch memory (a 1,000-token greedy coreset of its training patches) scored with the flow. Not the faithful
-    method (the memory, tiling and windows are additions); `main`/`repo` are.
+    patch memory (a 1,000-token greedy coreset of its training patches) scored with the flow, and a router that
+    measures every product with one pooled metric (chosen on training images with look-alike pairs,
+    docs/decisions.md §8). Not the faithful method (the memory, tiling, windows and pooled metric are additions);
+    `main`/`repo` are.
     """
     cfg = _cpu_faithful()
     cfg.backbone.feature_merge = "concat"
