@@ -51,7 +51,7 @@ from moleflow import Config, MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.data.transforms import load_rgb
 from moleflow.memory import PatchMemory
-from moleflow.router import PrototypeRouter, mahalanobis, mean_per_image, patch_misfit
+from moleflow.router import PrototypeRouter, mean_per_image, patch_misfit
 from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_area_defect
 
 SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
@@ -109,7 +109,8 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
     `extra` routing feature (a Gaussian prototype of it per product, as the router builds)."""
     cfg = model.config
     names = list(products)
-    routers = {s: PrototypeRouter(cfg.router.__class__(**{**vars(cfg.router), "statistic": s}))
+    # "pooled": distances() stay each product's own; choice_distances() gives the pooled metric's
+    routers = {s: PrototypeRouter(cfg.router.__class__(**{**vars(cfg.router), "statistic": s, "metric": "pooled"}))
                for s in ("median", "mean", *(extra or {}))}
     memory = PatchMemory(cfg.score.memory_fraction, cfg.train.seed, cfg.score.memory_max_tokens, cfg.score.memory_coreset)
     for t, name in enumerate(names):
@@ -119,7 +120,6 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
         memory.add_task(t, fit["tokens"])
         dist = memory.distances(cal["tokens"], t)
         memory.set_norm(t, dist, dist)
-    common = pooled_precision(routers["median"], list(range(len(names))))
     out = {}
     for t, name in enumerate(names):
         images = products[name]["eval"]
@@ -134,8 +134,7 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
             norm = torch.stack([getattr(memory, f"norm_{u}") for u in range(len(names))])  # (T, 4)
             z = (raw - norm[:, 2].view(1, -1, 1, 1)) / norm[:, 3].view(1, -1, 1, 1)  # in units of each product's own
             proto = {s: r.distances(e[s]) for s, r in routers.items()}
-            pooled = torch.stack([mahalanobis(e["median"].double(), routers["median"].prototype(u)[0], common)
-                                  for u in range(len(names))], 1)
+            pooled = routers["median"].choice_distances(e["median"])
             out[(name, case)] = {
                 "truth": t,
                 "prototype": mean_per_image(proto["median"], e["owner"], e["n"]),
@@ -152,13 +151,6 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
             for share in PAIRED_SHARES:
                 out[(name, case)][f"patch_paired_{share:g}"] = patch_misfit(raw, e["owner"], e["n"], "paired", share)
     return out
-
-
-def pooled_precision(router: PrototypeRouter, tasks: list[int]) -> torch.Tensor:
-    """(D, D) float64 inverse of the mean of the `tasks`' covariances (each the inverse of its stored precision):
-    one metric for every product, as linear discriminant analysis uses."""
-    cov = torch.stack([torch.linalg.inv(router.prototype(t)[1]) for t in tasks]).mean(0)
-    return torch.linalg.inv(cov)
 
 
 def gated_choice(proto: torch.Tensor, misfit: torch.Tensor, gate: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -449,8 +449,7 @@ class Inspector(nn.Module):
         own metric. Products whose evidence is within `router.ambiguity_margin` (log units) of the best are
         plausible."""
         cfg = self.config.router
-        distances = self.router.image_distances(routing, tasks, owner, n)  # (N, T) float64, own metrics
-        choice = distances if cfg.metric != "pooled" else self.router.image_distances(routing, tasks, owner, n, True)
+        distances, choice = self.router.image_distances(routing, tasks, owner, n)  # (N, T) float64: own, choosing
         nearest, index = choice.min(1)
         n_tasks = len(tasks)
         margin = torch.full((n,), float("inf"), dtype=torch.float64, device=distances.device)
@@ -557,8 +556,7 @@ class Inspector(nn.Module):
             anomalous = scores.double() > self.thresholds(tasks).index_select(0, index)
             return scores, self.map_maker(patch), index, distance, known, anomalous
         # `route` and `decide` written with tensor ops only: every expert scores every image, the rule picks
-        distances = self.router.distances(routing, tasks)  # (N, T), own metrics
-        choice = distances if cfg.metric != "pooled" else self.router.choice_distances(routing, tasks)
+        distances, choice = self.router.image_distances(routing, tasks)  # (N, T): own metrics, choosing
         nearest, first = choice.min(1)
         if cfg.mode == "prototype":  # every product a candidate, the evidence its log distance
             candidates = torch.ones_like(choice, dtype=torch.bool)

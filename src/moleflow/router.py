@@ -212,19 +212,23 @@ class PrototypeRouter(nn.Module):
         smallest mean choice distance over its rows; its distance and limit are in that task's own metric.
         Default: every row is its own image."""
         tasks = self.task_ids if tasks is None else list(tasks)
-        own = self.image_distances(features, tasks, owner, n_images)
-        choice = own if self.cfg.metric != "pooled" else self.image_distances(features, tasks, owner, n_images, True)
+        own, choice = self.image_distances(features, tasks, owner, n_images)
         index = choice.argmin(1)
         best = own.gather(1, index.unsqueeze(1)).squeeze(1)
         return index, best, best <= self.limits(tasks).index_select(0, index)
 
     def image_distances(self, features: torch.Tensor, tasks: list[int], owner: torch.Tensor | None = None,
-                        n_images: int | None = None, choice: bool = False) -> torch.Tensor:
-        """(M, D) -> (N, T) float64: each image's distance to each prototype of `tasks` (`choice`: the distances
-        that choose, `choice_distances`), the mean over its rows (`owner` (M,) groups rows into `n_images` images,
-        the tiles of one image; default: a row per image)."""
-        distances = self.choice_distances(features, tasks) if choice else self.distances(features, tasks)  # (M, T)
-        return distances if owner is None else mean_per_image(distances, owner, n_images)
+                        n_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M, D) -> own (N, T), choice (N, T) float64: each image's distance to each prototype of `tasks` in the
+        products' own metrics, and the distances that choose the product (`choice_distances`: the same tensor
+        unless `metric="pooled"`); each the mean over an image's rows (`owner` (M,) groups rows into `n_images`
+        images, the tiles of one image; default: a row per image)."""
+        own = self.distances(features, tasks)  # (M, T)
+        choice = self.choice_distances(features, tasks) if self.cfg.metric == "pooled" else None
+        if owner is not None:
+            own = mean_per_image(own, owner, n_images)
+            choice = None if choice is None else mean_per_image(choice, owner, n_images)
+        return own, own if choice is None else choice
 
     def limits(self, tasks: list[int]) -> torch.Tensor:
         """(T,) float64 unknown-product distance limits of `tasks`."""
