@@ -46,17 +46,20 @@ from typing import Callable
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.covariance import OAS
 
 from moleflow import Config, MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.data.transforms import load_rgb
 from moleflow.memory import PatchMemory
-from moleflow.router import PrototypeRouter, mean_per_image, patch_misfit
+from moleflow.router import PrototypeRouter, mahalanobis, mean_per_image, patch_misfit
 from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_area_defect
 
 SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
 GATES = (0.02, 0.05, 0.1, 0.2, 0.5)
 PAIRED_SHARES = (0.25, 0.5, 0.75, 1.0)
+TRIM_LIMITS = (2.0, 3.0, 5.0)  # standardised memory distance above which a patch is left out (benchmarks/routing_trimmed.py)
+TRIM_SHARES = (0.1, 0.25)  # or the share of an image's patches that fit no product worst
 CASES = ("good",) + tuple(f"{a:g}" for a in AREAS)
 
 
@@ -113,13 +116,18 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
     routers = {s: PrototypeRouter(cfg.router.__class__(**{**vars(cfg.router), "statistic": s, "metric": "pooled"}))
                for s in ("median", "mean", *(extra or {}))}
     memory = PatchMemory(cfg.score.memory_fraction, cfg.train.seed, cfg.score.memory_max_tokens, cfg.score.memory_coreset)
+    scatter = []  # each product's prototype features, centred on its mean (for the pooled OAS metric)
     for t, name in enumerate(names):
         fit, cal = (encode(model, products[name][s], extra=extra) for s in ("fit", "cal"))
         for s, router in routers.items():
             router.add_task(t, torch.cat([fit[s], cal[s]]))
+        x = torch.cat([fit["median"], cal["median"]]).double()
+        scatter.append(x - x.mean(0))
         memory.add_task(t, fit["tokens"])
         dist = memory.distances(cal["tokens"], t)
         memory.set_norm(t, dist, dist)
+    oas = pooled_oas_precision(scatter)
+    means = torch.stack([routers["median"].prototype(t)[0] for t in range(len(names))])
     out = {}
     for t, name in enumerate(names):
         images = products[name]["eval"]
@@ -146,11 +154,54 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
                 "patch_paired_scaled_0.5": patch_misfit(raw / norm[:, 2].view(1, -1, 1, 1), e["owner"], e["n"],
                                                         "paired", 0.5),
             }
+            # candidates of benchmarks/routing_trimmed.py: the pooled prototype with the pooled scatter shrunk once
+            # (OAS), and of the median token over the patches that fit some product (a defect's patches left out)
+            out[(name, case)]["prototype_pooled_oas"] = mean_per_image(
+                torch.stack([mahalanobis(e["median"].double(), m, oas) for m in means], 1), e["owner"], e["n"])
+            worst = z.min(1).values  # (M, H, W): how badly each patch fits its best-fitting product
+            for key, mask in trim_masks(worst).items():
+                trimmed = routers["median"].choice_distances(masked_median(e["tokens"], mask))
+                out[(name, case)][f"prototype_pooled_trim_{key}"] = mean_per_image(trimmed, e["owner"], e["n"])
             for k in extra or {}:
                 out[(name, case)][f"prototype_{k}"] = mean_per_image(routers[k].distances(e[k]), e["owner"], e["n"])
             for share in PAIRED_SHARES:
                 out[(name, case)][f"patch_paired_{share:g}"] = patch_misfit(raw, e["owner"], e["n"], "paired", share)
     return out
+
+
+def pooled_oas_precision(centred: list[torch.Tensor]) -> torch.Tensor:
+    """(D, D) float64 precision of every product's features (each (N_t, D), centred on its own mean) stacked:
+    the within-product scatter pooled first and shrunk once (OAS), instead of the mean of shrunk covariances."""
+    x = torch.cat(centred).numpy()
+    cov = OAS(assume_centered=True).fit(x).covariance_
+    return torch.from_numpy(np.linalg.inv(cov))
+
+
+def trim_masks(worst: torch.Tensor) -> dict[str, torch.Tensor]:
+    """worst (M, H, W) standardised memory distance of each patch to its best-fitting product -> {name: (M, H, W)
+    bool, patches kept}: `z<limit>` keeps patches whose distance is at most the limit, `q<share>` drops that share
+    of each tile's worst-fitting patches; the dropped patches are grown by one patch (a defect spreads over the
+    backbone's receptive field)."""
+    masks = {}
+    flat = worst.flatten(1)
+    for limit in TRIM_LIMITS:
+        masks[f"z{limit:g}"] = worst > limit
+    for share in TRIM_SHARES:
+        cut = flat.quantile(1 - share, dim=1).view(-1, 1, 1)
+        masks[f"q{share:g}"] = worst > cut
+    pool = torch.nn.functional.max_pool2d
+    return {k: ~pool(v.float().unsqueeze(1), 3, 1, 1).squeeze(1).bool() for k, v in masks.items()}
+
+
+def masked_median(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """tokens (M, H, W, D), keep (M, H, W) -> (M, D): coordinate-wise lower median over each tile's kept patches
+    (over all of them where fewer than a quarter are kept)."""
+    out = []
+    for tile, k in zip(tokens, keep):
+        flat = tile.flatten(0, 1)
+        kept = flat[k.flatten()] if k.sum() >= k.numel() // 4 else flat
+        out.append(kept.sort(dim=0).values[(kept.shape[0] - 1) // 2])
+    return torch.stack(out)
 
 
 def gated_choice(proto: torch.Tensor, misfit: torch.Tensor, gate: float) -> tuple[torch.Tensor, torch.Tensor]:
