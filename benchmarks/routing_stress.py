@@ -52,7 +52,7 @@ from moleflow import Config, MoleFlow
 from moleflow.data.datasets import load_class
 from moleflow.data.transforms import load_rgb
 from moleflow.memory import PatchMemory
-from moleflow.router import PrototypeRouter, mahalanobis, mean_per_image, patch_misfit
+from moleflow.router import PrototypeRouter, fitting_patches, mahalanobis, masked_median, mean_per_image, patch_misfit
 from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_area_defect
 
 SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
@@ -179,29 +179,14 @@ def pooled_oas_precision(centred: list[torch.Tensor]) -> torch.Tensor:
 
 def trim_masks(worst: torch.Tensor) -> dict[str, torch.Tensor]:
     """worst (M, H, W) standardised memory distance of each patch to its best-fitting product -> {name: (M, H, W)
-    bool, patches kept}: `z<limit>` keeps patches whose distance is at most the limit, `q<share>` drops that share
-    of each tile's worst-fitting patches; the dropped patches are grown by one patch (a defect spreads over the
-    backbone's receptive field)."""
-    masks = {}
-    flat = worst.flatten(1)
-    for limit in TRIM_LIMITS:
-        masks[f"z{limit:g}"] = worst > limit
+    bool, patches kept}: `z<limit>` keeps patches whose distance is at most the limit (`router.fitting_patches`,
+    the `router.trim_limit` rule), `q<share>` drops that share of each tile's worst-fitting patches; the dropped
+    patches are grown by one patch (a defect spreads over the backbone's receptive field)."""
+    masks = {f"z{limit:g}": fitting_patches(worst, limit) for limit in TRIM_LIMITS}
     for share in TRIM_SHARES:
-        cut = flat.quantile(1 - share, dim=1).view(-1, 1, 1)
-        masks[f"q{share:g}"] = worst > cut
-    pool = torch.nn.functional.max_pool2d
-    return {k: ~pool(v.float().unsqueeze(1), 3, 1, 1).squeeze(1).bool() for k, v in masks.items()}
-
-
-def masked_median(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """tokens (M, H, W, D), keep (M, H, W) -> (M, D): coordinate-wise lower median over each tile's kept patches
-    (over all of them where fewer than a quarter are kept)."""
-    out = []
-    for tile, k in zip(tokens, keep):
-        flat = tile.flatten(0, 1)
-        kept = flat[k.flatten()] if k.sum() >= k.numel() // 4 else flat
-        out.append(kept.sort(dim=0).values[(kept.shape[0] - 1) // 2])
-    return torch.stack(out)
+        cut = worst.flatten(1).quantile(1 - share, dim=1).view(-1, 1, 1)
+        masks[f"q{share:g}"] = fitting_patches(worst - cut, 0.0)
+    return masks
 
 
 def gated_choice(proto: torch.Tensor, misfit: torch.Tensor, gate: float) -> tuple[torch.Tensor, torch.Tensor]:

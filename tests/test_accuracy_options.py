@@ -266,8 +266,13 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     # and the router, chosen on training images with pasted defects and look-alike pairs (docs/decisions.md §8):
     # the pooled prototype and its ambiguity margin, as benchmarks/routing_pooled.py recorded them
     study = json.loads((Path(__file__).parents[1] / "benchmarks/results/routing_pooled.json").read_text())
-    assert study["chosen"] == "pooled prototype" and round(study["ambiguity_margin"], 3) == 0.032
-    chosen.router.metric, chosen.router.ambiguity_margin = "pooled", 0.032
+    assert study["chosen"] == "pooled prototype"
+    chosen.router.metric = "pooled"
+    # then the median over the patches that fit a product, where products are close, and the ambiguity margin of
+    # that router, as benchmarks/routing_trimmed.py recorded them
+    study = json.loads((Path(__file__).parents[1] / "benchmarks/results/routing_trimmed.json").read_text())
+    assert study["chosen"] == "trimmed z5, gate 0.1" and round(study["ambiguity_margin"], 3) == 0.031
+    chosen.router.trim_limit, chosen.router.trim_gate, chosen.router.ambiguity_margin = 5.0, 0.1, 0.031
     # and training on windows of the token grid, chosen by `moleflow tune` (docs/accuracy.md §7)
     chosen.train.step_window = 0.35
     assert cpu.to_dict() == chosen.to_dict()

@@ -8,7 +8,7 @@ import torch
 
 from moleflow import MoleFlow, MoleflowError
 from moleflow.export import export_onnx, predict_onnx
-from moleflow.router import patch_misfit
+from moleflow.router import fitting_patches, masked_median, patch_misfit
 
 from helpers import product_images, random_images, tiny_config
 
@@ -48,6 +48,10 @@ def test_paired_misfit_compares_products_on_the_patches_that_fit_best():
 def test_patch_modes_need_a_patch_memory():
     with pytest.raises(MoleflowError, match="needs score.source=flow\\+memory"):
         tiny_config(**{"router.mode": "gated"})
+    with pytest.raises(MoleflowError, match="router.trim_limit"):
+        tiny_config(**{"router.trim_limit": 5.0})
+    with pytest.raises(MoleflowError, match="router.trim_limit"):
+        tiny_config(**{"router.trim_limit": 5.0, "router.mode": "gated", "score.source": "flow+memory"})
     with pytest.raises(MoleflowError, match="router.mode"):
         tiny_config(**{"router.mode": "nearest", "score.source": "flow+memory"})
 
@@ -115,10 +119,48 @@ def test_ambiguous_parts_are_flagged_only_if_flagged_under_every_plausible_produ
     assert (pred.anomalous <= plain.anomalous).all()  # the rule only ever clears a flag
 
 
+def test_the_median_over_fitting_patches_leaves_a_defect_out():
+    """A bright defect on a third of a part drags the median of every coordinate towards a brighter look-alike;
+    leaving out the patches that fit no product (grown by one patch) gives back the part's own median."""
+    rng = np.random.default_rng(0)
+    tokens = torch.from_numpy(rng.normal(0.0, 1.0, (1, 12, 12, 4))).float()
+    worst = torch.zeros(1, 12, 12)
+    tokens[0, :, :4] += 3.0  # the defect: columns 0-3
+    worst[0, :, :4] = 9.0  # far from every product's memory
+    keep = fitting_patches(worst, 5.0)
+    assert keep[0, :, 5:].all() and not keep[0, :, :5].any()  # grown by one patch
+    clean = tokens[0, :, 5:].reshape(-1, 4)
+    expected = clean.sort(0).values[(len(clean) - 1) // 2]  # the lower median, as `router.features` takes it
+    assert torch.equal(masked_median(tokens, keep)[0], expected)
+    everything = tokens[0].reshape(-1, 4).sort(0).values[(144 - 1) // 2]
+    assert (everything > expected).all()  # the plain median is dragged towards the defect
+    few = torch.zeros(1, 12, 12, dtype=torch.bool)
+    few[0, :2] = True  # fewer than a quarter kept: the median of all patches
+    assert torch.equal(masked_median(tokens, few)[0], everything)
+
+
+def test_trimmed_routing_reads_the_memories_only_where_products_are_close(model, probe):
+    with _with_router(model, mode="prototype", metric="pooled", ambiguity_margin=0.0, trim_limit=0.0):
+        plain = model.predict(probe)
+    with _with_router(model, mode="prototype", metric="pooled", ambiguity_margin=0.0, trim_limit=5.0,
+                      trim_gate=0.0):
+        unchanged = model.predict(probe)  # no runner-up within the gate: the pooled prototype alone
+    assert torch.equal(unchanged.route_margin, plain.route_margin)
+    with _with_router(model, mode="prototype", metric="pooled", ambiguity_margin=0.0, trim_limit=5.0,
+                      trim_gate=1e9):
+        trimmed = model.predict(probe)  # every part compared again on the median of its fitting patches
+    assert not torch.equal(trimmed.route_margin, plain.route_margin)
+    assert trimmed.task_ids[:6].tolist() == [0, 1, 2, 0, 1, 2]
+
+
 @pytest.mark.parametrize("router", [{"mode": "gated", "gate": 10.0, "ambiguity_margin": 0.0},
                                     {"mode": "gated", "gate": 10.0, "ambiguity_margin": 1e9},
                                     {"mode": "prototype", "metric": "pooled", "ambiguity_margin": 0.0},
-                                    {"mode": "prototype", "metric": "pooled", "ambiguity_margin": 1e9}])
+                                    {"mode": "prototype", "metric": "pooled", "ambiguity_margin": 1e9},
+                                    {"mode": "prototype", "metric": "pooled", "ambiguity_margin": 0.0,
+                                     "trim_limit": 1.0, "trim_gate": 1e9},
+                                    {"mode": "prototype", "metric": "pooled", "ambiguity_margin": 0.2,
+                                     "trim_limit": 1.0, "trim_gate": 0.5}])
 def test_the_exported_graph_and_the_onnx_engine_follow_the_same_rule(model, probe, router, tmp_path):
     from moleflow.engine import make_engine
 

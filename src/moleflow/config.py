@@ -150,6 +150,12 @@ class RouterConfig:
     # a part whose evidence (log units, see `mode`) is within this of the best-fitting product's is "ambiguous":
     # it is scored under each such product too and flagged only if flagged under all of them (0: never)
     ambiguity_margin: float = 0.0
+    # mode "prototype" only, needs the patch memories: where other products' log choice distances are within
+    # `trim_gate` of the nearest, those products are compared again on the median of only the patches that fit
+    # one of them (standardised memory distance <= `trim_limit`; the others, grown by one patch, are left out: a
+    # defect does not drag the routing feature towards a look-alike product). 0: never (docs/decisions.md §8)
+    trim_limit: float = 0.0
+    trim_gate: float = 0.1
 
 
 @dataclass
@@ -293,8 +299,11 @@ class Config:
         check(r.metric in ("mahalanobis", "pooled", "euclidean"), "router.metric: mahalanobis|pooled|euclidean")
         check(r.covariance in ("ledoit_wolf", "oas", "ridge"), "router.covariance: ledoit_wolf|oas|ridge")
         check(r.mode in ("prototype", "patch", "gated"), "router.mode: prototype|patch|gated")
-        check(r.gate >= 0 and r.ambiguity_margin >= 0 and r.patch_weight >= 0,
-              "router.gate, router.patch_weight and router.ambiguity_margin must be >= 0")
+        check(r.gate >= 0 and r.ambiguity_margin >= 0 and r.patch_weight >= 0 and r.trim_limit >= 0
+              and r.trim_gate >= 0, "router.gate, patch_weight, ambiguity_margin, trim_limit and trim_gate must be >= 0")
+        check(not r.trim_limit or (r.mode == "prototype" and s.source == "flow+memory"),
+              "router.trim_limit reads the products' patch memories in prototype mode: it needs router.mode=prototype "
+              "and score.source=flow+memory (or router.trim_limit=0)")
         check(r.mode == "prototype" or s.source == "flow+memory",
               f"router.mode={r.mode} routes on the products' patch memories: it needs score.source=flow+memory")
         check(d.image_size >= 32 and d.image_size % 8 == 0, "data.image_size must be a multiple of 8, >= 32")
@@ -490,11 +499,15 @@ def _cpu() -> Config:
     cfg.score.memory_coreset = 1000
     cfg.data.tiling = "aspect"
     # routing: the nearest prototype, every product measured with one pooled metric (linear discriminant analysis),
-    # and an ambiguous part (log distances within 0.032) scored under every plausible product: chosen on held-out
+    # and an ambiguous part (log distances within 0.031) scored under every plausible product: chosen on held-out
     # training images with pasted defects and real look-alike pairs over the gated router of prototype and patch
-    # memory (benchmarks/routing_pooled.py, docs/decisions.md §8)
+    # memory (benchmarks/routing_pooled.py, docs/decisions.md §8); products within 0.1 of the nearest compared
+    # again without the patches that fit none of them (limit 5), chosen on the same images
+    # (benchmarks/routing_trimmed.py)
     cfg.router.metric = "pooled"
-    cfg.router.ambiguity_margin = 0.032
+    cfg.router.ambiguity_margin = 0.031
+    cfg.router.trim_limit = 5.0
+    cfg.router.trim_gate = 0.1
     return cfg
 
 

@@ -39,7 +39,7 @@ from .data.tiling import stitch_maps
 from .errors import MoleflowError
 from .memory import PatchMemory
 from .model import ExpertFlow
-from .router import PrototypeRouter, patch_misfit
+from .router import PrototypeRouter, fitting_patches, masked_median, mean_per_image, patch_misfit
 from .scoring import MapMaker, image_scores
 from .task_keys import BACKBONE_PREFIX, calibration_part, expert_part, is_task_buffer, key_owner, key_part
 
@@ -457,6 +457,8 @@ class Inspector(nn.Module):
         plausible = torch.nn.functional.one_hot(index, n_tasks).bool()
         if cfg.mode == "prototype" and n_tasks > 1:
             evidence = choice.clamp_min(1e-12).log()
+            if cfg.trim_limit:
+                evidence = self._trimmed_evidence(tokens, evidence, owner, n, tasks)
             top = evidence.topk(2, dim=1, largest=False).values
             margin = top[:, 1] - top[:, 0]
             plausible = plausible | (evidence <= top[:, :1] + cfg.ambiguity_margin)
@@ -482,6 +484,34 @@ class Inspector(nn.Module):
                 evidence[images] = fit
                 plausible[images] = fit <= top.values[:, :1] + cfg.ambiguity_margin
         return Routing(index, distances, self.router.limits(tasks), margin, plausible, evidence)
+
+    def _trimmed_evidence(self, tokens: torch.Tensor, evidence: torch.Tensor, owner: torch.Tensor, n: int,
+                          tasks: list[int]) -> torch.Tensor:
+        """evidence (N, T): log choice distances -> the same where the nearest product stands alone; where others
+        are within `router.trim_gate` of it, those products' log choice distances of the median over only the
+        patches that fit one of them (`router.fitting_patches` under `router.trim_limit`; a defect's patches fit
+        none), the rest inf. Reads the memories of those products only (tokens (M, H, W, D), owner (M,))."""
+        cfg = self.config.router
+        candidates = evidence <= evidence.min(1, keepdim=True).values + cfg.trim_gate
+        doubt = candidates.sum(1) > 1
+        if not bool(doubt.any()):
+            return evidence
+        images = doubt.nonzero().squeeze(1)
+        rows = torch.isin(owner, images).nonzero().squeeze(1)
+        renumber = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+        renumber[images] = torch.arange(len(images), device=owner.device)
+        row_candidates = candidates[images][renumber[owner[rows]]]  # (K, T): each tile's image's candidates
+        columns = row_candidates.any(0).nonzero().squeeze(1).tolist()
+        self.ensure_experts([tasks[c] for c in columns])  # their memories
+        worst = tokens.new_full((len(rows), *tokens.shape[1:3]), float("inf"))
+        for c in columns:
+            z = self.memory.standardised_distance(self.memory.distances(tokens[rows], tasks[c]), tasks[c])
+            worst = torch.minimum(worst, z.masked_fill(~row_candidates[:, c].view(-1, 1, 1), float("inf")))
+        feature = masked_median(tokens[rows], fitting_patches(worst, cfg.trim_limit))
+        trimmed = mean_per_image(self.router.choice_distances(feature, tasks), renumber[owner[rows]], len(images))
+        out = evidence.clone()
+        out[images] = trimmed.clamp_min(1e-12).log().masked_fill(~candidates[images], float("inf"))
+        return out
 
     def _evidence(self, distances: torch.Tensor, misfit: torch.Tensor) -> torch.Tensor:
         """(N, T) prototype distances and patch misfits -> (N, T) how badly each product fits, in log units (lower
@@ -549,7 +579,7 @@ class Inspector(nn.Module):
         tokens, routing = self.features(images)
         tokens = tokens.float()
         cfg, n_tasks = self.config.router, len(tasks)
-        if cfg.mode == "prototype" and (cfg.ambiguity_margin == 0 or n_tasks == 1):
+        if cfg.mode == "prototype" and ((cfg.ambiguity_margin == 0 and not cfg.trim_limit) or n_tasks == 1):
             index, distance, known = self.router(routing, tasks)
             patch = self.expert_scores(tokens, index, tasks)
             scores = image_scores(patch, self.config.score)
@@ -558,19 +588,27 @@ class Inspector(nn.Module):
         # `route` and `decide` written with tensor ops only: every expert scores every image, the rule picks
         distances, choice = self.router.image_distances(routing, tasks)  # (N, T): own metrics, choosing
         nearest, first = choice.min(1)
-        if cfg.mode == "prototype":  # every product a candidate, the evidence its log distance
+        reads_memory = cfg.mode != "prototype" or cfg.trim_limit
+        if reads_memory:  # the memory distances that routing reads are the ones scoring needs: one search each
+            z = torch.stack([self.memory.distances(tokens, t) for t in tasks], dim=1)  # (N, T, H, W)
+            every = torch.stack([self.memory.standardised_sum(self.flow(tokens, t).nll, z[:, c], t).float()
+                                 for c, t in enumerate(tasks)], dim=1)  # (N, T, H, W)
+        else:
+            every = torch.stack([self.patch_scores(tokens, t).float() for t in tasks], dim=1)  # (N, T, H, W)
+        if cfg.mode == "prototype":  # every product a candidate, the evidence its log distance (`route`)
             candidates = torch.ones_like(choice, dtype=torch.bool)
             fit = choice.clamp_min(1e-12).log()
-            every = torch.stack([self.patch_scores(tokens, t).float() for t in tasks], dim=1)  # (N, T, H, W)
+            if cfg.trim_limit:  # `_trimmed_evidence`, for every image
+                close = fit <= fit.min(1, keepdim=True).values + cfg.trim_gate
+                fitting = torch.stack([self.memory.standardised_distance(z[:, c], t) for c, t in enumerate(tasks)], 1)
+                worst = fitting.masked_fill(~close.view(*close.shape, 1, 1), float("inf")).min(1).values
+                feature = masked_median(tokens, fitting_patches(worst, cfg.trim_limit))
+                trimmed = self.router.choice_distances(feature, tasks).clamp_min(1e-12).log()
+                fit = torch.where((close.sum(1) > 1).unsqueeze(1), trimmed.masked_fill(~close, float("inf")), fit)
         else:
             gate = float("inf") if cfg.mode == "patch" else cfg.gate
             candidates = choice <= nearest.unsqueeze(1) * (1 + gate)
-            z = torch.stack([self.memory.distances(tokens, t) for t in tasks], dim=1)  # (N, T, H, W)
             fit = self._evidence(choice, patch_misfit(z)).masked_fill(~candidates, float("inf"))
-            # the memory distances z that routing read are the ones scoring needs: one nearest-neighbour search
-            # per product, not two
-            every = torch.stack([self.memory.standardised_sum(self.flow(tokens, t).nll, z[:, c], t).float()
-                                 for c, t in enumerate(tasks)], dim=1)  # (N, T, H, W)
         best, by_fit = fit.min(1)
         doubt = candidates.sum(1) > 1
         index = torch.where(doubt, by_fit, first)

@@ -123,7 +123,12 @@ class PatchMemory(nn.Module):
     def standardised_sum(self, nll: torch.Tensor, distance: torch.Tensor, task: int) -> torch.Tensor:
         """Patch score (B, H, W) of a flow NLL and a memory distance (B, H, W) already computed under task `task`."""
         norm = getattr(self, f"norm_{task}").to(nll.dtype)
-        return (nll - norm[0]) / norm[1] + self.weight * ((distance.to(nll.dtype) - norm[2]) / norm[3])
+        return (nll - norm[0]) / norm[1] + self.weight * self.standardised_distance(distance.to(nll.dtype), task)
+
+    def standardised_distance(self, distance: torch.Tensor, task: int) -> torch.Tensor:
+        """Memory distances (B, H, W) under task `task` in units of its held-out normal patches' distances."""
+        norm = getattr(self, f"norm_{task}").to(distance.dtype)
+        return (distance - norm[2]) / norm[3]
 
     def load_banks(self, state: dict[str, torch.Tensor]) -> None:
         """Restore the buffers of a saved `state_dict()`."""

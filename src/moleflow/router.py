@@ -93,6 +93,25 @@ def mean_per_image(values: torch.Tensor, owner: torch.Tensor, n_images: int | No
     return total / torch.bincount(owner, minlength=n).clamp_min(1).unsqueeze(1).to(total)
 
 
+def fitting_patches(worst: torch.Tensor, limit: float) -> torch.Tensor:
+    """worst (M, H, W) standardised memory distance of each patch to the product it fits best -> (M, H, W) bool: the
+    patches kept for routing, those within `limit`; a patch beyond it is left out with its 8 neighbours (a defect
+    spreads over the backbone's receptive fields)."""
+    beyond = (worst > limit).to(worst.dtype).unsqueeze(1)
+    return nn.functional.max_pool2d(beyond, 3, 1, 1).squeeze(1) == 0
+
+
+def masked_median(tokens: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """tokens (M, H, W, D), keep (M, H, W) bool -> (M, D) float32: the coordinate-wise lower median over each tile's
+    kept patches (over all of its patches where fewer than a quarter are kept). Written as a sort and a gather, so
+    that it exports to ONNX: left-out patches sort last."""
+    flat, kept = tokens.float().flatten(1, 2), keep.flatten(1)  # (M, P, D), (M, P)
+    kept = kept | (kept.sum(1, keepdim=True) < kept.shape[1] // 4)
+    values = flat.masked_fill(~kept.unsqueeze(-1), float("inf")).sort(dim=1).values
+    middle = (kept.sum(1) - 1) // 2  # (M,)
+    return values.gather(1, middle.view(-1, 1, 1).expand(-1, 1, flat.shape[2])).squeeze(1)
+
+
 class PrototypeRouter(nn.Module):
     """Routes routing features (N, D) to the task whose prototype is nearest."""
 
