@@ -108,6 +108,30 @@ def router_summary(saved: dict, route: Callable[[dict], torch.Tensor], separable
             "per_setting": per}
 
 
+def adopt_by_rule(summaries: dict[str, dict], today: str) -> tuple[str, str]:
+    """The rule of routing_features.py, routing_pooled.py and routing_trimmed.py over `router_summary`s by candidate:
+    the shared products all right; among those, the best look-alike defects (2-10 %) with look-alike good parts at
+    most 0.5 points below `today`'s; it replaces `today` only if it gains at least 1.0 point there and loses at most
+    0.5 on the separable settings, good or defective. Returns (best eligible, chosen)."""
+    base = summaries[today]
+    eligible = [k for k, s in summaries.items()
+                if s["shared_ok"] and s["look_alike_good"] >= base["look_alike_good"] - 0.005]
+    best = max(eligible, key=lambda k: summaries[k]["look_alike_defect"])
+    b = summaries[best]
+    adopt = (best != today and b["look_alike_defect"] >= base["look_alike_defect"] + 0.01
+             and b["separable_good"] >= base["separable_good"] - 0.005
+             and b["separable_defect"] >= base["separable_defect"] - 0.005)
+    return best, best if adopt else today
+
+
+def print_summaries(summaries: dict[str, dict], width: int = 28) -> None:
+    """One line per router of what `adopt_by_rule` reads."""
+    for key, s in summaries.items():
+        print(f"{key:{width}s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "
+              f"defects<=10% {100 * s['look_alike_defect']:5.1f} 20% {100 * s['look_alike_defect_20']:5.1f} | "
+              f"separable good {100 * s['separable_good']:5.1f} defects<=10% {100 * s['separable_defect']:5.1f}")
+
+
 def wrong_margins(saved: dict, route: Callable[[dict], tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     """The margins of a router `route(table) -> (choice (N,), margin (N,))` on the look-alike parts (good and defects
     up to 10 %) it routes wrongly."""

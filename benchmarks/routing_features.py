@@ -40,7 +40,7 @@ import torch
 from moleflow.backbones import lite_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import choose, router_summary, separable_settings  # noqa: E402
+from routing_choice import adopt_by_rule, choose, print_summaries, router_summary, separable_settings  # noqa: E402
 from routing_stress import add_setting_arguments, measured_tables  # noqa: E402
 
 DEEP = ("b4", "b6", "head", "pixels")
@@ -102,16 +102,8 @@ def summarise(saved: dict) -> dict:
     summary = {f"{kind} {router}": router_summary(
         saved, lambda table, kind=kind, router=router: choose(with_prototype(table, kind), router)[0], separable)
         for kind in kinds for router in ("prototype", ROUTER)}
-    today = summary[f"tokens {ROUTER}"]
-    eligible = [k for k in kinds if summary[f"{k} {ROUTER}"]["shared_ok"]
-                and summary[f"{k} {ROUTER}"]["look_alike_good"] >= today["look_alike_good"] - 0.005]
-    best = max(eligible, key=lambda k: summary[f"{k} {ROUTER}"]["look_alike_defect"])
-    b = summary[f"{best} {ROUTER}"]
-    adopt = (best != "tokens" and b["look_alike_defect"] >= today["look_alike_defect"] + 0.01
-             and b["separable_good"] >= today["separable_good"] - 0.005
-             and b["separable_defect"] >= today["separable_defect"] - 0.005)
-    return {"rule": __doc__, "summary": summary, "separable_settings": separable, "best": best,
-            "chosen": best if adopt else "tokens"}
+    best, chosen = adopt_by_rule({k: summary[f"{k} {ROUTER}"] for k in kinds}, "tokens")
+    return {"rule": __doc__, "summary": summary, "separable_settings": separable, "best": best, "chosen": chosen}
 
 
 def main() -> None:
@@ -121,10 +113,7 @@ def main() -> None:
     args = ap.parse_args()
     saved = measured_tables(args, lambda model: deep_features(model.config.backbone.name))
     result = summarise(saved)
-    for key, s in result["summary"].items():
-        print(f"{key:32s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "
-              f"defects<=10% {100 * s['look_alike_defect']:5.1f} | separable good {100 * s['separable_good']:5.1f} "
-              f"defects<=10% {100 * s['separable_defect']:5.1f}")
+    print_summaries(result["summary"], 32)
     print(f"best eligible: {result['best']}; chosen: {result['chosen']}")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

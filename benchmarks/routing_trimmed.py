@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import router_summary, separable_settings, wrong_margins  # noqa: E402
+from routing_choice import adopt_by_rule, print_summaries, router_summary, separable_settings, wrong_margins  # noqa: E402
 from routing_stress import TRIM_LIMITS, TRIM_SHARES, add_setting_arguments, measured_tables  # noqa: E402
 
 TODAY = "pooled prototype"
@@ -78,15 +78,7 @@ def summarise(saved: dict) -> dict:
     separable = separable_settings(saved)
     summary = {c: router_summary(saved, lambda table, c=c: route_with_margin(table, c)[0], separable)
                for c in CANDIDATES}
-    today = summary[TODAY]
-    eligible = [k for k in CANDIDATES if summary[k]["shared_ok"]
-                and summary[k]["look_alike_good"] >= today["look_alike_good"] - 0.005]
-    best = max(eligible, key=lambda k: summary[k]["look_alike_defect"])
-    b = summary[best]
-    adopt = (best != TODAY and b["look_alike_defect"] >= today["look_alike_defect"] + 0.01
-             and b["separable_good"] >= today["separable_good"] - 0.005
-             and b["separable_defect"] >= today["separable_defect"] - 0.005)
-    chosen = best if adopt else TODAY
+    best, chosen = adopt_by_rule(summary, TODAY)
     wrong = [m for m in wrong_margins(saved, lambda table: route_with_margin(table, chosen)) if np.isfinite(m)]
     return {"rule": __doc__, "summary": summary, "separable_settings": separable, "best": best, "chosen": chosen,
             "ambiguity_margin": float(np.quantile(wrong, 0.9))}
@@ -98,10 +90,7 @@ def main() -> None:
     ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
     args = ap.parse_args()
     result = summarise(measured_tables(args))
-    for key, s in result["summary"].items():
-        print(f"{key:28s} shared ok {s['shared_ok']!s:5s} look-alike good {100 * s['look_alike_good']:5.1f} "
-              f"defects<=10% {100 * s['look_alike_defect']:5.1f} 20% {100 * s['look_alike_defect_20']:5.1f} | "
-              f"separable good {100 * s['separable_good']:5.1f} defects<=10% {100 * s['separable_defect']:5.1f}")
+    print_summaries(result["summary"])
     print(f"best eligible: {result['best']}; chosen: {result['chosen']}; its ambiguity margin "
           f"{result['ambiguity_margin']:.3f}")
     if args.json:
