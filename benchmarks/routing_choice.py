@@ -132,6 +132,24 @@ def print_summaries(summaries: dict[str, dict], width: int = 28) -> None:
               f"separable good {100 * s['separable_good']:5.1f} defects<=10% {100 * s['separable_defect']:5.1f}")
 
 
+def rule_main(doc: str, summarise: Callable[[dict], dict], extra_of: Callable | None = None) -> None:
+    """The command line of a script that measures (or reads) routing_stress.py's tables and applies `adopt_by_rule`:
+    `summarise(saved) -> {"summary", "best", "chosen", ...}` (with "ambiguity_margin" where it sets one), printed and
+    written to --json. `extra_of(model)` gives extra routing features to measure (routing_stress.measured_tables)."""
+    from routing_stress import add_setting_arguments, measured_tables  # it imports the model: only where measuring
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_setting_arguments(ap)
+    ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
+    args = ap.parse_args()
+    result = summarise(measured_tables(args, extra_of))
+    print_summaries(result["summary"], max(28, *(len(k) + 1 for k in result["summary"])))
+    margin = f"; its ambiguity margin {result['ambiguity_margin']:.3f}" if "ambiguity_margin" in result else ""
+    print(f"best eligible: {result['best']}; chosen: {result['chosen']}{margin}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+
+
 def wrong_margins(saved: dict, route: Callable[[dict], tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
     """The margins of a router `route(table) -> (choice (N,), margin (N,))` on the look-alike parts (good and defects
     up to 10 %) it routes wrongly."""

@@ -30,8 +30,6 @@ The rule, fixed before this script first ran:
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -40,8 +38,7 @@ import torch
 from moleflow.backbones import lite_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import adopt_by_rule, choose, print_summaries, router_summary, separable_settings  # noqa: E402
-from routing_stress import add_setting_arguments, measured_tables  # noqa: E402
+from routing_choice import adopt_by_rule, choose, router_summary, rule_main, separable_settings  # noqa: E402
 
 DEEP = ("b4", "b6", "head", "pixels")
 ROUTER = "evidence_2_0.2"
@@ -106,18 +103,5 @@ def summarise(saved: dict) -> dict:
     return {"rule": __doc__, "summary": summary, "separable_settings": separable, "best": best, "chosen": chosen}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setting_arguments(ap)
-    ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
-    args = ap.parse_args()
-    saved = measured_tables(args, lambda model: deep_features(model.config.backbone.name))
-    result = summarise(saved)
-    print_summaries(result["summary"], 32)
-    print(f"best eligible: {result['best']}; chosen: {result['chosen']}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    rule_main(__doc__, summarise, lambda model: deep_features(model.config.backbone.name))

@@ -32,8 +32,6 @@ which chose "pooled prototype"): the 90th percentile of its margins among the lo
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -42,9 +40,8 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import (adopt_by_rule, choose, print_summaries, router_summary, separable_settings,  # noqa: E402
+from routing_choice import (adopt_by_rule, choose, router_summary, rule_main, separable_settings,  # noqa: E402
                             wrong_margins)  # noqa: E402
-from routing_stress import add_setting_arguments, measured_tables  # noqa: E402
 
 WEIGHT, GATE = 2.0, 0.2
 CANDIDATES = ("own", "pooled", "own gate, pooled evidence", "pooled prototype")
@@ -87,18 +84,5 @@ def summarise(saved: dict) -> dict:
             "ambiguity_margin": float(np.quantile(wrong, 0.9))}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setting_arguments(ap)
-    ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
-    args = ap.parse_args()
-    result = summarise(measured_tables(args))
-    print_summaries(result["summary"])
-    print(f"best eligible: {result['best']}; chosen: {result['chosen']}; its ambiguity margin "
-          f"{result['ambiguity_margin']:.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    rule_main(__doc__, summarise)

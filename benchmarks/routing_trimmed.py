@@ -35,8 +35,6 @@ routes wrongly.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -44,8 +42,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import adopt_by_rule, print_summaries, router_summary, separable_settings, wrong_margins  # noqa: E402
-from routing_stress import TRIM_LIMITS, TRIM_SHARES, add_setting_arguments, measured_tables  # noqa: E402
+from routing_choice import adopt_by_rule, router_summary, rule_main, separable_settings, wrong_margins  # noqa: E402
+from routing_stress import TRIM_LIMITS, TRIM_SHARES  # noqa: E402
 
 TODAY = "pooled prototype"
 GATES = (0.032, 0.1, 0.3, float("inf"))
@@ -84,18 +82,5 @@ def summarise(saved: dict) -> dict:
             "ambiguity_margin": float(np.quantile(wrong, 0.9))}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_setting_arguments(ap)
-    ap.add_argument("--tables", type=Path, help="read saved tables instead of measuring (torch.load), or save them")
-    args = ap.parse_args()
-    result = summarise(measured_tables(args))
-    print_summaries(result["summary"])
-    print(f"best eligible: {result['best']}; chosen: {result['chosen']}; its ambiguity margin "
-          f"{result['ambiguity_margin']:.3f}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-
-
 if __name__ == "__main__":
-    main()
+    rule_main(__doc__, summarise)
