@@ -183,12 +183,12 @@ def test_sqlite_is_wal_with_a_busy_timeout_and_writes_are_cheap(tmp_path):
         assert sqlite_journal_mode(store) == "wal"
         with store.engine.connect() as conn:
             assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == vs.BUSY_TIMEOUT_MS
-        n = 300
-        start = time.perf_counter()
-        for i in range(n):
+            # what makes a write cheap: no fsync of the database per commit, only at WAL checkpoints (the cost of a
+            # verdict is measured in BENCHMARKS.md, "Verdict store", not timed here)
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 1  # NORMAL
+        for i in range(300):
             store.add(row(path=f"{i}.png"))
-        per_verdict_ms = 1000 * (time.perf_counter() - start) / n
-        assert per_verdict_ms < 5.0, per_verdict_ms  # ~0.5 ms on a quiet machine (BENCHMARKS.md); generous here
+        assert len(store) == 300
     assert (tmp_path / "v.sqlite-wal").exists() or path.stat().st_size > 0
 
 
