@@ -17,6 +17,12 @@ tune`), with tune's criterion, the mean over products of (image AUROC + pixel AU
 changes only if another candidate's painted score is higher by more than 0.25 points (the margin of
 docs/decisions.md §7); among several such, the highest. The test scores are recorded for the report and never
 enter the choice.
+
+Added in stop 35, before its run: how the two terms combine (`score.memory_combine`): "max", a patch as anomalous as
+its more alarmed source, at weight 1 (`--weights 1 --combine max`, candidate "max 1"), one of the per-pixel
+combinations issue 26 names. Same learning, scoring and rule: it replaces the plain sum only if its painted score
+is higher than weight 1's by more than 0.25 points. The weight-1 sum row is not run again (the runs are seeded;
+it reproduced docs/accuracy.md §10's default row exactly).
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ MARGIN = 0.0025  # 0.25 points
 
 
 def choose(results: dict[str, dict]) -> tuple[str, float]:
-    """The rule above: (chosen weight, its painted margin over the default)."""
+    """The rule above: (chosen candidate, its painted margin over the default)."""
     default = results["1"]["painted"]["score"]
     best = max(results, key=lambda w: results[w]["painted"]["score"])
     margin = results[best]["painted"]["score"] - default
@@ -47,20 +53,21 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="folder for the validation images")
     ap.add_argument("--json", type=Path, required=True, help="results (read back to resume)")
     ap.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
+    ap.add_argument("--combine", default="sum", choices=("sum", "max"))
     args = ap.parse_args()
     splits = splits_for(args.data, args.out)
     saved = json.loads(args.json.read_text()) if args.json.exists() else {}
     results: dict = saved.get("candidates", {})
     for weight in args.weights:
-        name = f"{weight:g}"
+        name = f"{weight:g}" if args.combine == "sum" else f"{args.combine} {weight:g}"
         if name in results:
             continue
-        overrides = [f"score.memory_weight={weight}"]
+        overrides = [f"score.memory_weight={weight}", f"score.memory_combine={args.combine}"]
         results[name] = {"overrides": overrides, **run_candidate(overrides, splits)}
         r = results[name]
         pixel = {k: float(np.mean([m["pixel_auroc"] for m in r[k]["per_class"].values() if m["pixel_auroc"] is not None]))
                  for k in SETS}
-        print(f"weight {name:4s} " + " ".join(f"{k} {100 * r[k]['score']:.2f} (P {100 * pixel[k]:.2f})" for k in SETS)
+        print(f"weight {name:5s} " + " ".join(f"{k} {100 * r[k]['score']:.2f} (P {100 * pixel[k]:.2f})" for k in SETS)
               + f" ({r['seconds']:.0f} s)", flush=True)
         args.json.write_text(json.dumps({"rule": __doc__, "candidates": results}, indent=1))
     summary = {}

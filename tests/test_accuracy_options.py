@@ -180,8 +180,14 @@ def test_memory_weight_scales_the_standardised_memory_term_only():
     assert torch.equal(plain.combine(nll, tokens, 0), z_nll + z_mem)  # 1: the plain sum, bit for bit
     torch.testing.assert_close(heavy.combine(nll, tokens, 0), z_nll + 2.5 * z_mem)
     torch.testing.assert_close(none.combine(nll, tokens, 0), z_nll)
-    cfg = tiny_config(**{"score.source": "flow+memory", "score.memory_weight": 2.5})
-    assert MoleFlow(cfg).memory.weight == 2.5
+    larger = PatchMemory(0.5, seed=1, weight=2.5, combination="max")
+    larger.add_task(0, tokens[:3])
+    larger.set_norm(0, nll[:3], larger.distances(tokens[:3], 0))
+    assert torch.equal(larger.combine(nll, tokens, 0), torch.maximum(z_nll, 2.5 * z_mem))
+    cfg = tiny_config(**{"score.source": "flow+memory", "score.memory_weight": 2.5, "score.memory_combine": "max"})
+    assert MoleFlow(cfg).memory.weight == 2.5 and MoleFlow(cfg).memory.combination == "max"
+    with pytest.raises(MoleflowError, match="memory_combine"):
+        tiny_config(**{"score.memory_combine": "product"})
     with pytest.raises(MoleflowError, match="memory_weight"):
         tiny_config(**{"score.memory_weight": -1})
 

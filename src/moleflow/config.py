@@ -185,6 +185,9 @@ class ScoreConfig:
     memory_coreset: int = 0
     # the patch score is the standardised NLL plus this times the standardised memory distance (1: their plain sum)
     memory_weight: float = 1.0
+    # how the two standardised terms make a patch's score: "sum" (the default, docs/accuracy.md §11) or "max", the
+    # larger of the two (a patch is as anomalous as its more alarmed source; benchmarks/memory_combine_choice.py)
+    memory_combine: Literal["sum", "max"] = "sum"
     # decision threshold: the split-conformal order statistic of held-out normal training scores that keeps
     # false alarms on new good parts at or below this rate (calibration.py)
     false_alarm_rate: float = 0.01
@@ -283,6 +286,7 @@ class Config:
         check(s.memory_max_tokens >= 1, "score.memory_max_tokens must be >= 1")
         check(s.memory_coreset >= 0, "score.memory_coreset must be >= 0 (0 = no coreset)")
         check(s.memory_weight >= 0, "score.memory_weight must be >= 0")
+        check(s.memory_combine in ("sum", "max"), "score.memory_combine: sum|max")
         check(self.backbone.feature_merge in ("mean", "concat"), "backbone.feature_merge: mean|concat")
         check(self.backbone.runtime in ("onnxruntime", "torch"), "backbone.runtime: onnxruntime|torch")
         check(t.lr > 0, "train.lr must be > 0")

@@ -123,7 +123,7 @@ class Inspector(nn.Module):
         self.router = PrototypeRouter(config.router)
         score = config.score
         self.memory = (PatchMemory(score.memory_fraction, config.train.seed, score.memory_max_tokens,
-                                   score.memory_coreset, score.memory_weight)
+                                   score.memory_coreset, score.memory_weight, score.memory_combine)
                        if score.source == "flow+memory" else None)
         self.extractor.to(self.device)
         size = config.data.image_size

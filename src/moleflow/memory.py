@@ -80,13 +80,13 @@ class PatchMemory(nn.Module):
 
     A task keeps a seeded random `fraction` (at most `max_tokens`) of its training tokens; with `coreset` > 0
     that sample is then thinned to `coreset` tokens by `greedy_coreset`. A patch's score is its standardised NLL
-    plus `weight` times its standardised memory distance."""
+    plus `weight` times its standardised memory distance (`combination="sum"`), or the larger of the two ("max")."""
 
     def __init__(self, fraction: float, seed: int = 0, max_tokens: int | None = None, coreset: int = 0,
-                 weight: float = 1.0) -> None:
+                 weight: float = 1.0, combination: str = "sum") -> None:
         super().__init__()
         self.fraction, self.seed, self.max_tokens, self.coreset = fraction, seed, max_tokens, coreset
-        self.weight = weight
+        self.weight, self.combination = weight, combination
 
     def has(self, task: int) -> bool:
         return hasattr(self, f"bank_{task}")
@@ -123,7 +123,9 @@ class PatchMemory(nn.Module):
     def standardised_sum(self, nll: torch.Tensor, distance: torch.Tensor, task: int) -> torch.Tensor:
         """Patch score (B, H, W) of a flow NLL and a memory distance (B, H, W) already computed under task `task`."""
         norm = getattr(self, f"norm_{task}").to(nll.dtype)
-        return (nll - norm[0]) / norm[1] + self.weight * self.standardised_distance(distance.to(nll.dtype), task)
+        flow = (nll - norm[0]) / norm[1]
+        memory = self.weight * self.standardised_distance(distance.to(nll.dtype), task)
+        return torch.maximum(flow, memory) if self.combination == "max" else flow + memory
 
     def standardised_distance(self, distance: torch.Tensor, task: int) -> torch.Tensor:
         """Memory distances (B, H, W) under task `task` in units of its held-out normal patches' distances."""
