@@ -75,6 +75,13 @@ def choose(table: dict, router: str) -> tuple[torch.Tensor, torch.Tensor]:
     return choice, torch.where(doubt, margin, torch.full_like(margin, float("inf")))
 
 
+def nearest_with_margin(distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """distance (N, T) -> the nearest (N,) and the margin (N,): runner-up minus nearest log distance (the evidence
+    `Inspector.route` computes in prototype mode)."""
+    top = distance.clamp_min(1e-12).log().topk(2, dim=1, largest=False).values
+    return distance.argmin(1), top[:, 1] - top[:, 0]
+
+
 def setting_accuracy(saved: dict, route: Callable[[dict], torch.Tensor]) -> dict[str, dict[str, float]]:
     """{setting: {case: share routed right}} of a router `route(table) -> choice (N,)` over saved tables."""
     per_setting: dict = {}

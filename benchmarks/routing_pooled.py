@@ -40,8 +40,8 @@ import torch
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import (adopt_by_rule, choose, router_summary, rule_main, separable_settings,  # noqa: E402
-                            wrong_margins)  # noqa: E402
+from routing_choice import (adopt_by_rule, choose, nearest_with_margin, router_summary, rule_main,  # noqa: E402
+                            separable_settings, wrong_margins)
 
 WEIGHT, GATE = 2.0, 0.2
 CANDIDATES = ("own", "pooled", "own gate, pooled evidence", "pooled prototype")
@@ -67,8 +67,7 @@ def route_with_margin(table: dict, candidate: str) -> tuple[torch.Tensor, torch.
     part's evidence is its log distance, as `Inspector.route` computes it in prototype mode; inf where the prototype
     decided alone."""
     if candidate == "pooled prototype":
-        top = table["prototype_pooled"].clamp_min(1e-12).log().topk(2, dim=1, largest=False).values
-        return route(table, candidate), top[:, 1] - top[:, 0]
+        return nearest_with_margin(table["prototype_pooled"])
     if candidate == "own":
         return choose(table, f"evidence_{WEIGHT:g}_{GATE:g}")
     return choose({**table, "prototype": table["prototype_pooled"]}, f"evidence_{WEIGHT:g}_{GATE:g}")

@@ -140,7 +140,7 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
             e = encode(model, imgs, extra=extra)
             raw = torch.stack([memory.distances(e["tokens"], u) for u in range(len(names))], 1)
             norm = torch.stack([getattr(memory, f"norm_{u}") for u in range(len(names))])  # (T, 4)
-            z = (raw - norm[:, 2].view(1, -1, 1, 1)) / norm[:, 3].view(1, -1, 1, 1)  # in units of each product's own
+            z = torch.stack([memory.standardised_distance(raw[:, u], u) for u in range(len(names))], 1)  # own units
             proto = {s: r.distances(e[s]) for s, r in routers.items()}
             pooled = routers["median"].choice_distances(e["median"])
             out[(name, case)] = {

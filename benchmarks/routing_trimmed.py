@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from routing_choice import adopt_by_rule, router_summary, rule_main, separable_settings, wrong_margins  # noqa: E402
+from routing_choice import (adopt_by_rule, nearest_with_margin, router_summary, rule_main,  # noqa: E402
+                            separable_settings, wrong_margins)
 from routing_stress import TRIM_LIMITS, TRIM_SHARES  # noqa: E402
 
 TODAY = "pooled prototype"
@@ -53,21 +54,17 @@ CANDIDATES = (TODAY, "pooled OAS") + tuple(f"trimmed {m}, gate {g:g}" for m in M
 
 def route_with_margin(table: dict, candidate: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Choice (N,) and margin (N,) of `candidate` (see the module doc): runner-up minus chosen log distance."""
-    def ranked(distance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        top = distance.clamp_min(1e-12).log().topk(2, dim=1, largest=False).values
-        return distance.argmin(1), top[:, 1] - top[:, 0]
-
     if candidate == TODAY:
-        return ranked(table["prototype_pooled"])
+        return nearest_with_margin(table["prototype_pooled"])
     if candidate == "pooled OAS":
-        return ranked(table["prototype_pooled_oas"])
+        return nearest_with_margin(table["prototype_pooled_oas"])
     mask, gate = candidate.removeprefix("trimmed ").split(", gate ")
     log_pooled = table["prototype_pooled"].clamp_min(1e-12).log()
     candidates = log_pooled <= log_pooled.min(1).values.unsqueeze(1) + float(gate)
     trimmed = table[f"prototype_pooled_trim_{mask}"].clamp_min(1e-12).log().masked_fill(~candidates, float("inf"))
     top = trimmed.topk(2, dim=1, largest=False).values
     doubt = candidates.sum(1) > 1
-    pooled_choice, pooled_margin = ranked(table["prototype_pooled"])
+    pooled_choice, pooled_margin = nearest_with_margin(table["prototype_pooled"])
     return (torch.where(doubt, trimmed.argmin(1), pooled_choice),
             torch.where(doubt, top[:, 1] - top[:, 0], pooled_margin))
 

@@ -186,7 +186,8 @@ class ScoreConfig:
     # the patch score is the standardised NLL plus this times the standardised memory distance (1: their plain sum)
     memory_weight: float = 1.0
     # how the two standardised terms make a patch's score: "sum" (the default, docs/accuracy.md §11) or "max", the
-    # larger of the two (a patch is as anomalous as its more alarmed source; benchmarks/memory_combine_choice.py)
+    # larger of the two (a patch is as anomalous as its more alarmed source; measured and not taken:
+    # benchmarks/memory_weight_choice.py, docs/accuracy.md §11)
     memory_combine: Literal["sum", "max"] = "sum"
     # decision threshold: the split-conformal order statistic of held-out normal training scores that keeps
     # false alarms on new good parts at or below this rate (calibration.py)

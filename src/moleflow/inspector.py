@@ -503,15 +503,23 @@ class Inspector(nn.Module):
         row_candidates = candidates[images][renumber[owner[rows]]]  # (K, T): each tile's image's candidates
         columns = row_candidates.any(0).nonzero().squeeze(1).tolist()
         self.ensure_experts([tasks[c] for c in columns])  # their memories
-        worst = tokens.new_full((len(rows), *tokens.shape[1:3]), float("inf"))
+        fitting = tokens.new_full((len(rows), len(tasks), *tokens.shape[1:3]), float("inf"))
         for c in columns:
-            z = self.memory.standardised_distance(self.memory.distances(tokens[rows], tasks[c]), tasks[c])
-            worst = torch.minimum(worst, z.masked_fill(~row_candidates[:, c].view(-1, 1, 1), float("inf")))
-        feature = masked_median(tokens[rows], fitting_patches(worst, cfg.trim_limit))
-        trimmed = mean_per_image(self.router.choice_distances(feature, tasks), renumber[owner[rows]], len(images))
+            fitting[:, c] = self.memory.standardised_distance(self.memory.distances(tokens[rows], tasks[c]), tasks[c])
+        trimmed = mean_per_image(self._trimmed_distances(tokens[rows], fitting, row_candidates, tasks),
+                                 renumber[owner[rows]], len(images))
         out = evidence.clone()
         out[images] = trimmed.clamp_min(1e-12).log().masked_fill(~candidates[images], float("inf"))
         return out
+
+    def _trimmed_distances(self, tokens: torch.Tensor, fitting: torch.Tensor, close: torch.Tensor, tasks: list[int]
+                           ) -> torch.Tensor:
+        """tokens (M, H, W, D), fitting (M, T, H, W) standardised memory distances, close (M, T) bool -> (M, T)
+        float64 choice distances of the median over the patches within `router.trim_limit` of one of the close
+        products (`route` and `forward` share it)."""
+        worst = fitting.masked_fill(~close.view(*close.shape, 1, 1), float("inf")).min(1).values
+        keep = fitting_patches(worst, self.config.router.trim_limit)
+        return self.router.choice_distances(masked_median(tokens, keep), tasks)
 
     def _evidence(self, distances: torch.Tensor, misfit: torch.Tensor) -> torch.Tensor:
         """(N, T) prototype distances and patch misfits -> (N, T) how badly each product fits, in log units (lower
@@ -601,9 +609,7 @@ class Inspector(nn.Module):
             if cfg.trim_limit:  # `_trimmed_evidence`, for every image
                 close = fit <= fit.min(1, keepdim=True).values + cfg.trim_gate
                 fitting = torch.stack([self.memory.standardised_distance(z[:, c], t) for c, t in enumerate(tasks)], 1)
-                worst = fitting.masked_fill(~close.view(*close.shape, 1, 1), float("inf")).min(1).values
-                feature = masked_median(tokens, fitting_patches(worst, cfg.trim_limit))
-                trimmed = self.router.choice_distances(feature, tasks).clamp_min(1e-12).log()
+                trimmed = self._trimmed_distances(tokens, fitting, close, tasks).clamp_min(1e-12).log()
                 fit = torch.where((close.sum(1) > 1).unsqueeze(1), trimmed.masked_fill(~close, float("inf")), fit)
         else:
             gate = float("inf") if cfg.mode == "patch" else cfg.gate
