@@ -105,6 +105,20 @@ def test_other_score_modes_through_onnx(model, probe, mode, tmp_path):
     assert_matches(other, path, probe)
 
 
+def test_centred_maps_through_onnx(tmp_path):
+    """`score.map_centre=median`: the exported graph makes the same centred maps as `predict` (image scores and
+    decisions are those of the patch scores as they are)."""
+    centred = MoleFlow(Config.from_preset("tiny").with_overrides({"score.map_centre": "median"}))
+    for i, shift in enumerate(SHIFTS[:2]):
+        centred.fit_task(images(i, 16, shift), name=f"product{i}")
+    probe = torch.cat([images(200, 2, SHIFTS[0]), images(201, 2, SHIFTS[1])])
+    path = export_onnx(centred, tmp_path)
+    assert read_onnx_metadata(path)["map_centre"] == "median"
+    result = assert_matches(centred, path, probe)
+    maps = result["pred"].maps.flatten(1)
+    assert (maps.min(1).values < 0).all() and (maps.max(1).values > 0).all()  # each map around its own median
+
+
 def test_unsupported_score_mode_is_a_clear_error(model, tmp_path):
     other = copy.copy(model)
     other.config = Config.from_preset("tiny").with_overrides({"score.mode": "spatial_cluster"})

@@ -7,9 +7,10 @@ import pytest
 import torch
 from scipy import ndimage
 
+from moleflow import Config, MoleflowError
 from moleflow.config import ScoreConfig
 from moleflow.losses import logdet_regularisation, tail_aware_loss
-from moleflow.scoring import anomaly_maps, blur_matrix, image_scores
+from moleflow.scoring import MapMaker, anomaly_maps, blur_matrix, image_scores
 
 # One 2 x 5 map with values 1..10 (row-major), and one constant map.
 MAP = torch.tensor([[[1.0, 2, 3, 4, 5], [6, 7, 8, 9, 10]], [[2.0] * 5] * 2])
@@ -64,6 +65,22 @@ def test_anomaly_map_shape_and_peak():
     assert torch.all(maps[1] == 0)
     bad = torch.full((1, 7, 7), float("nan"))
     assert torch.isfinite(anomaly_maps(bad, 14, 1.0)).all()
+
+
+def test_centred_maps_are_the_maps_less_their_median_patch_score():
+    nll = torch.randn(3, 7, 9, generator=torch.Generator().manual_seed(5)) * 3
+    plain = MapMaker((7, 9), 56, 4.0)(nll)
+    centred = MapMaker((7, 9), 56, 4.0, centre=True)(nll)
+    median = nll.flatten(1).median(1).values  # the lower median of 63 values: the 32nd
+    torch.testing.assert_close(centred, plain - median.view(-1, 1, 1), atol=1e-5, rtol=0)
+    # an offset shared by the whole part (its lighting) is not a place: the centred map does not show it
+    torch.testing.assert_close(MapMaker((7, 9), 56, 4.0, centre=True)(nll + 5.0), centred, atol=1e-5, rtol=0)
+    assert not torch.allclose(MapMaker((7, 9), 56, 4.0)(nll + 5.0), plain)
+    made = MapMaker.of((7, 9), Config.from_preset("tiny").with_overrides({"score.map_centre": "median",
+                                                                           "data.image_size": 56}))
+    torch.testing.assert_close(made(nll), centred)
+    with pytest.raises(MoleflowError, match="map_centre"):
+        Config.from_preset("tiny").with_overrides({"score.map_centre": "mean"})
 
 
 def test_tail_aware_loss_by_hand():

@@ -170,6 +170,11 @@ class ScoreConfig:
     cluster_percentile: float = 0.9
     cluster_top_k_ratio: float = 0.02
     map_sigma: float = 4.0
+    # what a pixel map shows: "none", the patch scores themselves (spec §6); "median", each patch's score above its
+    # image's median patch score, so an offset shared by the whole part (its lighting, its own variation) is not
+    # shown as a place. Maps only: image scores and decisions read the patch scores as they are (docs/accuracy.md
+    # §12, benchmarks/map_smoothing.py)
+    map_centre: Literal["none", "median"] = "none"
     # "flow" (spec §6): the patch score is the flow's NLL. "flow+memory": per task, a seeded random
     # `memory_fraction` of its training patch tokens is kept; the patch score is the sum of the flow NLL and
     # the nearest-neighbour distance to that memory, each standardised by its mean and std over held-out
@@ -288,6 +293,7 @@ class Config:
         check(s.memory_coreset >= 0, "score.memory_coreset must be >= 0 (0 = no coreset)")
         check(s.memory_weight >= 0, "score.memory_weight must be >= 0")
         check(s.memory_combine in ("sum", "max"), "score.memory_combine: sum|max")
+        check(s.map_centre in ("none", "median"), "score.map_centre: none|median")
         check(self.backbone.feature_merge in ("mean", "concat"), "backbone.feature_merge: mean|concat")
         check(self.backbone.runtime in ("onnxruntime", "torch"), "backbone.runtime: onnxruntime|torch")
         check(t.lr > 0, "train.lr must be > 0")

@@ -107,6 +107,7 @@ def export_metadata(model: "MoleFlow", opset: int) -> dict[str, Any]:
         "embed_dim": extractor.embed_dim,
         "score_mode": model.config.score.mode,
         "map_sigma": model.config.score.map_sigma,
+        "map_centre": model.config.score.map_centre,
         "router_metric": model.config.router.metric,
         "opset": opset,
         "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 3, size, size],

@@ -129,7 +129,7 @@ class Inspector(nn.Module):
         size = config.data.image_size
         with torch.no_grad():  # the token grid of this backbone at this image size, e.g. 28 x 28 at 224 px
             self.grid = tuple(self.extractor.tokens(torch.zeros(1, 3, size, size, device=self.device)).shape[1:3])
-        self.map_maker = MapMaker(self.grid, size, config.score.map_sigma)
+        self.map_maker = MapMaker.of(self.grid, config)
         self._stitched_makers: dict[tuple[int, int], MapMaker] = {}  # map makers of stitched (tiled) grids
         self._pending: dict[int, PendingExpert] = {}  # experts of a lazily loaded model not read yet, by task id
         self.to(self.device)
@@ -413,8 +413,7 @@ class Inspector(nn.Module):
             stitched = stitch_maps(patch[(prep.owner == i).nonzero().squeeze(1).to(patch.device)], layout)
             grid = tuple(stitched.shape)
             if grid not in self._stitched_makers:
-                self._stitched_makers[grid] = MapMaker(grid, self.config.data.image_size,
-                                                       self.config.score.map_sigma).to(self.device)
+                self._stitched_makers[grid] = MapMaker.of(grid, self.config).to(self.device)
             patch_maps.append(stitched)
             scores.append(image_scores(stitched[None], self.config.score)[0])
             maps.append(self._stitched_makers[grid](stitched[None])[0])

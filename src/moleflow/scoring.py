@@ -4,7 +4,7 @@
 * pixel map: bilinear upsampling (align_corners=True) to the image size, then a Gaussian blur with
   sigma 4 that matches `scipy.ndimage.gaussian_filter` (truncate 4, 'reflect' borders), both folded
   into two small matrix products per map on the tensor's device (`MapMaker`), instead of per-image
-  SciPy calls.
+  SciPy calls; optionally the map's median patch score taken off first (`score.map_centre`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .config import ScoreConfig
+from .config import Config, ScoreConfig
 from .errors import MoleflowError
 
 
@@ -99,17 +99,35 @@ class MapMaker(torch.nn.Module):
     map = A_h @ nll @ A_w^T with A = blur_matrix @ upsample_matrix (S x h). Two small matmuls per map
     replace an upsample and two 33-tap convolutions over S x S pixels; the result is the same up to float
     rounding, runs on the tensor's device, and exports to ONNX as two MatMuls.
+
+    With `centre`, each patch map's median is subtracted first (every row of A sums to 1, so this is the
+    pixel map minus that median): the map then shows where a part is worse than the rest of itself.
     """
 
-    def __init__(self, grid: tuple[int, int], size: int, sigma: float) -> None:
+    def __init__(self, grid: tuple[int, int], size: int, sigma: float, centre: bool = False) -> None:
         super().__init__()
         blur = blur_matrix(size, sigma)
+        self.centre = centre
         self.register_buffer("rows", blur @ upsample_matrix(grid[0], size), persistent=False)  # float64
         self.register_buffer("cols", blur @ upsample_matrix(grid[1], size), persistent=False)
 
+    @classmethod
+    def of(cls, grid: tuple[int, int], config: Config) -> "MapMaker":
+        """The map maker of patch maps on `grid` under `config` (image size, `score.map_sigma`, `map_centre`)."""
+        return cls(grid, config.data.image_size, config.score.map_sigma, config.score.map_centre == "median")
+
     def forward(self, nll: torch.Tensor) -> torch.Tensor:
         rows, cols = self.rows.to(nll.dtype), self.cols.to(nll.dtype)
+        if self.centre:
+            nll = nll - median_per_map(nll).view(-1, 1, 1)
         return clean_maps(rows @ nll @ cols.T)
+
+
+def median_per_map(maps: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) -> (B,) the lower median of each map's values (torch.median's), as a sort and a static index so
+    that it exports to ONNX."""
+    flat = maps.flatten(1)
+    return flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2]
 
 
 def clean_maps(maps: torch.Tensor) -> torch.Tensor:
