@@ -45,8 +45,8 @@ def add_parser(sub) -> None:
                    help="use at most this many training images per product (default 300; 0 = all)")
     p.add_argument("--anomalies", choices=sorted(ANOMALY_SETS), default="painted",
                    help="the synthetic anomalies pasted into the held-out images: painted (drawn defects and "
-                        "cut-paste; default) or subtle (texture-preserving blends, shifts and tints in irregular "
-                        "blobs)")
+                        "cut-paste; default), subtle (texture-preserving blends, shifts and tints in irregular "
+                        "blobs) or faint (the painted kinds at a lower contrast)")
     add_config_options(p)
     add_runtime_options(p)
     p.set_defaults(run=run)

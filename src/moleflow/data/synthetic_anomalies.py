@@ -2,7 +2,7 @@
 
     image, mask = paste_anomaly(normal (H, W, 3) uint8, donor (H', W', 3) uint8, kind, rng)
 
-Two sets of kinds (`ANOMALY_SETS`):
+Three sets of kinds (`ANOMALY_SETS`):
 * `painted`: the painted defects of `data.synthetic` (scratch, spot, hole, crack, stain, missing) and
   `cutpaste`, a rectangle cut from another normal image of the same product (the donor), turned by a
   multiple of 90 degrees and pasted at a random place (CutPaste, Li et al. 2021);
@@ -10,7 +10,8 @@ Two sets of kinds (`ANOMALY_SETS`):
   the shape DRAEM draws with Perlin noise; Zavrtanik et al. 2021): `blend`, the product's own texture
   (the donor, turned and moved) blended in with weight `severity`; `shift`, the image's own content
   displaced by 1-5 % of its size (a small structural misalignment); `tint`, brightness changed by
-  8-18 % (a low-contrast stain).
+  8-18 % (a low-contrast stain);
+* `faint`: the kinds of `painted`, drawn at a lower contrast by `moleflow tune` (`tuning.SEVERITY`).
 The mask marks exactly the pixels that changed, so it never claims a pixel that looks normal.
 """
 
@@ -24,7 +25,7 @@ from .synthetic import AREA_RANGE, DEFECT_KINDS, apply_defect
 
 ANOMALY_KINDS = DEFECT_KINDS + ("cutpaste",)
 SUBTLE_KINDS = ("blend", "shift", "tint")
-ANOMALY_SETS = {"painted": ANOMALY_KINDS, "subtle": SUBTLE_KINDS}
+ANOMALY_SETS = {"painted": ANOMALY_KINDS, "subtle": SUBTLE_KINDS, "faint": ANOMALY_KINDS}
 
 
 def noise_blob(shape: tuple[int, int], rng: np.random.Generator,
