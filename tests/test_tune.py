@@ -70,6 +70,30 @@ def test_painted_and_subtle_validations_hold_out_the_same_images(tmp_path):
         make_validation_split(split, tmp_path / "x", 0.25, None, 0, "loud")
 
 
+def test_the_faint_validation_paints_the_same_kinds_at_a_lower_contrast(tmp_path):
+    """`faint`: the held-out images and kinds of `painted`, each defect drawn at a lower contrast."""
+    from PIL import Image
+
+    from moleflow.data.datasets import load_class
+    from moleflow.tuning import SEVERITY, make_validation_split
+
+    assert SEVERITY["faint"][1] <= SEVERITY["painted"][0]
+    root = tmp_path / "data"
+    write_mvtec_layout(root, ["brick"], n_train=40, n_test_good=1, n_test_defect=1, size=64, seed=0)
+    split = load_class(root, "brick", "folder")
+    sets = {kind: make_validation_split(split, tmp_path / kind, 0.25, None, 0, kind) for kind in ("painted", "faint")}
+    assert [s.image for s in sets["painted"].train] == [s.image for s in sets["faint"].train]
+    kinds = {k: [s.defect_type for s in v.test if s.label] for k, v in sets.items()}
+    assert kinds["painted"] == kinds["faint"] and set(kinds["faint"]) <= set(ANOMALY_KINDS)
+
+    def contrast(validation) -> float:  # mean change inside the masks, over all anomalous images
+        good = {s.image.name: np.asarray(Image.open(s.image), dtype=int) for s in validation.test if not s.label}
+        return float(np.mean([np.abs(np.asarray(Image.open(s.image), dtype=int) - good[s.image.name]).max(-1)
+                              [np.asarray(Image.open(s.mask)) > 0].mean() for s in validation.test if s.label]))
+
+    assert contrast(sets["faint"]) < 0.6 * contrast(sets["painted"])
+
+
 def test_unknown_kind_is_refused():
     with pytest.raises(MoleflowError, match="unknown anomaly kind"):
         paste_anomaly(_image(0), _image(1), "smudge", np.random.default_rng(0))
