@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from validation_agreement import SETS, run_candidate, splits_for
+from validation_agreement import SETS, VALIDATIONS, measure, splits_for
 
 WEIGHTS = (0.5, 1.0, 2.0, 4.0)
 MARGIN = 0.0025  # 0.25 points
@@ -54,20 +54,22 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True, help="results (read back to resume)")
     ap.add_argument("--weights", type=float, nargs="+", default=list(WEIGHTS))
     ap.add_argument("--combine", default="sum", choices=("sum", "max"))
+    ap.add_argument("--sets", nargs="+", choices=VALIDATIONS,
+                    help="for weights already measured: learn again and score these validations (and painted)")
     args = ap.parse_args()
     splits = splits_for(args.data, args.out)
     saved = json.loads(args.json.read_text()) if args.json.exists() else {}
     results: dict = saved.get("candidates", {})
     for weight in args.weights:
         name = f"{weight:g}" if args.combine == "sum" else f"{args.combine} {weight:g}"
-        if name in results:
-            continue
         overrides = [f"score.memory_weight={weight}", f"score.memory_combine={args.combine}"]
-        results[name] = {"overrides": overrides, **run_candidate(overrides, splits)}
+        if not measure(results, name, overrides, splits, args.sets or ()):
+            continue
         r = results[name]
+        sets = [k for k in SETS if k in r]
         pixel = {k: float(np.mean([m["pixel_auroc"] for m in r[k]["per_class"].values() if m["pixel_auroc"] is not None]))
-                 for k in SETS}
-        print(f"weight {name:5s} " + " ".join(f"{k} {100 * r[k]['score']:.2f} (P {100 * pixel[k]:.2f})" for k in SETS)
+                 for k in sets}
+        print(f"weight {name:5s} " + " ".join(f"{k} {100 * r[k]['score']:.2f} (P {100 * pixel[k]:.2f})" for k in sets)
               + f" ({r['seconds']:.0f} s)", flush=True)
         args.json.write_text(json.dumps({"rule": __doc__, "candidates": results}, indent=1))
     summary = {}

@@ -33,17 +33,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from moleflow import Config, MoleFlow
 from moleflow.memory import PatchMemory
 from moleflow.router import PrototypeRouter, fitting_patches, masked_median, mean_per_image
 from moleflow.routing_stress import AREAS, paste_area_defect
 from routing_stress import CASES, add_setting_arguments, build_scenarios, encode
-from PIL import Image
 
 
 def family(setting: str) -> str:
@@ -96,9 +95,9 @@ def setting_rates(model: MoleFlow, products: dict[str, dict[str, list]], rng: np
                     rechecked[images_u] = trimmed > limits[u]
                 cell = out[kind][case]
                 if kind == "known":  # called unknown
-                    cell[0] += int(beyond.sum()); cell[1] += int(rechecked.sum())
+                    cell[0], cell[1] = cell[0] + int(beyond.sum()), cell[1] + int(rechecked.sum())
                 else:  # called known
-                    cell[0] += int((~beyond).sum()); cell[1] += int((~rechecked).sum())
+                    cell[0], cell[1] = cell[0] + int((~beyond).sum()), cell[1] + int((~rechecked).sum())
                 cell[2] += e["n"]
     return out
 

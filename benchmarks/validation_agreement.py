@@ -97,6 +97,25 @@ def run_candidate(overrides: list[str], splits: dict[str, dict[str, ClassSplit]]
     return out
 
 
+def measure(results: dict[str, dict], name: str, overrides: list[str], splits: dict[str, dict[str, ClassSplit]],
+            more_sets: tuple[str, ...] | list[str] = ()) -> bool:
+    """Learn candidate `name` and score it on every set into `results[name]`; a candidate already there is learned
+    again only for `more_sets` it lacks (and scored on painted too, which must equal its saved score: the runs are
+    seeded, so it is the model measured before). False when nothing was measured."""
+    if name not in results:
+        results[name] = {"overrides": overrides, **run_candidate(overrides, splits)}
+        return True
+    missing = [k for k in more_sets if k not in results[name]]
+    if not missing:
+        return False
+    again = run_candidate(overrides, splits, ("painted", *missing))
+    if abs(again["painted"]["score"] - results[name]["painted"]["score"]) > 1e-9:
+        raise SystemExit(f"{name}: painted score {again['painted']['score']} differs from the saved "
+                         f"{results[name]['painted']['score']}: not the model measured before")
+    results[name].update({k: again[k] for k in missing})
+    return True
+
+
 def agreement(results: dict[str, dict]) -> dict:
     names = list(results)
     test = [results[n]["test"]["score"] for n in names]
@@ -123,17 +142,8 @@ def main() -> None:
     saved = json.loads(args.json.read_text()) if args.json.exists() else {}
     results: dict = saved.get("candidates", {})
     for name in args.candidates:
-        if name in results:
-            missing = [k for k in args.sets or [] if k not in results[name]]
-            if not missing:
-                continue
-            again = run_candidate(CANDIDATES[name], splits, ("painted", *missing))
-            if abs(again["painted"]["score"] - results[name]["painted"]["score"]) > 1e-9:
-                raise SystemExit(f"{name}: painted score {again['painted']['score']} differs from the saved "
-                                 f"{results[name]['painted']['score']}: not the model measured before")
-            results[name].update({k: again[k] for k in missing})
-        else:
-            results[name] = {"overrides": CANDIDATES[name], **run_candidate(CANDIDATES[name], splits)}
+        if not measure(results, name, CANDIDATES[name], splits, args.sets or ()):
+            continue
         r = results[name]
         print(f"{name:12s} " + " ".join(f"{k} {100 * r[k]['score']:.2f}" for k in SETS if k in r)
               + f" ({r['seconds']:.0f} s)", flush=True)
