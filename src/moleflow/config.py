@@ -172,8 +172,8 @@ class ScoreConfig:
     map_sigma: float = 4.0
     # what a pixel map shows: "none", the patch scores themselves (spec §6); "median", each patch's score above its
     # image's median patch score, so an offset shared by the whole part (its lighting, its own variation) is not
-    # shown as a place. Maps only: image scores and decisions read the patch scores as they are (docs/accuracy.md
-    # §12, benchmarks/map_smoothing.py)
+    # shown as a place. Maps only: image scores and decisions read the patch scores as they are. Measured on
+    # validation and not taken (docs/accuracy.md §12, benchmarks/map_making.py)
     map_centre: Literal["none", "median"] = "none"
     # "flow" (spec §6): the patch score is the flow's NLL. "flow+memory": per task, a seeded random
     # `memory_fraction` of its training patch tokens is kept; the patch score is the sum of the flow NLL and
