@@ -52,7 +52,8 @@ CANDIDATES: dict[str, list[str]] = {
     "coreset4000": ["score.memory_coreset=4000"],
     "whole_grid": ["train.step_window=1.0"],
     "merge_mean": ["backbone.feature_merge=mean", "backbone.embed_dim=128"],
-    "flow_only": ["score.source=flow", "router.mode=prototype"],  # the gated router needs the memories
+    # the gated router and the trimmed median (router.trim_limit, the cpu preset's since stop 35) need the memories
+    "flow_only": ["score.source=flow", "router.mode=prototype", "router.trim_limit=0"],
     "steps100": ["train.min_steps=100"],
     "size288": ["data.image_size=288"],  # a finer map: a 36 x 36 token grid instead of 28 x 28
 }

@@ -281,6 +281,10 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     chosen.router.trim_limit, chosen.router.trim_gate, chosen.router.ambiguity_margin = 5.0, 0.1, 0.031
     # and training on windows of the token grid, chosen by `moleflow tune` (docs/accuracy.md §7)
     chosen.train.step_window = 0.35
+    # and the memory's weight in a patch's score, chosen by the faint validation (docs/accuracy.md §14)
+    study = json.loads((Path(__file__).parents[1] / "benchmarks/results/memory_weight_choice.json").read_text())
+    assert study["choice"]["faint"]["chosen"] == "4"
+    chosen.score.memory_weight = 4.0
     assert cpu.to_dict() == chosen.to_dict()
     faithful = Config.from_preset("cpu-faithful")
     assert faithful.score.source == "flow" and faithful.backbone.feature_merge == "mean"

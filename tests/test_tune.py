@@ -119,7 +119,7 @@ def test_tune_chooses_reproducibly_without_reading_test_images(tmp_path):
     assert a["chosen"] == b["chosen"]
     assert [r["validation_score"] for r in a["candidates"]] == [r["validation_score"] for r in b["candidates"]]
     assert a["n_validation"]["brick"] == {"normal": 4, "anomalous": 4, "fit": 16}
-    assert a["anomalies"] == "painted" and a["anomaly_kinds"] == list(ANOMALY_KINDS)
+    assert a["anomalies"] == "faint" and a["anomaly_kinds"] == list(ANOMALY_KINDS)  # the default validation
     best = max(a["candidates"], key=lambda r: r["validation_score"])
     assert a["chosen"] == best["name"]
     import yaml

@@ -188,7 +188,8 @@ class ScoreConfig:
     # the coverage of normal patches with far fewer rows (the exact nearest-neighbour search is most of the
     # CPU inference time; see BENCHMARKS.md "Serving"). How the cpu preset's value was chosen: docs/decisions.md
     memory_coreset: int = 0
-    # the patch score is the standardised NLL plus this times the standardised memory distance (1: their plain sum)
+    # the patch score is the standardised NLL plus this times the standardised memory distance (1: their plain sum;
+    # the cpu preset's 4 was chosen on the faint validation, docs/accuracy.md §14)
     memory_weight: float = 1.0
     # how the two standardised terms make a patch's score: "sum" (the default, docs/accuracy.md §11) or "max", the
     # larger of the two (a patch is as anomalous as its more alarmed source; measured and not taken:
@@ -489,7 +490,7 @@ def _cpu() -> Config:
     training normals (docs/accuracy.md §5, §7), never on test images. On top of `cpu-faithful`: the backbone's
     40 + 112 channels side by side (D = 152), a floor of 200 optimiser steps per task over at least 4
     epochs, each on a window of the token grid, elongated images cut into near-square tiles, and a per-product
-    patch memory (a 1,000-token greedy coreset of its training patches) scored with the flow, and a router that
+    patch memory (a 1,000-token greedy coreset of its training patches) weighed 4 to 1 with the flow, and a router that
     measures every product with one pooled metric (chosen on training images with look-alike pairs,
     docs/decisions.md §8). Not the faithful method (the memory, tiling, windows and pooled metric are additions);
     `main`/`repo` are.
@@ -508,6 +509,9 @@ def _cpu() -> Config:
     # 1,000 coreset tokens per product: the smallest candidate no worse on synthetic validation than the
     # 20,000-token random memory (docs/decisions.md §7); the exact search is then ~20x cheaper
     cfg.score.memory_coreset = 1000
+    # a patch's score: standardised flow NLL + 4 x standardised memory distance, chosen by the faint validation, the
+    # one that ranks settings most like real defects (benchmarks/memory_weight_choice.py, docs/accuracy.md §14)
+    cfg.score.memory_weight = 4.0
     cfg.data.tiling = "aspect"
     # routing: the nearest prototype, every product measured with one pooled metric (linear discriminant analysis),
     # and an ambiguous part (log distances within 0.031) scored under every plausible product: chosen on held-out

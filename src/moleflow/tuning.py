@@ -58,6 +58,9 @@ MAX_SIDE = 640  # validation images are drawn at most this large (long side) bef
 # 0.5 under every map candidate measured (docs/accuracy.md §12-13); its agreement with real defects is measured in
 # benchmarks/validation_agreement.py before any use.
 SEVERITY = {"painted": (0.3, 0.7), "subtle": (0.3, 0.7), "faint": (0.1, 0.3)}
+# the validation `moleflow tune` uses unless told: the one that ranks configurations most like real defects in the
+# agreement study (Spearman 0.905 for faint, 0.810 painted, 0.738 subtle over 8 candidates; docs/accuracy.md §14)
+DEFAULT_ANOMALIES = "faint"
 VALIDATION_METRICS = ("image_auroc", "pixel_auroc")  # the selection criterion: their mean, per product
 
 
@@ -160,7 +163,7 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def tune(candidates: list[Candidate], load_split: Callable[[str], ClassSplit], tasks: list[list[str]], out: Path,
          run_candidate: Callable[[Candidate, Callable[[str], ClassSplit], Path], dict[str, Any]],
          holdout: float = 0.2, max_train: int | None = 300, seed: int = 0,
-         anomalies: str = "painted") -> dict[str, Any]:
+         anomalies: str = DEFAULT_ANOMALIES) -> dict[str, Any]:
     """Build the validation sets once, run every candidate through `run_candidate`, pick one."""
     if not candidates:
         raise MoleflowError("no candidates to compare")

@@ -13,7 +13,7 @@ from ..detector import MoleFlow
 from ..errors import MoleflowError
 from ..store.run import save_json, write_config
 from ..metrics import METRICS
-from ..tuning import CANDIDATES, VALIDATION_METRICS, Candidate, parse_candidate, tune
+from ..tuning import CANDIDATES, DEFAULT_ANOMALIES, VALIDATION_METRICS, Candidate, parse_candidate, tune
 from .common import (add_config_options, add_data_options, add_runtime_options, apply_runtime, build_config,
                      class_sequence, format_table)
 
@@ -43,10 +43,11 @@ def add_parser(sub) -> None:
     p.add_argument("--holdout", type=float, default=0.2, help="share of training images held out (default 0.2)")
     p.add_argument("--max-train", type=int, default=300,
                    help="use at most this many training images per product (default 300; 0 = all)")
-    p.add_argument("--anomalies", choices=sorted(ANOMALY_SETS), default="painted",
-                   help="the synthetic anomalies pasted into the held-out images: painted (drawn defects and "
-                        "cut-paste; default), subtle (texture-preserving blends, shifts and tints in irregular "
-                        "blobs) or faint (the painted kinds at a lower contrast)")
+    p.add_argument("--anomalies", choices=sorted(ANOMALY_SETS), default=DEFAULT_ANOMALIES,
+                   help="the synthetic anomalies pasted into the held-out images: faint (drawn defects and cut-paste "
+                        "at a low contrast; default: it ranks settings most like real defects, docs/accuracy.md "
+                        "§14), painted (the same at a higher contrast) or subtle (texture-preserving blends, "
+                        "shifts and tints in irregular blobs)")
     add_config_options(p)
     add_runtime_options(p)
     p.set_defaults(run=run)
