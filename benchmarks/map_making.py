@@ -30,6 +30,11 @@ AUROC where the default's maps reach 70.5): the same run; the painted validation
 map weight other than 1 is adopted only if better by more than 0.25 points and the subtle validation loses no more
 than 0.25 points against weight 1; among several, the best on the painted validation. The test sets afterwards, for
 the record.
+
+Added in stop 36, before its run: the centring decided again, now that the default weighs the memory 4 to 1 and
+`faint` is `moleflow tune`'s validation (docs/accuracy.md §14). RUN = the new default learned on tune's fit images;
+`faint` decides with the same criterion and margin (median replaces none only if better by more than 0.25 points),
+and the painted validation may lose no more than 0.25 points.
 """
 
 from __future__ import annotations
