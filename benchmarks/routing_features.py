@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from moleflow.backbones import lite_state_dict
+from moleflow.scoring import lower_median
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_choice import adopt_by_rule, choose, router_summary, rule_main, separable_settings  # noqa: E402
@@ -46,8 +47,7 @@ ROUTER = "evidence_2_0.2"
 
 def grid_median(maps: torch.Tensor) -> torch.Tensor:
     """(M, C, H, W) -> (M, C): the lower median over the grid of each channel."""
-    flat = maps.flatten(2)
-    return flat.sort(dim=2).values[..., (flat.shape[2] - 1) // 2]
+    return lower_median(maps.flatten(2), 2)
 
 
 def deep_features(name: str = "tf_efficientnet_lite0") -> dict[str, callable]:

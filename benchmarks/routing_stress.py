@@ -54,6 +54,7 @@ from moleflow.data.transforms import load_rgb
 from moleflow.memory import PatchMemory
 from moleflow.router import PrototypeRouter, fitting_patches, mahalanobis, masked_median, mean_per_image, patch_misfit
 from moleflow.routing_stress import AREAS, LOOK_ALIKE_KINDS, look_alike, paste_area_defect
+from moleflow.scoring import lower_median
 
 SHARED = ("magnetic_tile", "kolektor", "pcb_deeppcb", "cubes")
 GATES = (0.02, 0.05, 0.1, 0.2, 0.5)
@@ -82,7 +83,7 @@ def encode(model: MoleFlow, images: list[Image.Image], batch_size: int = 16,
         offset += prep.n_images
     tokens = torch.cat(tokens)
     flat = tokens.flatten(1, 2)
-    return {"tokens": tokens, "median": flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2], "mean": flat.mean(1),
+    return {"tokens": tokens, "median": lower_median(flat, 1), "mean": flat.mean(1),
             "owner": torch.cat(owners), "n": offset, **{k: torch.cat(v) for k, v in more.items()}}
 
 

@@ -185,7 +185,8 @@ def test_memory_weight_scales_the_standardised_memory_term_only():
     larger.set_norm(0, nll[:3], larger.distances(tokens[:3], 0))
     assert torch.equal(larger.combine(nll, tokens, 0), torch.maximum(z_nll, 2.5 * z_mem))
     cfg = tiny_config(**{"score.source": "flow+memory", "score.memory_weight": 2.5, "score.memory_combine": "max"})
-    assert MoleFlow(cfg).memory.weight == 2.5 and MoleFlow(cfg).memory.combination == "max"
+    memory = MoleFlow(cfg).memory
+    assert memory.weight == 2.5 and memory.combination == "max"
     with pytest.raises(MoleflowError, match="memory_combine"):
         tiny_config(**{"score.memory_combine": "product"})
     with pytest.raises(MoleflowError, match="memory_weight"):

@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import RouterConfig
 from .errors import MoleflowError
+from .scoring import lower_median
 
 
 def estimate_precision(features: np.ndarray, method: str, ridge: float) -> np.ndarray:
@@ -70,8 +71,8 @@ def patch_misfit(z: torch.Tensor, owner: torch.Tensor | None = None, n_images: i
     (`owner` (M,) into `n_images`) are averaged, as the prototype router averages their distances.
     Returns (N, T) float64."""
     flat = z.double().flatten(2)  # (M, T, P)
-    if statistic == "median":  # the lower median as a sort and a constant index, so that it exports to ONNX
-        per_tile = flat.sort(dim=2).values[..., (flat.shape[2] - 1) // 2]
+    if statistic == "median":
+        per_tile = lower_median(flat, 2)
     elif statistic == "paired":  # non-candidate products arrive as inf and stay inf
         best = flat.min(dim=1).values  # (M, P): how well each patch fits any product
         keep = max(1, int(round(normal_share * flat.shape[2])))
@@ -127,8 +128,7 @@ class PrototypeRouter(nn.Module):
         the mean over the grid, or the coordinate-wise median (`statistic`), in float32."""
         flat = tokens.float().flatten(1, 2)  # (B, H*W, D)
         if self.cfg.statistic == "median":
-            # the lower median, written as a sort and a constant index so that it exports to ONNX
-            return flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2]
+            return lower_median(flat, 1)
         return flat.mean(1)
 
     # ------------------------------------------------------------------------------ prototypes

@@ -119,15 +119,15 @@ class MapMaker(torch.nn.Module):
     def forward(self, nll: torch.Tensor) -> torch.Tensor:
         rows, cols = self.rows.to(nll.dtype), self.cols.to(nll.dtype)
         if self.centre:
-            nll = nll - median_per_map(nll).view(-1, 1, 1)
+            nll = nll - lower_median(nll.flatten(1), 1).view(-1, 1, 1)
         return clean_maps(rows @ nll @ cols.T)
 
 
-def median_per_map(maps: torch.Tensor) -> torch.Tensor:
-    """(B, h, w) -> (B,) the lower median of each map's values (torch.median's), as a sort and a static index so
-    that it exports to ONNX."""
-    flat = maps.flatten(1)
-    return flat.sort(dim=1).values[:, (flat.shape[1] - 1) // 2]
+def lower_median(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """The lower median along `dim` (torch.median's), that dimension removed: a sort and a constant index, so that
+    it exports to ONNX. Maps, routing features and patch misfits share it."""
+    middle = (values.shape[dim] - 1) // 2
+    return values.sort(dim=dim).values.select(dim, middle)
 
 
 def clean_maps(maps: torch.Tensor) -> torch.Tensor:
