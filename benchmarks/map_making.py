@@ -35,6 +35,11 @@ Added in stop 36, before its run: the centring decided again, now that the defau
 `faint` is `moleflow tune`'s validation (docs/accuracy.md §14). RUN = the new default learned on tune's fit images;
 `faint` decides with the same criterion and margin (median replaces none only if better by more than 0.25 points),
 and the painted validation may lose no more than 0.25 points.
+
+Added in stop 37, before its run: the smoothing decided again (docs/accuracy.md §9 chose it on the painted validation
+at weight 1). RUN = the default (weight 4) learned on tune's fit images; sigmas 2, 3, 4, 6, 8; the rule of §9 with
+`faint` deciding: the highest mean synthetic pixel AUROC over the products, and sigma 4 stays unless another is better
+by more than 0.1 points. The test sets are scored afterwards only if the sigma changes.
 """
 
 from __future__ import annotations
