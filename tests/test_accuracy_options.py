@@ -280,8 +280,11 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     study = json.loads((Path(__file__).parents[1] / "benchmarks/results/routing_trimmed.json").read_text())
     assert study["chosen"] == "trimmed z5, gate 0.1" and round(study["ambiguity_margin"], 3) == 0.031
     chosen.router.trim_limit, chosen.router.trim_gate, chosen.router.ambiguity_margin = 5.0, 0.1, 0.031
-    # and training on windows of the token grid, chosen by `moleflow tune` (docs/accuracy.md §7)
-    chosen.train.step_window = 0.35
+    # and training on windows of the token grid, chosen by `moleflow tune` under the faint validation and the
+    # learning-cost goal (docs/accuracy.md §7, §15)
+    study = json.loads((Path(__file__).parents[1] / "benchmarks/results/tune_step_window_faint.json").read_text())
+    assert study["anomalies"] == "faint" and study["within_0.3_of_whole_grid"][0] == "w0.5"
+    chosen.train.step_window = study["chosen_window"]
     # and the memory's weight in a patch's score, chosen by the faint validation (docs/accuracy.md §14)
     study = json.loads((Path(__file__).parents[1] / "benchmarks/results/memory_weight_choice.json").read_text())
     assert study["choice"]["faint"]["chosen"] == "4"
