@@ -117,7 +117,8 @@ class TrainConfig:
     # each optimiser step trains the flow on one random window of the token grid, this share of its height and
     # width, cut at the grid's edge so that every token is trained equally often (`trainer.step_window`; the
     # window's flow input is the whole grid's, prepared from the window and the mixer's reach, so a window keeps
-    # its place); 1 = the whole grid (spec). At 0.35 the training loop takes about a sixth of the whole grid's time
+    # its place); 1 = the whole grid (spec). A product's learning takes about a sixth of the whole grid's time at
+    # 0.35 and a fifth at 0.5 (docs/accuracy.md §15)
     step_window: float = 1.0
 
 
