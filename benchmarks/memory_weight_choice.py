@@ -80,7 +80,7 @@ def main() -> None:
               + f" ({r['seconds']:.0f} s)", flush=True)
         args.json.write_text(json.dumps({"rule": __doc__, "candidates": results}, indent=1))
     summary = {}
-    for deciding in VALIDATIONS[::2]:  # painted (until stop 36), faint (the agreement study's choice since)
+    for deciding in ("painted", "faint"):  # painted decided until stop 36, faint (the agreement study's choice) since
         if deciding in results.get("1", {}):
             chosen, margin = choose(results, deciding)
             summary[deciding] = {"chosen": chosen, "best_margin_over_default": margin}

@@ -282,9 +282,13 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     chosen.router.trim_limit, chosen.router.trim_gate, chosen.router.ambiguity_margin = 5.0, 0.1, 0.031
     # and training on windows of the token grid, chosen by `moleflow tune` under the faint validation and the
     # learning-cost goal (docs/accuracy.md §7, §15)
+    # (the rule read from the candidates' scores: the cheapest, i.e. narrowest, window within 0.3 points of the whole
+    # grid; its learning-cost check was measured apart and is recorded beside it)
     study = json.loads((Path(__file__).parents[1] / "benchmarks/results/tune_step_window_faint.json").read_text())
-    assert study["anomalies"] == "faint" and study["within_0.3_of_whole_grid"][0] == "w0.5"
-    chosen.train.step_window = study["chosen_window"]
+    scores = {float(c["name"][1:]): c["validation_score"] for c in study["candidates"]}
+    assert study["anomalies"] == "faint"
+    chosen.train.step_window = min(w for w, score in scores.items() if score >= scores[1.0] - 0.003)
+    assert chosen.train.step_window == study["chosen_window"] == 0.5
     # and the memory's weight in a patch's score, chosen by the faint validation (docs/accuracy.md §14)
     study = json.loads((Path(__file__).parents[1] / "benchmarks/results/memory_weight_choice.json").read_text())
     assert study["choice"]["faint"]["chosen"] == "4"
