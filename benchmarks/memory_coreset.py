@@ -59,7 +59,7 @@ def product_split(model: MoleFlow, task: int, paths: list[Path]) -> tuple[list[P
     """The run's (training, calibration) images of task `task`, as training drew them."""
     info = next(i for i in model.tasks if i.task_id == task)
     rate = info.calibration.get("false_alarm_rate", model.config.score.false_alarm_rate)
-    train, cal = model.calibration_holdout(task, len(paths), rate)
+    train, cal = model.calibration_holdout(task, paths, rate)
     if len(train) != info.n_train or len(cal) != info.n_calibration:
         raise SystemExit(f"{info.name}: reproduced {len(train)}/{len(cal)} training/calibration images, the run "
                          f"has {info.n_train}/{info.n_calibration}; not the run's split")

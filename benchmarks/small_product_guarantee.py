@@ -73,11 +73,11 @@ def run(data: Path, out: Path) -> dict:
         for m in HOLDOUTS:
             start = time.perf_counter()
             model = MoleFlow(Config.from_preset("cpu").with_overrides(
-                [f"score.calibration_keep_train={N_PRODUCT - m}"]))
+                [f"score.calibration_keep_train={N_PRODUCT - m}", "data.group_file=null"]))
             info = model.fit_task(product, name=c, false_alarm_rate=RATE)
             learn = time.perf_counter() - start
             assert info.n_calibration == m, (info.n_calibration, m)
-            _, cal_idx = model.calibration_holdout(info.task_id, N_PRODUCT, RATE)
+            _, cal_idx = model.calibration_holdout(info.task_id, product, RATE)
             cal_scores = model.predict([product[i] for i in cal_idx], task_ids=[info.task_id] * m).scores.numpy()
             stored = np.asarray(info.calibration["scores"])
             fresh_pred = model.predict(fresh_rest, task_ids=[info.task_id] * len(fresh_rest))

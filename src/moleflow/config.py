@@ -50,6 +50,10 @@ class DataConfig:
     # "aspect": cut an image whose long side is r >= 1.5 times its short side into round(r) near-square
     # tiles along it; maps are stitched back on the whole image (data/tiling.py). "none": one view per image.
     tiling: Literal["none", "aspect"] = "none"
+    # which training images show the same part: a CSV (columns `file`, `group`) in the product's folder
+    # (data/groups.py). Held-out images (calibration, `moleflow tune`'s validation) are then whole groups, so that
+    # no held-out image has a twin in training. None: hold images out one by one.
+    group_file: str | None = "provenance.csv"
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch
 
 from .config import Config
 from .data.batch import Images, Prepared
+from .data.groups import image_groups
 from .data.transforms import ImageTransform
 from .errors import MoleflowError
 from .features import FeatureSource
@@ -171,9 +172,11 @@ class MoleFlow:
             self.tasks.extend(infos)
         return out
 
-    def calibration_holdout(self, task: int, n: int, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted indices (training, calibration) of task `task`'s n images (`learning.calibration_holdout`)."""
-        return calibration_holdout(self.config, task, n, rate)
+    def calibration_holdout(self, task: int, images: Images, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted indices (training, calibration) of task `task`'s images, as learning drew them
+        (`learning.calibration_holdout`, whole groups of `data.group_file`)."""
+        groups = image_groups(images, self.config.data.group_file)
+        return calibration_holdout(self.config, task, len(images), rate, groups)
 
     # ------------------------------------------------------------------------------ inference (pipeline.py)
     def predict(self, images: Images, task_ids: Sequence[int] | torch.Tensor | None = None,

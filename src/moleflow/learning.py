@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +25,7 @@ import torch
 from .calibration import calibration_record, calibration_split, conformal_threshold
 from .config import Config
 from .data.batch import Images, Prepared, PreparedDataset
+from .data.groups import group_holdout, image_groups
 from .errors import MoleflowError
 from .features import FeatureSource, token_chunks
 from .inspector import Inspector
@@ -65,6 +67,7 @@ class ExpertData:
     tokens: Any  # (N, H, W, D) tensor or memory-mapped array, or None without a feature cache
     routing: torch.Tensor  # (N, D) routing features of the training images
     batch_features: Callable[[torch.Tensor], torch.Tensor]  # indices (B,) -> tokens (B, H, W, D)
+    held_out_by: str = "image"  # "group": whole groups of images of one part held out (data/groups.py)
 
 
 def subset(images: Images, index: torch.Tensor) -> Images:
@@ -83,13 +86,21 @@ def next_step(tasks: list[TaskInfo]) -> int:
     return max((t.step for t in tasks), default=-1) + 1
 
 
-def calibration_holdout(config: Config, task: int, n: int, rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_holdout(config: Config, task: int, n: int, rate: float, groups: Sequence[str] | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sorted indices (training, calibration) of task `task`'s n images: the held-out share sized by the
-    false-alarm `rate` (`calibration_split`), drawn with a generator seeded by the task id."""
+    false-alarm `rate` (`calibration_split`), drawn with a generator seeded by the task id. With `groups` (one label
+    per image, `data.groups.image_groups`) whole groups are held out, at least that many images
+    (`data.groups.group_holdout`; one by one when a group is too large for it)."""
     gen = torch.Generator().manual_seed(config.train.seed * 7919 + task)
-    perm = torch.randperm(n, generator=gen)
     score_cfg = config.score
     n_cal = calibration_split(n, rate, score_cfg.calibration_fraction, score_cfg.calibration_keep_train)
+    cal = group_holdout(groups, n_cal, gen) if groups is not None else None
+    if cal is not None:
+        keep = torch.ones(n, dtype=torch.bool)
+        keep[cal] = False
+        return torch.nonzero(keep).flatten(), cal
+    perm = torch.randperm(n, generator=gen)
     return perm[n_cal:].sort().values, perm[:n_cal].sort().values
 
 
@@ -219,7 +230,16 @@ class Learner:
         n = len(images)
         if n == 0:
             raise MoleflowError(f"no images were given for {name}")
-        train_idx, cal_idx = calibration_holdout(self.config, task, n, rate)
+        groups = image_groups(images, self.config.data.group_file)
+        train_idx, cal_idx = calibration_holdout(self.config, task, n, rate, groups)
+        held_out_by = "image"
+        if groups is not None and len(cal_idx):
+            held = {groups[i] for i in cal_idx.tolist()}
+            whole = not held & {groups[i] for i in train_idx.tolist()}
+            held_out_by = f"group ({len(held)} of {len(set(groups))} groups)" if whole else "image"
+            if not whole:
+                log.info("product %s: a group of images is too large to hold whole groups out for calibration; "
+                         "held out image by image", name)
         train_images, cal_images = subset(images, train_idx), subset(images, cal_idx)
         tokens, routing, train_meta = self.features.stream(train_images, keep_tokens=self.config.train.feature_cache)
         if tokens is not None:
@@ -228,7 +248,7 @@ class Learner:
         else:
             batch_features = self._backbone_batches(train_images, train_meta)
         return ExpertData(task, name, rate, len(train_idx), len(train_meta.owner), len(cal_idx), train_images,
-                          cal_images, train_meta, tokens, routing, batch_features)
+                          cal_images, train_meta, tokens, routing, batch_features, held_out_by)
 
     def _backbone_batches(self, images: Images, meta: Prepared) -> Callable[[torch.Tensor], torch.Tensor]:
         """Without a feature cache: tile indices (B,) -> their tokens (B, H, W, D), loading the batch's images."""
@@ -265,6 +285,7 @@ class Learner:
             self.inspector.set_prototype(d.task, torch.cat([d.routing, cal_routing]))  # of all its images (spec)
             info.calibration["unknown_distance"] = self.inspector.router.unknown_threshold(d.task)
         info.n_calibration, info.step, info.source = d.n_cal, step, dict(self.source)
+        info.calibration["held_out_by"] = d.held_out_by
         info.n_tiles = d.n_train_tiles + (len(cal_meta.owner) if cal_meta is not None else 0)
         return info
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from .config import Config
 from .data.datasets import ClassSplit, Sample
+from .data.groups import image_groups
 from .data.synthetic_anomalies import ANOMALY_SETS, paste_anomaly
 from .data.transforms import load_rgb
 from .errors import MoleflowError
@@ -87,17 +88,39 @@ def _downscaled(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
+def validation_order(n: int, groups: list[str] | None, holdout: float, max_train: int | None,
+                     rng: np.random.Generator) -> tuple[np.ndarray, int]:
+    """The order in which `make_validation_split` takes a product's n training images (at most `max_train`) and how
+    many of them, from the front, it holds out (`holdout` of them, at least 2). With `groups` (one label per image,
+    `data.groups.image_groups`) the images come group by group, the groups in a random order, and the held-out front
+    ends at a group's end, so that no held-out image has a twin among the fit images; images one by one when the
+    largest group holds more than half of the images to hold out."""
+    n_take = n if max_train is None else min(n, max_train)
+    n_val = max(2, int(round(n_take * holdout)))
+    members: dict[str, list[int]] = {}
+    for i, g in enumerate(groups or []):
+        members.setdefault(g, []).append(i)
+    if not members or max(len(m) for m in members.values()) * 2 > n_val:
+        return rng.permutation(n)[:n_take], n_val
+    names = list(members)
+    order = np.array([i for j in rng.permutation(len(names)) for i in members[names[j]]])[:n_take]
+    labels = [groups[i] for i in order]
+    while n_val < len(order) and labels[n_val] == labels[n_val - 1]:  # the front ends where a group ends
+        n_val += 1
+    return order, n_val
+
+
 def make_validation_split(split: ClassSplit, out: Path, holdout: float, max_train: int | None,
-                          seed: int, anomalies: str = "painted") -> ClassSplit:
-    """Hold out normal training images of `split`, write them with and without synthetic anomalies of the set
-    `anomalies` (`ANOMALY_SETS`) into `out/<class>` (MVTec layout), and return fit images + validation set as a
-    `ClassSplit`. The held-out images depend on `seed` and the image count only, not on `anomalies`."""
+                          seed: int, anomalies: str = "painted", group_file: str | None = "provenance.csv"
+                          ) -> ClassSplit:
+    """Hold out normal training images of `split` (whole groups of `group_file`, data/groups.py), write them with and
+    without synthetic anomalies of the set `anomalies` (`ANOMALY_SETS`) into `out/<class>` (MVTec layout), and return
+    fit images + validation set as a `ClassSplit`. The held-out images depend on `seed`, the images and their groups
+    only, not on `anomalies`."""
     train = list(split.train)
     rng = np.random.default_rng([seed, len(train)])
-    order = rng.permutation(len(train))
-    if max_train is not None:
-        order = order[:max_train]
-    n_val = max(2, int(round(len(order) * holdout)))
+    order, n_val = validation_order(len(train), image_groups([s.image for s in train], group_file), holdout,
+                                    max_train, rng)
     if len(order) - n_val < 2:
         raise MoleflowError(f"{split.class_name}: {len(train)} training images are too few to hold out "
                             f"{n_val} for validation")
@@ -163,16 +186,17 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def tune(candidates: list[Candidate], load_split: Callable[[str], ClassSplit], tasks: list[list[str]], out: Path,
          run_candidate: Callable[[Candidate, Callable[[str], ClassSplit], Path], dict[str, Any]],
          holdout: float = 0.2, max_train: int | None = 300, seed: int = 0,
-         anomalies: str = DEFAULT_ANOMALIES) -> dict[str, Any]:
-    """Build the validation sets once, run every candidate through `run_candidate`, pick one."""
+         anomalies: str = DEFAULT_ANOMALIES, group_file: str | None = "provenance.csv") -> dict[str, Any]:
+    """Build the validation sets once (whole groups of `group_file` held out, data/groups.py), run every candidate
+    through `run_candidate`, pick one."""
     if not candidates:
         raise MoleflowError("no candidates to compare")
     names = [c.name for c in candidates]
     if len(set(names)) != len(names):
         raise MoleflowError(f"candidate names must be unique: {names}")
     out.mkdir(parents=True, exist_ok=True)
-    splits = {c: make_validation_split(load_split(c), out / "validation", holdout, max_train, seed, anomalies)
-              for task in tasks for c in task}
+    splits = {c: make_validation_split(load_split(c), out / "validation", holdout, max_train, seed, anomalies,
+                                       group_file) for task in tasks for c in task}
     rows = []
     for cand in candidates:
         start = time.perf_counter()
@@ -187,7 +211,7 @@ def tune(candidates: list[Candidate], load_split: Callable[[str], ClassSplit], t
     best = choose(rows)
     return {"criterion": "mean over products of (synthetic image AUROC + synthetic pixel AUROC) / 2, "
                          "task-agnostic after the last task; ties to the earlier candidate",
-            "holdout": holdout, "max_train": max_train, "seed": seed, "anomalies": anomalies,
+            "holdout": holdout, "max_train": max_train, "seed": seed, "anomalies": anomalies, "group_file": group_file,
             "anomaly_kinds": list(ANOMALY_SETS[anomalies]),
             "severity": list(SEVERITY[anomalies]),
             "tasks": tasks, "candidates": rows, "chosen": best["name"],

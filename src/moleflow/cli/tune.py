@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = tune(candidates, lambda c: load_class(args.data, c, args.dataset), tasks, args.out, run_candidate,
                   holdout=args.holdout, max_train=args.max_train or None, seed=base.train.seed,
-                  anomalies=args.anomalies)
+                  anomalies=args.anomalies, group_file=base.data.group_file)
     save_json(args.out / "tune.json", result)
     chosen = next(c for c in candidates if c.name == result["chosen"])
     write_config(args.out / "chosen.yaml", chosen.config)
