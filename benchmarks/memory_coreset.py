@@ -32,6 +32,13 @@ it is adopted only if its batch rate (`moleflow bench speed`, onnx engine, the s
 that size, paired against 1,000 on one machine) is at least 0.78 of 1,000's (40 / 51.1: the margin by which the
 1,000-token default met the 40 images/s target where it was measured); otherwise the largest size that keeps that
 ratio and is within 0.25 points of the best, else 1,000 stays.
+
+Added in stop 38, before its run: the same rule on a run whose calibration images are whole parts (`data.group_file`,
+docs/decisions.md §1 "Whole parts held out"): RUN = the default learned so on the four shared products, so that no
+validation image has a twin in the memory (magnetic_tile's tiles were photographed up to 13 times, and the run of stop
+37 validated on twins of remembered images). Variants 0, 1000, 2000, 4000, 8000, `--anomalies faint --reference best`.
+A size above 1,000 must also keep the single-image latency target (<= 40 ms, `bench speed`'s median, paired against
+1,000 on one machine), the condition stop 37 found missing from the rule (docs/decisions.md §7).
 """
 
 from __future__ import annotations
