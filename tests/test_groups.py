@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from moleflow import MoleFlow
+from moleflow.cli import main
 from moleflow.data.datasets import ClassSplit, Sample
 from moleflow.data.groups import group_holdout, image_groups
 from moleflow.errors import MoleflowError
@@ -93,7 +94,7 @@ def test_validation_order_ends_the_held_out_front_at_a_part_boundary():
     assert np.array_equal(order0, np.random.default_rng(5).permutation(80)[:60]) and n0 == 12
 
 
-def test_tune_split_and_learning_hold_whole_parts_out(tmp_path):
+def test_tune_split_and_learning_hold_whole_parts_out(tmp_path, capsys):
     paths = write_product(tmp_path, 12, 3)
     split = ClassSplit("prod", [Sample(p, 0, None, "prod", "good", "train") for p in paths], [], False)
     val = make_validation_split(split, tmp_path / "val", 0.25, None, 0, "faint")
@@ -103,7 +104,11 @@ def test_tune_split_and_learning_hold_whole_parts_out(tmp_path):
 
     model = MoleFlow(tiny_config(**{"score.calibration_fraction": 0.25, "score.calibration_keep_train": 20}))
     info = model.fit_task(paths, name="prod", false_alarm_rate=0.1)
-    assert info.calibration["held_out_by"].startswith("group (")
+    assert info.calibration["held_out_by"] == "group" and info.calibration["held_out_groups"] * 3 == info.n_calibration
+    assert info.calibration["groups"] == 12
+    model.save(tmp_path / "run")
+    assert main(["tasks", str(tmp_path / "run")]) == 0
+    assert f"{info.n_calibration} ({info.n_calibration // 3} of 12 parts)" in capsys.readouterr().out
     train, cal = model.calibration_holdout(info.task_id, paths, 0.1)
     assert len(cal) == info.n_calibration and len(cal) % 3 == 0
     assert not {paths[i].name[:3] for i in train.tolist()} & {paths[i].name[:3] for i in cal.tolist()}

@@ -15,7 +15,7 @@ change goes through the Inspector's own methods (`add_expert`, `set_prototype`, 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
 from typing import Any, Callable
 
@@ -67,7 +67,8 @@ class ExpertData:
     tokens: Any  # (N, H, W, D) tensor or memory-mapped array, or None without a feature cache
     routing: torch.Tensor  # (N, D) routing features of the training images
     batch_features: Callable[[torch.Tensor], torch.Tensor]  # indices (B,) -> tokens (B, H, W, D)
-    held_out_by: str = "image"  # "group": whole groups of images of one part held out (data/groups.py)
+    # {"held_out_by": "image"}, or "group" with "held_out_groups" and "groups": whole parts held out (data/groups.py)
+    holdout: dict[str, Any] = field(default_factory=lambda: {"held_out_by": "image"})
 
 
 def subset(images: Images, index: torch.Tensor) -> Images:
@@ -232,12 +233,13 @@ class Learner:
             raise MoleflowError(f"no images were given for {name}")
         groups = image_groups(images, self.config.data.group_file)
         train_idx, cal_idx = calibration_holdout(self.config, task, n, rate, groups)
-        held_out_by = "image"
+        holdout: dict[str, Any] = {"held_out_by": "image"}
         if groups is not None and len(cal_idx):
             held = {groups[i] for i in cal_idx.tolist()}
             whole = not held & {groups[i] for i in train_idx.tolist()}
-            held_out_by = f"group ({len(held)} of {len(set(groups))} groups)" if whole else "image"
-            if not whole:
+            if whole:
+                holdout = {"held_out_by": "group", "held_out_groups": len(held), "groups": len(set(groups))}
+            else:
                 log.info("product %s: a group of images is too large to hold whole groups out for calibration; "
                          "held out image by image", name)
         train_images, cal_images = subset(images, train_idx), subset(images, cal_idx)
@@ -248,7 +250,7 @@ class Learner:
         else:
             batch_features = self._backbone_batches(train_images, train_meta)
         return ExpertData(task, name, rate, len(train_idx), len(train_meta.owner), len(cal_idx), train_images,
-                          cal_images, train_meta, tokens, routing, batch_features, held_out_by)
+                          cal_images, train_meta, tokens, routing, batch_features, holdout)
 
     def _backbone_batches(self, images: Images, meta: Prepared) -> Callable[[torch.Tensor], torch.Tensor]:
         """Without a feature cache: tile indices (B,) -> their tokens (B, H, W, D), loading the batch's images."""
@@ -285,7 +287,7 @@ class Learner:
             self.inspector.set_prototype(d.task, torch.cat([d.routing, cal_routing]))  # of all its images (spec)
             info.calibration["unknown_distance"] = self.inspector.router.unknown_threshold(d.task)
         info.n_calibration, info.step, info.source = d.n_cal, step, dict(self.source)
-        info.calibration["held_out_by"] = d.held_out_by
+        info.calibration.update(d.holdout)
         info.n_tiles = d.n_train_tiles + (len(cal_meta.owner) if cal_meta is not None else 0)
         return info
 

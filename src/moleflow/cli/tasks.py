@@ -40,7 +40,9 @@ def task_table(model: MoleFlow) -> list[dict]:
                      "rule": cal.get("rule", "quantile (moleflow 0.1)"),
                      "supported_rate": cal.get("supported_rate", 1.0 / (n_cal + 1)),
                      "false_alarm_interval": cal.get("false_alarm_interval"), "warning": cal.get("warning", ""),
-                     "recalibrations": len(cal.get("history", [])), "confusability": info.confusability})
+                     "recalibrations": len(cal.get("history", [])), "confusability": info.confusability,
+                     "held_out_by": cal.get("held_out_by", "image"), "held_out_groups": cal.get("held_out_groups"),
+                     "groups": cal.get("groups")})
     return rows
 
 
@@ -50,13 +52,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+    def held_out(r: dict) -> str:
+        if r["held_out_by"] == "group":
+            return f"{r['n_calibration']} ({r['held_out_groups']} of {r['groups']} parts)"
+        return str(r["n_calibration"])
+
     def interval(r: dict) -> str:
         low, high = r["false_alarm_interval"] or (None, None)
         return "n/a" if low is None else f"{low:.1%}-{high:.1%}"
 
     table = [[r["task_id"], r["step"], r["name"], ",".join(r["classes"]), f"{r['parameters']:,}", f"{r['bytes'] / 1e6:.2f} MB",
               r["n_train"], f"{r['threshold']:.3f}" + (" (!)" if r["warning"] else ""),
-              f"{r['false_alarm_rate']:.1%}", f"{r['supported_rate']:.1%}", interval(r), r["n_calibration"]]
+              f"{r['false_alarm_rate']:.1%}", f"{r['supported_rate']:.1%}", interval(r), held_out(r)]
              for r in rows]
     print(format_table(table, ["id", "step", "name", "classes", "parameters", "size", "train imgs", "threshold",
                                "FAR asked", "FAR supported", "FAR 95% interval", "calibration images"]))
