@@ -15,8 +15,8 @@ change goes through the Inspector's own methods (`add_expert`, `set_prototype`, 
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, field
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import numpy as np

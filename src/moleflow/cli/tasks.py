@@ -52,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
+
     def held_out(r: dict) -> str:
         if r["held_out_by"] == "group":
             return f"{r['n_calibration']} ({r['held_out_groups']} of {r['groups']} parts)"
