@@ -25,9 +25,9 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from .config import Config
+from .config import Config, DataConfig
 from .data.datasets import ClassSplit, Sample
-from .data.groups import image_groups
+from .data.groups import group_members, image_groups, whole_groups_fit
 from .data.synthetic_anomalies import ANOMALY_SETS, paste_anomaly
 from .data.transforms import load_rgb
 from .errors import MoleflowError
@@ -97,13 +97,10 @@ def validation_order(n: int, groups: list[str] | None, holdout: float, max_train
     largest group holds more than half of the images to hold out."""
     n_take = n if max_train is None else min(n, max_train)
     n_val = max(2, int(round(n_take * holdout)))
-    members: dict[str, list[int]] = {}
-    for i, g in enumerate(groups or []):
-        members.setdefault(g, []).append(i)
-    if not members or max(len(m) for m in members.values()) * 2 > n_val:
+    members = group_members(groups or [])
+    if not whole_groups_fit(members, n_val):
         return rng.permutation(n)[:n_take], n_val
-    names = list(members)
-    order = np.array([i for j in rng.permutation(len(names)) for i in members[names[j]]])[:n_take]
+    order = np.array([i for j in rng.permutation(len(members)) for i in members[j]])[:n_take]
     labels = [groups[i] for i in order]
     while n_val < len(order) and labels[n_val] == labels[n_val - 1]:  # the front ends where a group ends
         n_val += 1
@@ -111,7 +108,7 @@ def validation_order(n: int, groups: list[str] | None, holdout: float, max_train
 
 
 def make_validation_split(split: ClassSplit, out: Path, holdout: float, max_train: int | None,
-                          seed: int, anomalies: str = "painted", group_file: str | None = "provenance.csv"
+                          seed: int, anomalies: str = "painted", group_file: str | None = DataConfig.group_file
                           ) -> ClassSplit:
     """Hold out normal training images of `split` (whole groups of `group_file`, data/groups.py), write them with and
     without synthetic anomalies of the set `anomalies` (`ANOMALY_SETS`) into `out/<class>` (MVTec layout), and return
@@ -186,7 +183,7 @@ def choose(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def tune(candidates: list[Candidate], load_split: Callable[[str], ClassSplit], tasks: list[list[str]], out: Path,
          run_candidate: Callable[[Candidate, Callable[[str], ClassSplit], Path], dict[str, Any]],
          holdout: float = 0.2, max_train: int | None = 300, seed: int = 0,
-         anomalies: str = DEFAULT_ANOMALIES, group_file: str | None = "provenance.csv") -> dict[str, Any]:
+         anomalies: str = DEFAULT_ANOMALIES, group_file: str | None = DataConfig.group_file) -> dict[str, Any]:
     """Build the validation sets once (whole groups of `group_file` held out, data/groups.py), run every candidate
     through `run_candidate`, pick one."""
     if not candidates:

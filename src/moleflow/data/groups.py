@@ -71,21 +71,31 @@ def image_groups(images: Sequence[object] | torch.Tensor, file_name: str | None)
     return groups if listed else None
 
 
-def group_holdout(groups: Sequence[str], n_out: int, generator: torch.Generator) -> torch.Tensor | None:
-    """Indices of at least `n_out` images made of whole groups, the groups taken in a random order (`generator`)
-    until `n_out` is reached. None when a whole-group hold-out would miss `n_out` by too much: when the largest
-    group holds more than half of `n_out` images (then the caller holds images out one by one)."""
-    if n_out <= 0:
-        return torch.zeros(0, dtype=torch.long)
+def group_members(groups: Sequence[str]) -> list[list[int]]:
+    """The indices of each group's images, the groups in the order they first appear."""
     members: dict[str, list[int]] = {}
     for i, g in enumerate(groups):
         members.setdefault(g, []).append(i)
-    if max(len(m) for m in members.values()) * 2 > n_out:
+    return list(members.values())
+
+
+def whole_groups_fit(members: list[list[int]], n_out: int) -> bool:
+    """Whether whole groups can make a hold-out of `n_out` images without missing it by too much: no group holds more
+    than half of them (else callers hold images out one by one)."""
+    return bool(members) and max(len(m) for m in members) * 2 <= n_out
+
+
+def group_holdout(groups: Sequence[str], n_out: int, generator: torch.Generator) -> torch.Tensor | None:
+    """Indices of at least `n_out` images made of whole groups, the groups taken in a random order (`generator`)
+    until `n_out` is reached; None when they do not fit (`whole_groups_fit`)."""
+    if n_out <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    members = group_members(groups)
+    if not whole_groups_fit(members, n_out):
         return None
-    names = list(members)
     out: list[int] = []
-    for j in torch.randperm(len(names), generator=generator).tolist():
+    for j in torch.randperm(len(members), generator=generator).tolist():
         if len(out) >= n_out:
             break
-        out.extend(members[names[j]])
+        out.extend(members[j])
     return torch.tensor(sorted(out), dtype=torch.long)
