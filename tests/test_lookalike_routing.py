@@ -178,6 +178,54 @@ def test_the_exported_graph_and_the_onnx_engine_follow_the_same_rule(model, prob
     assert float((engine.scores - pred.scores).abs().max()) < 1e-4
 
 
+def test_the_trimmed_evidence_chooses_the_product_in_every_path(model, probe, tmp_path, monkeypatch):
+    """Where the median over the fitting patches names another product than the plain median, that product is
+    chosen: by `route` (predict), by the exported graph and by the ONNX engine alike. The trimmed distances are
+    replaced by the plain ones rolled by one product, so the trimmed choice of every distinct part is the next
+    product and differs from the plain pooled choice (which a real trim on these parts would not)."""
+    from moleflow.engine import make_engine
+    from moleflow.inspector import Inspector
+
+    def rolled(self, tokens, fitting, close, tasks):
+        return self.router.choice_distances(self.router.features(tokens), tasks).roll(1, dims=1)
+
+    monkeypatch.setattr(Inspector, "_trimmed_distances", rolled)
+    with _with_router(model, mode="prototype", metric="pooled", ambiguity_margin=0.0, trim_limit=5.0,
+                      trim_gate=1e9):
+        pred = model.predict(probe[:6])
+        out = predict_onnx(export_onnx(model, tmp_path), probe[:6].numpy())
+        engine = make_engine(model, "onnx", cache_dir=tmp_path / "engine").inspect(model.prepare(probe[:6]))
+    assert pred.task_ids.tolist() == [1, 2, 0, 1, 2, 0]
+    assert (pred.route_margin > 0).all() and not pred.ambiguous.any()
+    np.testing.assert_array_equal(np.array([0, 1, 2])[out["task_index"]], pred.task_ids.numpy())
+    assert torch.equal(engine.task_ids, pred.task_ids)
+    # the distance reported and the unknown-product check are the chosen product's
+    own = model.inspector.router.distances(model.inspector.features(model.prepare(probe[:6]).pixels)[1])
+    assert torch.allclose(pred.router_distance.double(), own[torch.arange(6), pred.task_ids], rtol=1e-5)
+
+
+def test_a_part_reported_against_another_plausible_product_lists_the_routed_one(model, probe):
+    """An ambiguous part flagged under its routed product but normal under another plausible one is reported
+    against that other product; its other plausible products then name the router's choice, never itself."""
+    with _with_router(model, mode="prototype", metric="pooled", ambiguity_margin=1e9):
+        routed = model.predict(probe[:6])
+    strict = routed.task_ids[0].item()
+    old = {t: model.inspector.threshold(t) for t in (0, 1, 2)}
+    for t in (0, 1, 2):  # everything is flagged under the routed product of part 0, nothing under the others
+        model.inspector.set_threshold(t, -1e9 if t == strict else 1e9)
+    try:
+        with _with_router(model, mode="prototype", metric="pooled", ambiguity_margin=1e9):
+            pred = model.predict(probe[:6])
+    finally:
+        for t, v in old.items():
+            model.inspector.set_threshold(t, v)
+    moved = [i for i in range(6) if routed.task_ids[i] == strict]
+    assert moved and all(pred.task_ids[i] != strict and not pred.anomalous[i] for i in moved)
+    assert all(strict in pred.alternatives[i] for i in moved)
+    for i, t in enumerate(pred.task_ids.tolist()):
+        assert t not in pred.alternatives[i] and sorted(pred.alternatives[i] + [t]) == [0, 1, 2]
+
+
 def test_the_pooled_metric_keeps_a_defective_part_with_its_product_where_own_covariances_do_not():
     """Two look-alike products whose means differ along e1; A varies little along e2, B a lot. A part of A with a
     defect that moves it along e2 is nearer B under each product's own covariance (B allows that move), but the

@@ -458,9 +458,11 @@ class Inspector(nn.Module):
             evidence = choice.clamp_min(1e-12).log()
             if cfg.trim_limit:
                 evidence = self._trimmed_evidence(tokens, evidence, owner, n, tasks)
-            top = evidence.topk(2, dim=1, largest=False).values
-            margin = top[:, 1] - top[:, 0]
-            plausible = plausible | (evidence <= top[:, :1] + cfg.ambiguity_margin)
+            top = evidence.topk(2, dim=1, largest=False)
+            index = top.indices[:, 0]  # the smallest evidence chooses (trimmed: the median of the fitting patches)
+            margin = top.values[:, 1] - top.values[:, 0]
+            plausible = torch.nn.functional.one_hot(index, n_tasks).bool() | (evidence <= top.values[:, :1]
+                                                                                + cfg.ambiguity_margin)
         elif n_tasks > 1:
             gate = float("inf") if cfg.mode == "patch" else cfg.gate
             candidates = choice <= nearest.unsqueeze(1) * (1 + gate)
@@ -571,6 +573,8 @@ class Inspector(nn.Module):
                 if float(s[0]) <= float(limits[c]):
                     index[i], scores[i], maps[i], chosen_limits[i], anomalous[i] = c, s[0].float(), m[0].float(), limits[c], False
                     patch_maps[i] = p[0].cpu()
+                    # the other plausible products are now those besides c: the router's choice among them
+                    alternatives[i] = [tasks[x] for x in evidence[i].argsort().tolist() if plausible[i, x] and x != c]
                     break
         return Inspection(scores=scores, maps=maps, patch_scores=patch_maps,
                           task_ids=torch.tensor(tasks, dtype=torch.long)[index], known=routed.known(index),
