@@ -24,6 +24,7 @@ from moleflow.data.datasets import load_class
 from moleflow.evaluation import evaluate_classes, threshold_summary
 
 KEYS = ("image_auroc", "pixel_auroc", "routing_accuracy_good", "routing_accuracy_defective", "ambiguous_rate",
+        "routing_accuracy_unambiguous", "routing_coverage_good", "routing_coverage_defective",
         "detection_rate", "false_alarm_rate_realised")
 
 

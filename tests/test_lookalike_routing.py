@@ -286,3 +286,37 @@ def test_gated_evidence_weighs_prototype_distance_and_patch_misfit_in_log_units(
     assert torch.allclose(scaled[:, 1] - scaled[:, 0], evidence[:, 1] - evidence[:, 0])
     with _with_router(model, mode="patch"):
         assert torch.allclose(model.inspector._evidence(distances, misfit), misfit.log())
+
+
+def test_a_new_look_alike_product_draws_an_older_products_held_out_parts(tmp_path, caplog):
+    """The other direction of confusability: learning a twin of an older product moves some of the older product's
+    held-out good parts to it. That is recorded in the new product's `draws`, logged, and `routing_now` shows it;
+    the kept held-out features survive saving and loading, and go with their product."""
+    import logging
+
+    from moleflow.data.synthetic import generate_product
+
+    data = product_images(("brick", "coins"), n_train=24, n_test_good=1)
+    twin = list(generate_product("brick", n_train=24, n_test_good=0, n_test_defect=0, size=112, seed=7).train_images)
+    m = MoleFlow(tiny_config(**{"train.epochs": 1, "score.calibration_fraction": 0.25}))
+    brick = m.fit_task(data["brick"][0], name="brick")
+    coins = m.fit_task(data["coins"][0], name="coins")
+    assert coins.confusability["draws"] == {}  # a distinct product draws nothing
+    assert m.routing_now() == {"brick": {"n": brick.n_calibration, "routed": {"brick": 1.0}, "ambiguous": 0.0},
+                               "coins": {"n": coins.n_calibration, "routed": {"coins": 1.0}, "ambiguous": 0.0}}
+    with caplog.at_level(logging.WARNING, logger="moleflow.learning"):
+        second = m.fit_task(twin, name="brick2")
+    now = m.routing_now()
+    assert second.confusability["draws"] == {"brick": now["brick"]["routed"]["brick2"]}
+    assert now["brick"]["routed"]["brick2"] > 0 and sum(now["brick"]["routed"].values()) == pytest.approx(1.0)
+    assert "brick2 draws held-out good parts of other products: brick" in caplog.text
+    assert now["coins"]["routed"] == {"coins": 1.0}
+    # the own column is the prototype without the held-out parts (out of sample, as when they were first routed)
+    features, image, mean, precision = m.router.holdout(brick.task_id)
+    assert len(torch.unique(image)) == brick.n_calibration and not torch.equal(mean, m.router.prototype(0)[0])
+    m.save(tmp_path / "m")
+    loaded = MoleFlow.load(tmp_path / "m")
+    assert loaded.routing_now() == now
+    loaded.remove_task("brick2")
+    assert loaded.routing_now()["brick"]["routed"] == {"brick": 1.0}
+    assert not [k for k in loaded.inspector.state_dict() if "holdout" in k and k.endswith(f"_{second.task_id}")]

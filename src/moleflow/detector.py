@@ -31,6 +31,7 @@ from .inspector import Inspection, Inspector
 from .learning import Learner, calibration_holdout, learn_expert_remotely, next_step
 from .parallel import Parallel
 from .pipeline import NeuralBackend, TorchBackend, check_request, concat_inspections, inspect
+from .router import holdout_routing
 from .store.checkpoint import read_model, read_model_lazily, write_model
 from .task_info import TaskInfo, task_infos
 
@@ -218,6 +219,13 @@ class MoleFlow:
         previous values are appended to `calibration["history"]`."""
         return Learner(self.features, self.tasks).recalibrate(self.task_by_name(name), normals, false_alarm_rate,
                                                               replace, batch_size)
+
+    @torch.no_grad()
+    def routing_now(self) -> dict[str, dict]:
+        """Where each product's held-out good parts (kept when it was learned) route now, among every product
+        learned: {name: {"n", "routed": {name: share}, "ambiguous": share}} (`router.holdout_routing`)."""
+        return holdout_routing(self.router, {t.task_id: t.name for t in self.tasks},
+                               self.config.router.ambiguity_margin)
 
     # ------------------------------------------------------------------------------ lifecycle
     def task_by_name(self, name: str) -> TaskInfo:

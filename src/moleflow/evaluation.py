@@ -144,7 +144,7 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     router is off, the `no_router` ablation); its metrics. `cache` (`eval_cache`) keeps the test images'
     features and expert scores for the run's later evaluations."""
     oracle = oracle or not model.config.router.enabled
-    scores, routed, known, anomalous, maps, masks, ambiguous = [], [], [], [], [], [], []
+    scores, routed, known, anomalous, maps, masks, ambiguous, plausible = [], [], [], [], [], [], [], []
     torch_backend = TorchBackend(model.inspector, batch_size)
     for batch in test_batches(model, split, batch_size, num_workers, cache):
         ids = torch.full((batch.prep.n_images,), true_task, dtype=torch.long) if oracle else None
@@ -156,6 +156,7 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
         known.append(pred.known.numpy())
         anomalous.append(pred.anomalous.numpy())
         ambiguous.append(pred.ambiguous.numpy())
+        plausible += [true_task == t or true_task in alt for t, alt in zip(pred.task_ids.tolist(), pred.alternatives)]
         maps.append(pred.maps.numpy().astype(np.float32))
     s, r = np.concatenate(scores).astype(np.float64), np.concatenate(routed)
     labels = np.array([x.label for x in split.test])
@@ -177,6 +178,13 @@ def evaluate_class(model: MoleFlow, split: ClassSplit, true_task: int, oracle: b
     # defective parts flagged by their decision (what routing costs in decisions: compare with the oracle pass)
     metrics["detection_rate"] = float(flagged[labels == 1].mean()) if (labels == 1).any() else None
     metrics["ambiguous_rate"] = float(np.concatenate(ambiguous).mean())  # parts scored under several products
+    # what "which product" is worth to the line: the product a verdict names without doubt is right this often,
+    # and the own product is among the products a verdict names (ambiguous ones list the others) this often
+    sure = ~np.concatenate(ambiguous)
+    metrics["routing_accuracy_unambiguous"] = float(np.mean(r[sure] == true_task)) if sure.any() else None
+    covered = np.array(plausible, dtype=bool)
+    for name, part in (("good", labels == 0), ("defective", labels == 1)):
+        metrics[f"routing_coverage_{name}"] = float(covered[part].mean()) if part.any() else None
     metrics["n_test"] = int(len(labels))
     metrics["n_anomalous"] = int(labels.sum())
     defect_types = [x.defect_type for x in split.test]

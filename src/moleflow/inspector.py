@@ -314,6 +314,9 @@ class Inspector(nn.Module):
                 if name.startswith("mean_"):
                     self.router.set_prototype(owner, value, state[f"router.precision_{owner}"],
                                               float(state[f"router.unknown_{owner}"]))
+                elif name.startswith("holdout_"):
+                    self.router.set_holdout(owner, value, *(state[f"router.{kind}_{owner}"]
+                                                            for kind in ("holdoutimage", "holdoutmean", "holdoutprecision")))
             elif key.startswith("memory."):
                 if self.memory is None:
                     raise MoleflowError(f"the checkpoint has a patch memory ({key}) but score.source is "

@@ -31,6 +31,7 @@ from .features import FeatureSource, token_chunks
 from .inspector import Inspector
 from .parallel import Parallel
 from .pipeline import TorchBackend, inspect
+from .router import holdout_routing
 from .task_info import TaskInfo
 from .trainer import ExpertJob, TrainReport, fit_experts, fit_task
 
@@ -132,7 +133,26 @@ class Learner:
             raise
         for infos in out:
             infos.sort(key=lambda info: info.task_id)
+        self._record_draws([info for infos in out for info in infos])
         return out
+
+    @torch.no_grad()
+    def _record_draws(self, learned: list[TaskInfo]) -> None:
+        """The other direction of confusability: how much of every other product's kept held-out normals each
+        newly learned product draws, all products learned now (`router.holdout_routing`). Recorded as its
+        `confusability["draws"]` ({product: share}, only those it draws) and logged: learning a look-alike product
+        moves an older product's parts, which the older product's own record, made before, cannot show."""
+        names = {t.task_id: t.name for t in [*self.tasks, *learned]}
+        now = holdout_routing(self.inspector.router, names, self.config.router.ambiguity_margin)
+        for info in learned:
+            draws = {other: r["routed"][info.name] for other, r in now.items()
+                     if other != info.name and r["routed"].get(info.name)}
+            if not info.confusability and not draws:
+                continue
+            info.confusability["draws"] = draws
+            if draws:
+                log.warning("product %s draws held-out good parts of other products: %s", info.name,
+                            ", ".join(f"{k} {100 * v:.0f} %" for k, v in sorted(draws.items(), key=lambda x: -x[1])))
 
     def _plans(self, steps: list[dict[str, Images]], classes: dict[str, list[str]], rates: dict[str, float],
                false_alarm_rate: float | None, parallel: Parallel | None) -> list[Plan]:
@@ -276,6 +296,7 @@ class Learner:
             self.inspector.add_memory(d.task, train_tokens)
         cal_tokens, cal_routing, cal_meta = self.features.stream(d.cal_images) if d.n_cal else (None, None, None)
         self.inspector.set_prototype(d.task, d.routing)  # without the held-out images first: they measure confusability
+        without = [v.clone() for v in self.inspector.router.prototype(d.task)]
         if cal_tokens is not None:
             tokens, meta, where = cal_tokens, cal_meta, "held-out normal training images"
         else:
@@ -285,6 +306,8 @@ class Learner:
         if cal_tokens is not None:
             info.confusability = self._confusability(d, cal_tokens, cal_routing, cal_meta)
             self.inspector.set_prototype(d.task, torch.cat([d.routing, cal_routing]))  # of all its images (spec)
+            # kept to route them again among the products learned later (`router.holdout_routing`), never trained on
+            self.inspector.router.set_holdout(d.task, cal_routing, cal_meta.owner, *without)
             info.calibration["unknown_distance"] = self.inspector.router.unknown_threshold(d.task)
         info.n_calibration, info.step, info.source = d.n_cal, step, dict(self.source)
         info.calibration.update(d.holdout)

@@ -30,6 +30,7 @@ from torch import nn
 from .config import RouterConfig
 from .errors import MoleflowError
 from .scoring import lower_median
+from .task_keys import HOLDOUT_BUFFERS
 
 
 def estimate_precision(features: np.ndarray, method: str, ridge: float) -> np.ndarray:
@@ -176,9 +177,44 @@ class PrototypeRouter(nn.Module):
             self.task_ids.append(task)
 
     def remove_task(self, task: int) -> None:
-        for name in (f"mean_{task}", f"precision_{task}", f"unknown_{task}"):
-            delattr(self, name)
+        for kind in ("mean", "precision", "unknown") + HOLDOUT_BUFFERS:
+            if hasattr(self, f"{kind}_{task}"):
+                delattr(self, f"{kind}_{task}")
         self.task_ids.remove(task)
+
+    def set_holdout(self, task: int, features: torch.Tensor, image: torch.Tensor, mean: torch.Tensor,
+                    precision: torch.Tensor) -> None:
+        """Keep task `task`'s held-out normals: their routing features (M, D), each row's image index (M,) (the
+        tiles of one image share it) and the prototype built without them (mean (D,), precision (D, D)), so that
+        `holdout_choice` routes them again, out of sample, among the products learned since. Never trained on."""
+        device = next(iter(self.buffers()), features).device
+        for kind, value in zip(HOLDOUT_BUFFERS, (features.float(), image.long(), mean.double(), precision.double())):
+            self.register_buffer(f"{kind}_{task}", value.detach().to(device))
+
+    def holdout(self, task: int) -> tuple[torch.Tensor, ...] | None:
+        """What `set_holdout` kept for task `task` (features, image, mean, precision), or None: no images were held
+        out, or the product was learned before they were kept."""
+        if not hasattr(self, f"holdout_{task}"):
+            return None
+        return tuple(getattr(self, f"{kind}_{task}") for kind in HOLDOUT_BUFFERS)
+
+    def holdout_choice(self, task: int, tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Route task `task`'s kept held-out normals among `tasks` (which include it) as `forward` routes an image,
+        with `task`'s prototype built without them (out of sample, as when they measured its confusability):
+        index into `tasks` (N,) and margin (N,), the runner-up's log choice distance minus the chosen one's."""
+        features, image, own_mean, own_precision = self.holdout(task)
+        means = [own_mean if t == task else self.prototype(t)[0] for t in tasks]
+        precisions = [own_precision if t == task else self.prototype(t)[1] for t in tasks]
+        x = features.double()
+        if self.cfg.metric == "pooled":
+            shared = torch.from_numpy(np.linalg.inv(np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], 0)))
+            precisions = [shared.to(x.device)] * len(tasks)
+        distance = torch.stack([mahalanobis(x, m, p) for m, p in zip(means, precisions)], 1)
+        distance = mean_per_image(distance, image, int(image.max()) + 1 if len(image) else 0)
+        log = distance.clamp_min(1e-12).log()
+        top = log.topk(min(2, len(tasks)), dim=1, largest=False)
+        margin = top.values[:, 1] - top.values[:, 0] if len(tasks) > 1 else torch.full_like(log[:, 0], float("inf"))
+        return top.indices[:, 0], margin
 
     def unknown_threshold(self, task: int) -> float:
         return float(getattr(self, f"unknown_{task}"))
@@ -259,3 +295,21 @@ class PrototypeRouter(nn.Module):
         tasks = self.task_ids if tasks is None else list(tasks)
         index, best, known = self(features, tasks, owner)
         return torch.tensor(tasks, dtype=torch.long)[index.cpu()], best.cpu(), known.cpu()
+
+
+def holdout_routing(router: PrototypeRouter, names: dict[int, str], margin: float) -> dict[str, dict]:
+    """Where each product's kept held-out normals route now, among every product the router holds (its prototype
+    without them for its own; `PrototypeRouter.holdout_choice`): {name: {"n": images, "routed": {name: share},
+    "ambiguous": share within `margin` (log units) of the runner-up}} for the products that kept them. By the
+    prototypes alone: the trimmed comparison (`router.trim_limit`) needs the images' patches, which are not kept."""
+    tasks, out = list(router.task_ids), {}
+    for t in tasks:
+        if router.holdout(t) is None:
+            continue
+        index, gap = router.holdout_choice(t, tasks)
+        chosen = torch.tensor(tasks)[index.cpu()]
+        out[names.get(t, str(t))] = {
+            "n": len(chosen),
+            "routed": {names.get(u, str(u)): float((chosen == u).double().mean()) for u in tasks if (chosen == u).any()},
+            "ambiguous": float((gap.cpu() <= margin).double().mean())}
+    return out

@@ -16,9 +16,12 @@ import re
 
 # per-task buffers, by what they are for
 ROUTING_BUFFERS = ("mean", "precision")  # the router's prototype: loaded with the model (routing needs every one)
+# the held-out normals' routing features, each row's image, and the prototype without them
+# (`PrototypeRouter.set_holdout`): how the product routes among every product learned since; never trained on
+HOLDOUT_BUFFERS = ("holdout", "holdoutimage", "holdoutmean", "holdoutprecision")
 CALIBRATION_BUFFERS = ("threshold", "unknown")  # decision threshold, unknown-product limit: `moleflow calibrate`
 MEMORY_BUFFERS = ("bank", "norm")  # the patch memory and its standardisation
-TASK_BUFFERS = ROUTING_BUFFERS + CALIBRATION_BUFFERS + MEMORY_BUFFERS
+TASK_BUFFERS = ROUTING_BUFFERS + HOLDOUT_BUFFERS + CALIBRATION_BUFFERS + MEMORY_BUFFERS
 
 _TASK_BUFFER = re.compile(rf"({'|'.join(TASK_BUFFERS)})_(\d+)")
 _BUFFER_KEY = re.compile(rf"(?:^|\.){_TASK_BUFFER.pattern}$")
@@ -78,4 +81,4 @@ def key_part(key: str) -> str:
 def scores_patches(key: str) -> bool:
     """The tensor enters a task's patch scores (shared flow, the expert's flow parts, its patch memory), so
     an expert graph depends on it; prototypes, limits and thresholds do not."""
-    return _buffer_kind(key) not in ROUTING_BUFFERS + CALIBRATION_BUFFERS
+    return _buffer_kind(key) not in ROUTING_BUFFERS + HOLDOUT_BUFFERS + CALIBRATION_BUFFERS

@@ -222,11 +222,31 @@ def describe_confusability(name: str, confusability: dict[str, Any]) -> str:
         ambiguous = confusability.get("ambiguous", {}).get(case, 0.0)
         parts.append(f"{label}: {shares.get(name, 0.0):.0%} to itself" + (f" ({others})" if others else "")
                      + (f", {ambiguous:.0%} ambiguous" if ambiguous else ""))
+    draws = confusability.get("draws") or {}
+    drawn = (f"draws held-out good parts of {', '.join(f'{k} {v:.0%}' for k, v in sorted(draws.items(), key=lambda x: -x[1]))}"
+             if draws else "")
     if not parts:
-        return ""
+        return f"{name}: {drawn}" if drawn else ""
     among = len(confusability.get("among", []))
     return (f"{name}: {confusability.get('n', '?')} held-out normals routed among {among} "
-            f"product{'' if among == 1 else 's'}; " + "; ".join(parts))
+            f"product{'' if among == 1 else 's'}; " + "; ".join(parts + ([drawn] if drawn else [])))
+
+
+def describe_routing_now(routing: dict[str, dict]) -> list[str]:
+    """Lines for `router.holdout_routing`: each product whose kept held-out good parts do not all route to it
+    now, or one line saying they all do; empty when no product kept them."""
+    if not routing:
+        return []
+    astray = {name: r for name, r in routing.items() if r["routed"].get(name, 0.0) < 1.0}
+    if not astray:
+        return [f"routing now: the held-out good parts of all {len(routing)} products that kept them route to their "
+                "own product"]
+    lines = []
+    for name, r in astray.items():
+        others = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r["routed"].items(), key=lambda x: -x[1]) if k != name)
+        lines.append(f"routing now: {name}: {r['routed'].get(name, 0.0):.0%} of its {r['n']} held-out good parts "
+                     f"to itself ({others})" + (f", {r['ambiguous']:.0%} ambiguous" if r["ambiguous"] else ""))
+    return lines
 
 
 def command_parser(sub, name: str, help_text: str, epilog: str, description: str | None = None

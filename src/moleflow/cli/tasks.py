@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from ..detector import MoleFlow
-from .common import describe_confusability, format_table
+from .common import describe_confusability, describe_routing_now, format_table
 
 EXAMPLES = """examples:
   moleflow tasks runs/real
@@ -26,6 +26,7 @@ def add_parser(sub) -> None:
 
 def task_table(model: MoleFlow) -> list[dict]:
     rows = []
+    now = model.routing_now()
     for info in model.tasks:
         params = model.flow.task_parameters(info.task_id)
         n_params = sum(p.numel() for p in params)
@@ -42,7 +43,7 @@ def task_table(model: MoleFlow) -> list[dict]:
                      "false_alarm_interval": cal.get("false_alarm_interval"), "warning": cal.get("warning", ""),
                      "recalibrations": len(cal.get("history", [])), "confusability": info.confusability,
                      "held_out_by": cal.get("held_out_by", "image"), "held_out_groups": cal.get("held_out_groups"),
-                     "groups": cal.get("groups")})
+                     "groups": cal.get("groups"), "routing_now": now.get(info.name)})
     return rows
 
 
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["confusability"]:
             print("routing when learned: " + describe_confusability(r["name"], r["confusability"]))
+    for line in describe_routing_now(model.routing_now()):
+        print(line)
     print(f"backbone {model.extractor.name} (sha256 {model.extractor.weights_sha256[:12]}), "
           f"shared flow {sum(p.numel() for p in model.flow.shared_parameters()):,} parameters")
     return 0

@@ -583,15 +583,19 @@ def _routing_section(run: RunData) -> list[Block]:
                         "unknown product). Colours are row-normalised; numbers are image counts (blank = 0)."))
     oracle = run.results.get("oracle") or {}
     rows = [[md_escape(c)] + [fmt_pct((final.get(c) or {}).get(k)) for k in
-                              ("routing_accuracy_good", "routing_accuracy_defective", "ambiguous_rate", "detection_rate")]
+                              ("routing_accuracy_good", "routing_accuracy_defective", "ambiguous_rate",
+                               "routing_accuracy_unambiguous", "routing_coverage_defective", "detection_rate")]
             + [fmt_pct((oracle.get(c) or {}).get("detection_rate"))] for c in rc["classes"]]
     blocks.append(Table(["Product", "Good parts routed right (%)", "Defective parts routed right (%)",
-                         "Ambiguous routing (%)", "Defective parts flagged, routed (%)",
-                         "Defective parts flagged, oracle product (%)"], rows))
+                         "Ambiguous routing (%)", "Routed right when not ambiguous (%)",
+                         "Defective parts with their product among those named (%)",
+                         "Defective parts flagged, routed (%)", "Defective parts flagged, oracle product (%)"], rows))
     blocks.append(Para("An ambiguous part (two products fit its patches almost equally) is scored under each plausible "
-                       "product and flagged only if flagged under all of them. The last two columns show what routing "
-                       "costs in decisions: the share of defective parts flagged when the router chooses the product, "
-                       "and when the true product is given.", small=True))
+                       "product, flagged only if flagged under all of them, and its verdict names the other plausible "
+                       "products. A verdict without that doubt names one product: the fifth column is how often that "
+                       "product is right. The last two columns show what routing costs in decisions: the share of "
+                       "defective parts flagged when the router chooses the product, and when the true product is "
+                       "given.", small=True))
     learned = [(e["name"], e.get("confusability") or {}) for step in run.results.get("steps", [])
                for e in step.get("experts", [])]
     learned = [(n, c) for n, c in learned if c.get("good")]
@@ -605,13 +609,19 @@ def _routing_section(run: RunData) -> list[Block]:
             others = {k: v for case in ("good", "defect") for k, v in (c.get(case) or {}).items() if k != name}
             return md_escape(max(others, key=others.get)) if others else "-"
 
+        def draws(c: dict) -> str:
+            shares = c.get("draws") or {}
+            return ", ".join(f"{md_escape(k)} {fmt_pct(v)}" for k, v in sorted(shares.items(), key=lambda x: -x[1])) or "-"
+
         rows = [[md_escape(n), str(c.get("n", "")), str(len(c.get("among", []))), share(c, "good", True, n),
-                 share(c, "defect", True, n), worst(c, n)] for n, c in learned]
+                 share(c, "defect", True, n), worst(c, n), draws(c)] for n, c in learned]
         blocks.append(Table(["Product", "held-out normals", "products then", "good routed to itself (%)",
-                             "with a 10 % pasted defect (%)", "most confused with"], rows))
+                             "with a 10 % pasted defect (%)", "most confused with",
+                             "draws others' held-out good parts (%)"], rows))
         blocks.append(Para("Confusability measured when each product was learned: its held-out normal training images "
-                           "routed among the products learned up to then, as they are and with one pasted defect.",
-                           small=True))
+                           "routed among the products learned up to then, as they are and with one pasted defect; and "
+                           "the other direction, the share of each other product's held-out good parts (kept when "
+                           "it was learned, routed by the prototypes) that the new product draws.", small=True))
     stress = run.results.get("routing_stress") or {}
     if stress.get("per_class"):
         areas = stress["areas"]
