@@ -58,6 +58,23 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     return ((diff @ precision) * diff).sum(-1).clamp_min(0).sqrt()
 
 
+def pool_precisions(precisions: list[torch.Tensor]) -> torch.Tensor:
+    """(D, D) float64 products' precisions -> the one metric of `metric="pooled"`: the inverse of the mean of their
+    covariances (linear discriminant analysis). In NumPy, so that an ONNX trace takes it as a constant."""
+    cov = np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], axis=0)
+    return torch.from_numpy(np.linalg.inv(cov)).to(precisions[0].device)
+
+
+def pooled_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
+    """(N, D) features, (T, D) means, one (D, D) precision P -> (N, T) float64 distances. d^2 = x'Px - 2 x'P m_t
+    + m_t'P m_t: two matrix products for all T products instead of T (the same as `mahalanobis` per product up to
+    float64 rounding)."""
+    x = features.double()
+    xp = x @ precision
+    squared = (xp * x).sum(1, keepdim=True) - 2 * xp @ means.T + ((means @ precision) * means).sum(1)
+    return squared.clamp_min(0).sqrt()
+
+
 def patch_misfit(z: torch.Tensor, owner: torch.Tensor | None = None, n_images: int | None = None,
                  statistic: str = "median", normal_share: float = 0.5) -> torch.Tensor:
     """How badly each image fits each candidate product, from its patches (lower fits better).
@@ -205,11 +222,10 @@ class PrototypeRouter(nn.Module):
         features, image, own_mean, own_precision = self.holdout(task)
         means = [own_mean if t == task else self.prototype(t)[0] for t in tasks]
         precisions = [own_precision if t == task else self.prototype(t)[1] for t in tasks]
-        x = features.double()
         if self.cfg.metric == "pooled":
-            shared = torch.from_numpy(np.linalg.inv(np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], 0)))
-            precisions = [shared.to(x.device)] * len(tasks)
-        distance = torch.stack([mahalanobis(x, m, p) for m, p in zip(means, precisions)], 1)
+            distance = pooled_distances(features, torch.stack(means), pool_precisions(precisions))
+        else:
+            distance = torch.stack([mahalanobis(features.double(), m, p) for m, p in zip(means, precisions)], 1)
         distance = mean_per_image(distance, image, int(image.max()) + 1 if len(image) else 0)
         log = distance.clamp_min(1e-12).log()
         top = log.topk(min(2, len(tasks)), dim=1, largest=False)
@@ -238,8 +254,7 @@ class PrototypeRouter(nn.Module):
         precisions = [self.prototype(t)[1] for t in tasks]
         key = tuple((p.data_ptr(), p._version, p.device, float(p.sum())) for p in precisions)
         if key not in self._pooled:
-            cov = np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], axis=0)
-            self._pooled = {key: torch.from_numpy(np.linalg.inv(cov)).to(precisions[0].device)}  # the latest only
+            self._pooled = {key: pool_precisions(precisions)}  # the latest only
         return self._pooled[key]
 
     def choice_distances(self, features: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:
@@ -250,13 +265,8 @@ class PrototypeRouter(nn.Module):
         tasks = self.task_ids if tasks is None else list(tasks)
         if self.cfg.metric != "pooled":
             return self.distances(features, tasks)
-        # one precision P for every product: d^2 = x'Px - 2 x'P m_t + m_t'P m_t, two matrix products for all T
-        # products instead of T (the same as `mahalanobis` per product up to float64 rounding)
-        x, precision = features.double(), self.pooled_precision(tasks)
-        means = torch.stack([self.prototype(t)[0] for t in tasks])  # (T, D)
-        xp = x @ precision
-        squared = (xp * x).sum(1, keepdim=True) - 2 * xp @ means.T + ((means @ precision) * means).sum(1)
-        return squared.clamp_min(0).sqrt()
+        return pooled_distances(features, torch.stack([self.prototype(t)[0] for t in tasks]),
+                                self.pooled_precision(tasks))
 
     def forward(self, features: torch.Tensor, tasks: list[int] | None = None, owner: torch.Tensor | None = None,
                 n_images: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
