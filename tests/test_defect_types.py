@@ -96,7 +96,8 @@ def _fake_model(size: int = 16) -> SimpleNamespace:
         images, n = prep.pixels, prep.n_images
         return SimpleNamespace(scores=images.mean(dim=(1, 2, 3)), task_ids=torch.zeros(n, dtype=torch.long),
                                known=torch.ones(n, dtype=torch.bool), anomalous=torch.zeros(n, dtype=torch.bool),
-                               ambiguous=torch.zeros(n, dtype=torch.bool), maps=torch.zeros(n, size, size))
+                               ambiguous=torch.zeros(n, dtype=torch.bool), alternatives=[[] for _ in range(n)],
+                               maps=torch.zeros(n, size, size))
 
     config = SimpleNamespace(data=SimpleNamespace(tiling="none"), router=SimpleNamespace(enabled=True))
     return SimpleNamespace(transform=ImageTransform(size), prepare=Prepared.square, inspect_prepared=inspect_prepared,
