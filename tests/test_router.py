@@ -109,3 +109,37 @@ def test_one_distance_formula():
     diff = x.double() - mean
     expected = torch.einsum("nd,de,ne->n", diff, precision, diff).sqrt()
     torch.testing.assert_close(router.distances(x)[:, 0], expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("metric", ["pooled", "mahalanobis"])
+def test_kept_held_out_normals_route_out_of_sample_among_every_product(metric):
+    """`holdout_choices` routes a product's kept held-out normals with its prototype built without them and every
+    other product's as it is (pooled: the mean of the covariances with the product's own swapped in, as
+    `pool_precisions` would compute it afresh); tiles of one image are averaged."""
+    from moleflow.router import mahalanobis, pool_precisions
+
+    router = PrototypeRouter(RouterConfig(metric=metric))
+    data = {t: _cluster(t, 40, 6, c, spread=1.0 + t) for t, c in enumerate([-1.0, 0.0, 1.0])}
+    for t, x in data.items():
+        router.add_task(t, x[:30])
+        without = router.prototype(t)
+        without = (without[0].clone(), without[1].clone())
+        router.remove_task(t)
+        router.add_task(t, x)  # the prototype of all its images, as learning builds it
+        router.set_holdout(t, x[30:].float(), torch.arange(10) // 2, *without)  # 5 images of 2 tiles each
+    router.remove_task(1)  # a product without kept normals is routed to, never routed from
+    router.add_task(1, data[1])
+    tasks = [0, 1, 2]
+    choices = router.holdout_choices(tasks)
+    assert set(choices) == {0, 2}
+    for t, (index, margin) in choices.items():
+        means = [router.holdout(t)[2] if u == t else router.prototype(u)[0] for u in tasks]
+        precisions = [router.holdout(t)[3] if u == t else router.prototype(u)[1] for u in tasks]
+        if metric == "pooled":
+            precisions = [pool_precisions(precisions)] * 3
+        x = router.holdout(t)[0].double()
+        d = torch.stack([mahalanobis(x, m, p) for m, p in zip(means, precisions)], 1)
+        d = d.view(5, 2, 3).mean(1).log()
+        top = d.topk(2, dim=1, largest=False)
+        assert torch.equal(index, top.indices[:, 0])
+        assert torch.allclose(margin, top.values[:, 1] - top.values[:, 0], atol=1e-8)

@@ -203,7 +203,7 @@ class PrototypeRouter(nn.Module):
                     precision: torch.Tensor) -> None:
         """Keep task `task`'s held-out normals: their routing features (M, D), each row's image index (M,) (the
         tiles of one image share it) and the prototype built without them (mean (D,), precision (D, D)), so that
-        `holdout_choice` routes them again, out of sample, among the products learned since. Never trained on."""
+        `holdout_choices` routes them again, out of sample, among the products learned since. Never trained on."""
         device = next(iter(self.buffers()), features).device
         for kind, value in zip(HOLDOUT_BUFFERS, (features.float(), image.long(), mean.double(), precision.double())):
             self.register_buffer(f"{kind}_{task}", value.detach().to(device))
@@ -215,22 +215,36 @@ class PrototypeRouter(nn.Module):
             return None
         return tuple(getattr(self, f"{kind}_{task}") for kind in HOLDOUT_BUFFERS)
 
-    def holdout_choice(self, task: int, tasks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Route task `task`'s kept held-out normals among `tasks` (which include it) as `forward` routes an image,
-        with `task`'s prototype built without them (out of sample, as when they measured its confusability):
-        index into `tasks` (N,) and margin (N,), the runner-up's log choice distance minus the chosen one's."""
-        features, image, own_mean, own_precision = self.holdout(task)
-        means = [own_mean if t == task else self.prototype(t)[0] for t in tasks]
-        precisions = [own_precision if t == task else self.prototype(t)[1] for t in tasks]
-        if self.cfg.metric == "pooled":
-            distance = pooled_distances(features, torch.stack(means), pool_precisions(precisions))
-        else:
-            distance = torch.stack([mahalanobis(features.double(), m, p) for m, p in zip(means, precisions)], 1)
-        distance = mean_per_image(distance, image, int(image.max()) + 1 if len(image) else 0)
-        log = distance.clamp_min(1e-12).log()
-        top = log.topk(min(2, len(tasks)), dim=1, largest=False)
-        margin = top.values[:, 1] - top.values[:, 0] if len(tasks) > 1 else torch.full_like(log[:, 0], float("inf"))
-        return top.indices[:, 0], margin
+    def holdout_choices(self, tasks: list[int]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Route every task's kept held-out normals among `tasks` as `forward` routes an image, each task's own
+        prototype built without them (out of sample, as when they measured its confusability): {task: (index into
+        `tasks` (N,), margin (N,): the runner-up's log choice distance minus the chosen one's)} for the tasks of
+        `tasks` that kept them. Each product's covariance is inverted once, so T products cost O(T) inversions."""
+        means = torch.stack([self.prototype(t)[0] for t in tasks])
+        pooled = self.cfg.metric == "pooled"
+        if pooled:  # the pooled covariance of `pool_precisions`, with one product's covariance swapped in below
+            covariances = [np.linalg.inv(self.prototype(t)[1].cpu().numpy()) for t in tasks]
+            mean_covariance = np.mean(covariances, axis=0)
+        out = {}
+        for i, task in enumerate(tasks):
+            kept = self.holdout(task)
+            if kept is None:
+                continue
+            features, image, own_mean, own_precision = kept
+            task_means = means.clone()
+            task_means[i] = own_mean
+            if pooled:
+                swapped = mean_covariance + (np.linalg.inv(own_precision.cpu().numpy()) - covariances[i]) / len(tasks)
+                distance = pooled_distances(features, task_means,
+                                            torch.from_numpy(np.linalg.inv(swapped)).to(features.device))
+            else:
+                precisions = [own_precision if t == task else self.prototype(t)[1] for t in tasks]
+                distance = torch.stack([mahalanobis(features.double(), m, p) for m, p in zip(task_means, precisions)], 1)
+            log = mean_per_image(distance, image, int(image.max()) + 1).clamp_min(1e-12).log()
+            top = log.topk(min(2, len(tasks)), dim=1, largest=False)
+            margin = (top.values[:, 1] - top.values[:, 0]) if len(tasks) > 1 else torch.full_like(log[:, 0], float("inf"))
+            out[task] = (top.indices[:, 0], margin)
+        return out
 
     def unknown_threshold(self, task: int) -> float:
         return float(getattr(self, f"unknown_{task}"))
@@ -309,14 +323,13 @@ class PrototypeRouter(nn.Module):
 
 def holdout_routing(router: PrototypeRouter, names: dict[int, str], margin: float) -> dict[str, dict]:
     """Where each product's kept held-out normals route now, among every product the router holds (its prototype
-    without them for its own; `PrototypeRouter.holdout_choice`): {name: {"n": images, "routed": {name: share},
+    without them for its own; `PrototypeRouter.holdout_choices`): {name: {"n": images, "routed": {name: share},
     "ambiguous": share within `margin` (log units) of the runner-up}} for the products that kept them. By the
     prototypes alone: the trimmed comparison (`router.trim_limit`) needs the images' patches, which are not kept."""
     tasks, out = list(router.task_ids), {}
-    for t in tasks:
-        if router.holdout(t) is None:
-            continue
-        index, gap = router.holdout_choice(t, tasks)
+    if not tasks:
+        return out
+    for t, (index, gap) in router.holdout_choices(tasks).items():
         chosen = torch.tensor(tasks)[index.cpu()]
         out[names.get(t, str(t))] = {
             "n": len(chosen),
