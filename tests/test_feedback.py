@@ -95,7 +95,8 @@ def test_realised_rates_from_reviews_per_day(store):
     assert d1["false_alarm_rate"] == pytest.approx(fp / (fp + tn))
     assert d1["detection_rate"] == pytest.approx(tp / (tp + fn))
     assert d1["reviewed"] == {"false_alarm": 6, "defect_confirmed_flagged": 2, "good_confirmed": g,
-                              "defect_confirmed_passed": 1}
+                              "defect_confirmed_passed": 1, "wrong_product_flagged": 0, "wrong_product_passed": 0}
+    assert d1["wrong_product_rate"] == 0.0 and d2["wrong_product_rate"] is None  # day 2: no passed part reviewed
     assert d2["false_alarm_rate"] == 0.0 and d2["detection_rate"] is None and d2["assumed"]  # nothing reviewed
     total = q["brick"]["total"]
     assert total["flagged"] == 10 and total["passed"] == 150 and total["detection_rate"] == pytest.approx(
@@ -167,3 +168,33 @@ def test_the_unknown_pile_is_exported_once(store, tmp_path):
     assert len(unknown_pile(store, run, learned=["brick"], include_exported=True)) == 5
     linked = export_pile([r for r in pile if r["id"] == ids[5]], tmp_path / "links", link=True)
     assert linked["mode"] == "symlink" and (tmp_path / "links" / f"{ids[5]:08d}_u5.png").is_symlink()
+
+
+def test_wrong_product_rate_from_reviews(store):
+    """How often a verdict names the wrong product, from the same strata: 20 flagged parts, 10 reviewed, 2 of them
+    wrong_product; 200 passed parts, the audit sample reviewed with 1 wrong_product. Wrong-product reviews stay out
+    of the false-alarm and detection rates. Ambiguous verdicts are counted per day."""
+    at = "2025-03-01T10:00:00+00:00"
+    rows = ([verdict("brick", "normal", at=at) for _ in range(200)]
+            + [verdict("brick", "anomalous", 3.0, at=at) for _ in range(20)])
+    for r in rows[:7]:
+        r["route_ambiguous"] = True
+    ids = store.add_many(rows, return_ids=True)
+    passed, flagged = ids[:200], ids[200:]
+    for vid in flagged[:2]:
+        store.add_review(vid, "wrong_product", reviewer="alice", correct_product="grass")
+    for vid in flagged[2:10]:
+        store.add_review(vid, "false_alarm", reviewer="alice")
+    rate = 0.2
+    audited = [v for v in passed if in_audit(v, rate)]
+    assert len(audited) >= 4
+    store.add_review(audited[0], "wrong_product", reviewer="bob", correct_product="grass")
+    for vid in audited[1:]:
+        store.add_review(vid, "good_confirmed", reviewer="bob")
+    total = quality(store, rate)["brick"]["total"]
+    wrong = 20 * 2 / 10 + 200 * 1 / len(audited)
+    assert total["wrong_product"] == pytest.approx(wrong)
+    assert total["wrong_product_rate"] == pytest.approx(wrong / 220)
+    assert total["reviewed"]["wrong_product_flagged"] == 2 and total["reviewed"]["wrong_product_passed"] == 1
+    assert total["false_alarm_rate"] == pytest.approx(20 / 220)  # every reviewed flagged part a false alarm
+    assert total["ambiguous"] == 7 and quality(store, rate)["brick"]["days"][0]["ambiguous"] == 7

@@ -219,6 +219,15 @@ def test_a_line_over_weeks(line, capsys):
             flagged = sum(1 for r in rows if r["product"] == product and r["decision"] == "anomalous")
             assert q["total"]["flagged"] == flagged and len(q["days"]) >= 1
             assert q["total"]["false_alarm_rate"] is not None and 0 <= q["total"]["false_alarm_rate"] <= 1
+            # which product: parts of another product (the never-learned hubble) reported as this one, reviewed
+            wrong = sum(1 for i in items if i["product"] == product and i["decision"] in ("normal", "anomalous")
+                        and kind_of[i["verdict_id"]][0] != product)
+            reviewed = q["total"]["reviewed"]
+            assert reviewed["wrong_product_flagged"] + reviewed["wrong_product_passed"] == wrong
+            assert q["total"]["wrong_product_rate"] is not None
+            assert (q["total"]["wrong_product_rate"] > 0) == (wrong > 0)
+            report.append(f"{product}: {wrong} reviewed parts of another product; estimated wrong-product rate "
+                          f"{q['total']['wrong_product_rate']:.1%}")
             report.append(f"{product}: realised false-alarm rate {q['total']['false_alarm_rate']:.1%}, detection rate "
                   + (f"{q['total']['detection_rate']:.1%}" if q["total"]["detection_rate"] is not None else "n/a"))
         assert c.get("/products/nope/quality", headers=ALICE).status_code == 404
@@ -237,6 +246,7 @@ def test_a_line_over_weeks(line, capsys):
     assert main(["status", str(run), "--store", url, "--audit-rate", str(AUDIT)]) == 0
     text = capsys.readouterr().out
     assert "ALERT: scores higher" in text and "unknown product:" in text and "a new product?" in text
+    assert "wrong product" in text and "ambiguous" in text
     assert main(["status", str(run), "--store", url, "--audit-rate", str(AUDIT), "--json", "--fail-on-alert"]) == 1
     status = json.loads(capsys.readouterr().out)
     assert status["drift_alerts"] == ["brick"] and status["verdicts"] == 300

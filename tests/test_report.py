@@ -401,8 +401,10 @@ def test_run_report_shows_realised_rates_from_the_verdict_store(tmp_path):
     md_path, html_path = write_report(run, audit_rate=1.0)
     md = md_path.read_text()
     assert "## On the line: decisions as reviewed" in md and "20 verdicts" in md
-    row = next(r for r in _table_rows(md, "product") if r and r[0] == product and len(r) == 11)
-    # 4 flagged, 1 of 4 reviewed a false alarm -> 1 false alarm among 1 + 16 good parts; every defect flagged
+    row = next(r for r in _table_rows(md, "product") if r and r[0] == product and len(r) == 14)
+    # 4 flagged, 1 of 4 reviewed a false alarm -> 1 false alarm among 1 + 16 good parts; every defect flagged;
+    # every part reviewed and none of another product
     assert row[2:4] == ["4", "16"] and row[9] == f"{100 / 17:.1f}" and row[10] == "100.0"
+    assert row[11:] == ["0", "0.0", "0"]
     assert (run / "figures" / "line_rates.png").is_file()
     assert "line_rates" in html_path.read_text() or "data:image/png" in html_path.read_text()

@@ -256,7 +256,8 @@ def test_review_queries_scores_and_thumbnails(url):
         ids = store.add_many([row(at="2025-03-01T10:00:00Z"), row(decision="anomalous", score=3.0,
                                                                    at="2025-03-01T11:00:00Z"),
                               row(product="grass", at="2025-03-02T09:00:00Z"),
-                              row(score=1.5, threshold=2.5, at="2025-03-02T10:00:00Z")], return_ids=True)
+                              row(score=1.5, threshold=2.5, at="2025-03-02T10:00:00Z", route_ambiguous=True)],
+                             return_ids=True)
         first, flagged, grass, later = ids
         with pytest.raises(MoleflowError, match="good_confirmed, not a false alarm"):
             store.add_review(first, "false_alarm", reviewer="alice")
@@ -281,9 +282,10 @@ def test_review_queries_scores_and_thumbnails(url):
         assert [r[0] for r in store.scores("brick", "normal", threshold=2.0)] == [first]
         assert [r[0] for r in store.scores("brick", ("normal", "anomalous"))] == [first, flagged, later]
         assert [r[0] for r in store.scores("brick", ("normal", "anomalous"), limit=2)] == [flagged, later]
-        assert sorted(store.daily_counts()) == [("2025-03-01", "brick", "anomalous", 1),
-                                                ("2025-03-01", "brick", "normal", 1),
-                                                ("2025-03-02", "brick", "normal", 1), ("2025-03-02", "grass", "normal", 1)]
+        assert sorted(store.daily_counts()) == [("2025-03-01", "brick", "anomalous", 1, 0),
+                                                ("2025-03-01", "brick", "normal", 1, 0),
+                                                ("2025-03-02", "brick", "normal", 1, 1),  # one routed ambiguously
+                                                ("2025-03-02", "grass", "normal", 1, 0)]
         store.add_thumbnails({flagged: (b"\x89PNG first", 8, 8)})
         store.add_thumbnails({flagged: (b"\x89PNG again", 8, 8), grass: (b"\x89PNG grass", 4, 4)})  # replaced
         assert store.thumbnail(flagged) == b"\x89PNG again" and store.thumbnail(first) is None

@@ -31,6 +31,15 @@ reviewed passed parts, the passed ones are assumed good for the false-alarm rate
 by at most the defect rate) and the detection rate is unknown (None). `wrong_product` reviews count in
 neither: the part was not that product.
 
+Which product, on the line: the same two strata estimate how often a verdict names the wrong product,
+
+    wrong product = flagged x WPf / (FA + TP + WPf) + passed x WPp / (GC + FN + WPp)
+    wrong-product rate = wrong product / (flagged + passed)
+
+(WPf, WPp: reviewed wrong_product among flagged parts and among the audit sample's passed parts); unknown (None)
+while a stratum with parts has no reviewed part. Beside it, `ambiguous`: the verdicts whose routing was in doubt
+(the part was scored under every plausible product and its verdict names them; docs/decisions.md §8).
+
 Recalibration (`calibration_parts`)
 -----------------------------------
 `moleflow calibrate --from-reviews` re-calibrates a product on the parts of its audit sample that a person
@@ -128,13 +137,24 @@ def review_queue(store: Any, audit_rate: float, product: str | None = None, deci
 
 
 # ------------------------------------------------------------------------------------------ realised rates
-def _rates(n_flag: int, n_pass: int, fa: int, tp: int, gc: int, fn: int) -> dict[str, Any]:
-    """The stratified estimate of one product's false-alarm and detection rates (module docstring)."""
+REVIEW_KEYS = ("fa", "tp", "gc", "fn", "wpf", "wpp")  # `_rates`' review counts, in its argument (and `reviewed`) order
+def _rates(n_flag: int, n_pass: int, fa: int, tp: int, gc: int, fn: int, wpf: int = 0, wpp: int = 0
+           ) -> dict[str, Any]:
+    """The stratified estimate of one product's false-alarm, detection and wrong-product rates (module
+    docstring)."""
     out: dict[str, Any] = {"flagged": n_flag, "passed": n_pass,
                            "reviewed": {"false_alarm": fa, "defect_confirmed_flagged": tp, "good_confirmed": gc,
-                                        "defect_confirmed_passed": fn},
+                                        "defect_confirmed_passed": fn, "wrong_product_flagged": wpf,
+                                        "wrong_product_passed": wpp},
                            "false_alarms": None, "detected": None, "escaped": None, "false_alarm_rate": None,
-                           "detection_rate": None, "assumed": None}
+                           "detection_rate": None, "assumed": None, "wrong_product": None,
+                           "wrong_product_rate": None}
+    strata = [(n, wrong / (wrong + rest) if wrong + rest else None)
+              for n, wrong, rest in ((n_flag, wpf, fa + tp), (n_pass, wpp, gc + fn)) if n]
+    if all(share is not None for _, share in strata):
+        out["wrong_product"] = sum(n * share for n, share in strata)
+        if n_flag + n_pass:
+            out["wrong_product_rate"] = out["wrong_product"] / (n_flag + n_pass)
     if n_flag == 0:
         false_alarms, detected = 0.0, 0.0
     elif fa + tp:
@@ -162,14 +182,17 @@ def quality(store: Any, audit_rate: float, product: str | None = None, since: An
     "detection_rate", ...}], "total": {...}} from the store's verdicts and reviews (module docstring)."""
     check_rate(audit_rate)
     counts: dict[tuple[str, str], dict[str, int]] = {}
-    for day, prod, decision, n in store.daily_counts(product=product, since=since, until=until):
+    ambiguous: dict[tuple[str, str], int] = {}
+    for day, prod, decision, n, n_ambiguous in store.daily_counts(product=product, since=since, until=until):
         counts.setdefault((prod, day), {})[decision] = n
+        ambiguous[prod, day] = ambiguous.get((prod, day), 0) + n_ambiguous
     labels: dict[tuple[str, str], dict[str, int]] = {}
     for r in store.reviewed(product=product, since=since, until=until, decision=(NORMAL, ANOMALOUS)):
         if r["decision"] == NORMAL and not in_audit(r["id"], audit_rate, seed):
             continue  # a passed part reviewed outside the audit sample: not a random draw of the passed parts
         key = {("anomalous", "false_alarm"): "fa", ("anomalous", "defect_confirmed"): "tp",
-               ("normal", "good_confirmed"): "gc", ("normal", "defect_confirmed"): "fn"}.get((r["decision"], r["label"]))
+               ("normal", "good_confirmed"): "gc", ("normal", "defect_confirmed"): "fn",
+               ("anomalous", "wrong_product"): "wpf", ("normal", "wrong_product"): "wpp"}.get((r["decision"], r["label"]))
         if key:
             bucket = labels.setdefault((r["product"], str(r["at"])[:10]), {})
             bucket[key] = bucket.get(key, 0) + 1
@@ -178,15 +201,14 @@ def quality(store: Any, audit_rate: float, product: str | None = None, since: An
         if prod in (UNKNOWN, ""):
             continue
         c, l = counts.get((prod, day), {}), labels.get((prod, day), {})
-        entry = {"day": day, "unknown": 0, **_rates(c.get(ANOMALOUS, 0), c.get(NORMAL, 0), l.get("fa", 0),
-                                                    l.get("tp", 0), l.get("gc", 0), l.get("fn", 0))}
+        entry = {"day": day, "unknown": 0, "ambiguous": ambiguous.get((prod, day), 0),
+                 **_rates(c.get(ANOMALOUS, 0), c.get(NORMAL, 0), *(l.get(k, 0) for k in REVIEW_KEYS))}
         out.setdefault(prod, {"days": []})["days"].append(entry)
     for prod, entry in out.items():
         days = entry["days"]
-        total = {k: sum(d["reviewed"][k] for d in days) for k in days[0]["reviewed"]}
-        entry["total"] = _rates(sum(d["flagged"] for d in days), sum(d["passed"] for d in days), total["false_alarm"],
-                                total["defect_confirmed_flagged"], total["good_confirmed"],
-                                total["defect_confirmed_passed"])
+        total = [sum(d["reviewed"][k] for d in days) for k in days[0]["reviewed"]]
+        entry["total"] = {"ambiguous": sum(d["ambiguous"] for d in days),
+                          **_rates(sum(d["flagged"] for d in days), sum(d["passed"] for d in days), *total)}
     unknown_days = {day: c.get(UNKNOWN, 0) for (prod, day), c in counts.items() if prod == UNKNOWN}
     for entry in out.values():  # unknown-product parts per day (they belong to no product)
         for d in entry["days"]:

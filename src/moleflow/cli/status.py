@@ -105,9 +105,9 @@ def _text(s: dict[str, Any]) -> str:
                                      else "ALERT: more flags" if d["alert"] else f"ok ({d['parts']} parts, {d['test']})")
         rows.append([p["name"], f"{p['threshold']:.4g}", c.get("normal", 0), c.get("anomalous", 0), reviewed,
                      _pct(q.get("false_alarm_rate")) + ("*" if q.get("assumed") else ""),
-                     _pct(q.get("detection_rate")), drift])
+                     _pct(q.get("detection_rate")), _pct(q.get("wrong_product_rate")), q.get("ambiguous", 0), drift])
     lines += ["", format_table(rows, ["product", "threshold", "passed", "flagged", "reviewed", "false-alarm rate",
-                                      "detection rate", "drift"])]
+                                      "detection rate", "wrong product", "ambiguous", "drift"])]
     if any((p["quality"] or {}).get("assumed") for p in s["products"]):
         lines.append("* no passed part of the audit sample reviewed yet: passed parts taken as good")
     for p in s["products"]:

@@ -49,7 +49,8 @@ def _rows(products: Mapping[str, Any], thresholds: Mapping[str, Any]) -> list[li
         rows.append([name, len(entry["days"]), t["flagged"], t["passed"], reviewed["false_alarm"],
                      reviewed["defect_confirmed_flagged"], reviewed["good_confirmed"],
                      reviewed["defect_confirmed_passed"], _pct(requested), _pct(t["false_alarm_rate"]),
-                     _pct(t["detection_rate"])])
+                     _pct(t["detection_rate"]), reviewed["wrong_product_flagged"] + reviewed["wrong_product_passed"],
+                     _pct(t["wrong_product_rate"]), t.get("ambiguous", 0)])
     return rows
 
 
@@ -71,10 +72,14 @@ def line_section(line: dict[str, Any] | None, thresholds: Mapping[str, Any]) -> 
         blocks.append(Para("No product has a decided verdict in the store yet."))
         return blocks
     blocks.append(Table(["product", "days", "flagged", "passed", "false alarm", "defect (flagged)",
-                         "good (audit)", "defect (passed)", "requested FA %", "realised FA %", "detection %"],
+                         "good (audit)", "defect (passed)", "requested FA %", "realised FA %", "detection %",
+                         "wrong product (reviewed)", "wrong product %", "ambiguous"],
                         _rows(products, thresholds)))
     blocks.append(Para("Verdicts and reviews per product over the whole store. Reviewed counts are parts inspectors "
-                       "labelled; rates are n/a until enough parts of each kind are reviewed.", small=True))
+                       "labelled; rates are n/a until enough parts of each kind are reviewed. Wrong product: how often "
+                       "a verdict of this product was another product (reviewed `wrong_product`, weighed like the "
+                       "other rates); ambiguous: verdicts whose routing was in doubt and that name every plausible "
+                       "product.", small=True))
     assumed = [n for n, e in products.items() if e["total"].get("assumed")]
     if assumed:
         blocks.append(Bullets([f"{n}: no passed part of the audit sample reviewed yet; passed parts taken as good"

@@ -51,7 +51,7 @@ from .run import VERDICT_STORE_FILE
 
 try:
     from sqlalchemy import (Boolean, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
-                            Text, create_engine, delete, event, func, insert, inspect, select, text)
+                            Text, case, create_engine, delete, event, func, insert, inspect, select, text)
     from sqlalchemy.engine import Connection, Engine, make_url
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
@@ -462,15 +462,17 @@ class VerdictStore:
             raise self._fail("count verdicts", exc) from None
 
     def daily_counts(self, product: str | None = None, since: Any = None, until: Any = None
-                     ) -> list[tuple[str, str, str, int]]:
-        """(day (UTC, YYYY-MM-DD), product, decision, verdicts) for every day, product and decision that occur."""
+                     ) -> list[tuple[str, str, str, int, int]]:
+        """(day (UTC, YYYY-MM-DD), product, decision, verdicts, of them routed ambiguously) for every day, product
+        and decision that occur."""
         day = func.substr(VERDICTS.c.at, 1, 10)
-        query = (select(day, VERDICTS.c.product, VERDICTS.c.decision, func.count())
+        ambiguous = func.sum(case((VERDICTS.c.route_ambiguous.is_(True), 1), else_=0))
+        query = (select(day, VERDICTS.c.product, VERDICTS.c.decision, func.count(), ambiguous)
                  .where(*self._where(product, since, until, None, None, None))
                  .group_by(day, VERDICTS.c.product, VERDICTS.c.decision).order_by(day))
         try:
             with self.engine.connect() as conn:
-                return [(str(d), str(p), str(dec), int(n)) for d, p, dec, n in conn.execute(query)]
+                return [(str(d), str(p), str(dec), int(n), int(a or 0)) for d, p, dec, n, a in conn.execute(query)]
         except SQLAlchemyError as exc:
             raise self._fail("count verdicts per day", exc) from None
 

@@ -322,7 +322,8 @@ async function refreshQuality() {
     const div = el("div", { class: "card wide quality", "data-product": name },
       el("h3", { text: name }),
       el("p", { class: "totals", text: `false-alarm rate ${pct(t.false_alarm_rate)}${t.assumed ? "*" : ""} · ` +
-        `detection rate ${pct(t.detection_rate)} · ${t.flagged || 0} flagged, ${t.passed || 0} passed, ` +
+        `detection rate ${pct(t.detection_rate)} · wrong product ${pct(t.wrong_product_rate)} · ` +
+        `${t.flagged || 0} flagged, ${t.passed || 0} passed, ${t.ambiguous || 0} ambiguous, ` +
         `${Object.values(t.reviewed || {}).reduce((a, b) => a + b, 0)} reviewed` }));
     if (days.length) {
       div.append(linePlot([
