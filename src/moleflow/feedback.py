@@ -138,6 +138,8 @@ def review_queue(store: Any, audit_rate: float, product: str | None = None, deci
 
 # ------------------------------------------------------------------------------------------ realised rates
 REVIEW_KEYS = ("fa", "tp", "gc", "fn", "wpf", "wpp")  # `_rates`' review counts, in its argument (and `reviewed`) order
+
+
 def _rates(n_flag: int, n_pass: int, fa: int, tp: int, gc: int, fn: int, wpf: int = 0, wpp: int = 0
            ) -> dict[str, Any]:
     """The stratified estimate of one product's false-alarm, detection and wrong-product rates (module

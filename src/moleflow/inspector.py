@@ -41,7 +41,8 @@ from .memory import PatchMemory
 from .model import ExpertFlow
 from .router import PrototypeRouter, fitting_patches, masked_median, mean_per_image, patch_misfit
 from .scoring import MapMaker, image_scores
-from .task_keys import BACKBONE_PREFIX, calibration_part, expert_part, is_task_buffer, key_owner, key_part
+from .task_keys import (BACKBONE_PREFIX, HOLDOUT_BUFFERS, calibration_part, expert_part, is_task_buffer, key_owner,
+                        key_part)
 
 class PendingExpert(Protocol):
     """A task's expert not read yet (a lazily loaded model): what it holds, and how to read it. The Inspector
@@ -315,8 +316,7 @@ class Inspector(nn.Module):
                     self.router.set_prototype(owner, value, state[f"router.precision_{owner}"],
                                               float(state[f"router.unknown_{owner}"]))
                 elif name.startswith("holdout_"):
-                    self.router.set_holdout(owner, value, *(state[f"router.{kind}_{owner}"]
-                                                            for kind in ("holdoutimage", "holdoutmean", "holdoutprecision")))
+                    self.router.set_holdout(owner, *(state[f"router.{kind}_{owner}"] for kind in HOLDOUT_BUFFERS))
             elif key.startswith("memory."):
                 if self.memory is None:
                     raise MoleflowError(f"the checkpoint has a patch memory ({key}) but score.source is "

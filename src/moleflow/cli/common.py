@@ -210,6 +210,11 @@ def pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def _shares(shares: dict[str, float], leave_out: str | None = None) -> str:
+    """"a 91%, b 9%": products by share, largest first, `leave_out` left out."""
+    return ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda x: -x[1]) if k != leave_out)
+
+
 def describe_confusability(name: str, confusability: dict[str, Any]) -> str:
     """One line: where product `name`'s held-out normals were routed when it was learned, good and with a pasted
     defect (`TaskInfo.confusability`); empty when nothing was measured."""
@@ -218,13 +223,12 @@ def describe_confusability(name: str, confusability: dict[str, Any]) -> str:
         shares = confusability.get(case)
         if not shares:
             continue
-        others = ", ".join(f"{k} {v:.0%}" for k, v in sorted(shares.items(), key=lambda x: -x[1]) if k != name)
+        others = _shares(shares, name)
         ambiguous = confusability.get("ambiguous", {}).get(case, 0.0)
         parts.append(f"{label}: {shares.get(name, 0.0):.0%} to itself" + (f" ({others})" if others else "")
                      + (f", {ambiguous:.0%} ambiguous" if ambiguous else ""))
     draws = confusability.get("draws") or {}
-    drawn = (f"draws held-out good parts of {', '.join(f'{k} {v:.0%}' for k, v in sorted(draws.items(), key=lambda x: -x[1]))}"
-             if draws else "")
+    drawn = f"draws held-out good parts of {_shares(draws)}" if draws else ""
     if not parts:
         return f"{name}: {drawn}" if drawn else ""
     among = len(confusability.get("among", []))
@@ -243,9 +247,8 @@ def describe_routing_now(routing: dict[str, dict]) -> list[str]:
                 "own product"]
     lines = []
     for name, r in astray.items():
-        others = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r["routed"].items(), key=lambda x: -x[1]) if k != name)
         lines.append(f"routing now: {name}: {r['routed'].get(name, 0.0):.0%} of its {r['n']} held-out good parts "
-                     f"to itself ({others})" + (f", {r['ambiguous']:.0%} ambiguous" if r["ambiguous"] else ""))
+                     f"to itself ({_shares(r['routed'], name)})" + (f", {r['ambiguous']:.0%} ambiguous" if r["ambiguous"] else ""))
     return lines
 
 

@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     for r in rows:
         if r["confusability"]:
             print("routing when learned: " + describe_confusability(r["name"], r["confusability"]))
-    for line in describe_routing_now(model.routing_now()):
+    for line in describe_routing_now({r["name"]: r["routing_now"] for r in rows if r["routing_now"]}):
         print(line)
     print(f"backbone {model.extractor.name} (sha256 {model.extractor.weights_sha256[:12]}), "
           f"shared flow {sum(p.numel() for p in model.flow.shared_parameters()):,} parameters")
