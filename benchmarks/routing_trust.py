@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -44,24 +45,27 @@ def evidence(table: dict) -> torch.Tensor:
     return torch.where((close.sum(1) > 1).unsqueeze(1), trimmed, log_pooled)
 
 
-def verdicts(table: dict, margin: float) -> dict[str, torch.Tensor]:
-    """Per part (N,) bool: routed right, ambiguous, own product among those named."""
-    ev = evidence(table)
+def verdicts(table: dict, margin: float, evidence_of: Callable[[dict], torch.Tensor] = evidence
+             ) -> dict[str, torch.Tensor]:
+    """Per part (N,) bool: routed right, ambiguous, own product among those named, for the router whose evidence
+    (N, T) `evidence_of(table)` gives (default: the `trimmed z5, gate 0.1` router of routing_trimmed.py)."""
+    ev = evidence_of(table)
     choice = ev.argmin(1)
-    assert torch.equal(choice, route_with_margin(table, ROUTER)[0])  # the router routing_trimmed.py measured
+    if evidence_of is evidence:
+        assert torch.equal(choice, route_with_margin(table, ROUTER)[0])  # the router routing_trimmed.py measured
     plausible = ev <= ev.min(1, keepdim=True).values + margin
     truth = torch.full_like(choice, int(table["truth"]))
     return {"right": choice == truth, "ambiguous": plausible.sum(1) > 1,
             "covered": plausible.gather(1, truth.unsqueeze(1)).squeeze(1)}
 
 
-def summary(saved: dict, margin: float) -> dict:
+def summary(saved: dict, margin: float, evidence_of: Callable[[dict], torch.Tensor] = evidence) -> dict:
     separable = separable_settings(saved)
     groups = {"shared": ["shared"], "separable": separable, "look_alike": [s for s in saved if s != "shared"]}
     out: dict = {"separable_settings": separable}
     for group, settings in groups.items():
         for case, cases in (("good", ("good",)), ("defects_2_10", DEFECTS)):
-            parts = [verdicts(t, margin) for s in settings for k, t in saved[s].items() if k.split("|")[1] in cases]
+            parts = [verdicts(t, margin, evidence_of) for s in settings for k, t in saved[s].items() if k.split("|")[1] in cases]
             v = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
             sure = ~v["ambiguous"]
             out[f"{group}/{case}"] = {

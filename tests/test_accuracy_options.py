@@ -280,6 +280,14 @@ def test_default_cpu_preset_is_the_tuned_candidate():
     study = json.loads((Path(__file__).parents[1] / "benchmarks/results/routing_trimmed.json").read_text())
     assert study["chosen"] == "trimmed z5, gate 0.1" and round(study["ambiguity_margin"], 3) == 0.031
     chosen.router.trim_limit, chosen.router.trim_gate, chosen.router.ambiguity_margin = 5.0, 0.1, 0.031
+    # then the painted defects' moves added to the pooled covariance, adopted by the replication rule over three
+    # seeds, with the margin of that router on seed 0's validation, as benchmarks/routing_nuisance.py recorded them
+    study = json.loads((Path(__file__).parents[1] / "benchmarks/results/routing_nuisance_replication.json").read_text())
+    assert study["adopted"] and study["candidate"] == "lambda 2"
+    seed0 = json.loads((Path(__file__).parents[1] / "benchmarks/results/routing_nuisance.json").read_text())
+    margin = round(seed0["candidates"]["lambda 2"]["ambiguity_margin"], 3)
+    assert margin == 0.035
+    chosen.router.defect_weight, chosen.router.ambiguity_margin = 2.0, margin
     # and training on windows of the token grid, chosen by `moleflow tune` under the faint validation and the
     # learning-cost goal (docs/accuracy.md §7, §15)
     # (the rule read from the candidates' scores: the cheapest, i.e. narrowest, window within 0.3 points of the whole

@@ -320,3 +320,67 @@ def test_a_new_look_alike_product_draws_an_older_products_held_out_parts(tmp_pat
     loaded.remove_task("brick2")
     assert loaded.routing_now()["brick"]["routed"] == {"brick": 1.0}
     assert not [k for k in loaded.inspector.state_dict() if "holdout" in k and k.endswith(f"_{second.task_id}")]
+
+
+def test_the_defect_weighted_metric_discounts_the_direction_defects_move_along():
+    """Two look-alike products whose means differ along e1 and e2 alike. Their painted defects move the feature
+    along e1 only. A part of A with a defect that moves it along e1 goes to B under the pooled metric; with the
+    defects' moment added to the pooled covariance (`router.defect_weight`), e1 counts less and e2, which defects do
+    not move, keeps the part with A. Good parts route as before."""
+    from moleflow.config import RouterConfig
+    from moleflow.defect_moves import move_moment
+    from moleflow.router import PrototypeRouter, pool_precisions
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(400, 2, generator=g, dtype=torch.float64)
+    b = torch.randn(400, 2, generator=g, dtype=torch.float64) + torch.tensor([6.0, 6.0], dtype=torch.float64)
+    moves = torch.zeros(50, 2, dtype=torch.float64)
+    moves[:, 0] = torch.randn(50, generator=g, dtype=torch.float64) * 3.0  # defects move e1 only
+    plain, weighted = (PrototypeRouter(RouterConfig(metric="pooled", defect_weight=w)) for w in (0.0, 1.0))
+    for router in (plain, weighted):
+        for t, x in enumerate((a, b)):
+            router.add_task(t, x)
+            router.set_defect_moves(t, move_moment(x[:50], x[:50] + moves))
+    moment = move_moment(a[:50], a[:50] + moves)
+    assert torch.allclose(moment, moves.T @ moves / 50)
+    defective = torch.tensor([[7.0, 0.5]], dtype=torch.float64)  # an A part moved along e1 by a defect
+    assert plain(defective)[0].tolist() == [1] and weighted(defective)[0].tolist() == [0]
+    good = torch.cat([a[-100:], b[-100:]])
+    for router in (plain, weighted):
+        assert router(good)[0].tolist() == [0] * 100 + [1] * 100
+    precisions = [plain.prototype(t)[1] for t in (0, 1)]
+    assert torch.allclose(plain.pooled_precision([0, 1]), pool_precisions(precisions))  # weight 0: the LDA metric
+    cov = sum(torch.linalg.inv(p) for p in precisions) / 2 + moment
+    assert torch.allclose(weighted.pooled_precision([0, 1]), torch.linalg.inv(cov))
+    weighted.remove_task(1)
+    assert weighted.defect_moves([0, 1]) == [weighted.defect_moves([0])[0]]  # the removed product's went with it
+    with pytest.raises(MoleflowError, match="router.defect_weight"):
+        tiny_config(**{"router.defect_weight": 1.0, "router.metric": "mahalanobis"})
+
+
+def test_a_product_learns_how_painted_defects_move_its_feature(tmp_path):
+    """With `router.defect_weight` a product keeps the moment of its painted-defect moves, measured on its own
+    training images; it is saved with the product, loaded with the model and chooses the product in every path."""
+    data = product_images(("brick", "coins"), n_train=24, n_test_good=2)
+    m = MoleFlow(tiny_config(**{"train.epochs": 1, "score.calibration_fraction": 0.25, "router.metric": "pooled",
+                                "router.defect_weight": 2.0}))
+    for name in ("brick", "coins"):
+        m.fit_task(data[name][0], name=name)
+    moments = m.router.defect_moves(m.router.task_ids)
+    dim = m.router.prototype(0)[0].shape[0]
+    assert len(moments) == 2 and all(x.shape == (dim, dim) and x.trace() > 0 for x in moments)
+    assert torch.allclose(moments[0], moments[0].T)
+    images = data["brick"][1] + data["coins"][1]
+    before = m.predict(images)
+    assert before.task_ids.tolist() == [0] * len(data["brick"][1]) + [1] * len(data["coins"][1])
+    m.save(tmp_path / "m")
+    loaded = MoleFlow.load(tmp_path / "m")
+    assert all(torch.equal(x, y) for x, y in zip(loaded.router.defect_moves([0, 1]), moments))
+    after = loaded.predict(images)
+    assert torch.equal(after.task_ids, before.task_ids) and torch.allclose(after.scores, before.scores)
+    out = predict_onnx(export_onnx(loaded, tmp_path / "onnx"), loaded.prepare(images).pixels.numpy())
+    np.testing.assert_array_equal(out["task_index"], before.task_ids.numpy())
+    # the exported graph measures with the weighted metric: its choice is that of the router's pooled precision
+    weighted = loaded.router.pooled_precision([0, 1])
+    loaded.config.router.defect_weight = 0.0
+    assert not torch.allclose(loaded.router.pooled_precision([0, 1]), weighted)

@@ -167,10 +167,14 @@ class Inspector(nn.Module):
 
     def set_prototype(self, task: int, features: torch.Tensor) -> None:
         """Task `task`'s router prototype and unknown-product limit from its routing features (N, D), replacing
-        any it has."""
+        any it has (how defects move its feature, `defect_moves`, is kept)."""
+        moves = []
         if task in self.router.task_ids:
+            moves = self.router.defect_moves([task])
             self.router.remove_task(task)
         self.router.add_task(task, features)
+        for moment in moves:
+            self.router.set_defect_moves(task, moment)
         self.place()
 
     def set_unknown_limit(self, task: int, limit: float) -> None:
@@ -315,6 +319,8 @@ class Inspector(nn.Module):
                 if name.startswith("mean_"):
                     self.router.set_prototype(owner, value, state[f"router.precision_{owner}"],
                                               float(state[f"router.unknown_{owner}"]))
+                elif name.startswith("defectmove_"):
+                    self.router.set_defect_moves(owner, value)
                 elif name.startswith("holdout_"):
                     self.router.set_holdout(owner, *(state[f"router.{kind}_{owner}"] for kind in HOLDOUT_BUFFERS))
             elif key.startswith("memory."):

@@ -26,6 +26,7 @@ from .calibration import calibration_record, calibration_split, conformal_thresh
 from .config import Config
 from .data.batch import Images, Prepared, PreparedDataset
 from .data.groups import group_holdout, image_groups
+from .defect_moves import move_moment, move_sample, painted_copies
 from .errors import MoleflowError
 from .features import FeatureSource, token_chunks
 from .inspector import Inspector
@@ -296,7 +297,9 @@ class Learner:
             self.inspector.add_memory(d.task, train_tokens)
         cal_tokens, cal_routing, cal_meta = self.features.stream(d.cal_images) if d.n_cal else (None, None, None)
         self.inspector.set_prototype(d.task, d.routing)  # without the held-out images first: they measure confusability
-        without = [v.clone() for v in self.inspector.router.prototype(d.task)]
+        without = [v.clone() for v in self.inspector.router.prototype(d.task)] if cal_tokens is not None else None
+        if self.config.router.defect_weight and not isinstance(d.train_images, torch.Tensor):
+            self._measure_defect_moves(d)
         if cal_tokens is not None:
             tokens, meta, where = cal_tokens, cal_meta, "held-out normal training images"
         else:
@@ -313,6 +316,18 @@ class Learner:
         info.calibration.update(d.holdout)
         info.n_tiles = d.n_train_tiles + (len(cal_meta.owner) if cal_meta is not None else 0)
         return info
+
+    @torch.no_grad()
+    def _measure_defect_moves(self, d: ExpertData) -> None:
+        """How painted defects move product `d`'s routing feature, from some of its training images (`defect_moves`):
+        kept in the router for the pooled metric (`router.defect_weight`). Image inputs only."""
+        from .data.batch import as_rgb
+        index = move_sample(d.n_train, self.config.train.seed * 7919 + d.task)
+        arrays = [np.asarray(as_rgb(im)) for im in as_list(subset(d.train_images, index))]
+        rng = np.random.default_rng(self.config.train.seed * 7919 + d.task + 1)
+        moved = self.features.stream(painted_copies(arrays, rng), keep_tokens=False)[1]
+        clean = d.routing[torch.isin(d.train_meta.owner, index)]
+        self.inspector.router.set_defect_moves(d.task, move_moment(clean, moved))
 
     # ------------------------------------------------------------------------------ calibration
     @torch.no_grad()

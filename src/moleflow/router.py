@@ -12,8 +12,9 @@ product. Cross-fitting gives every training image a calibration distance, so the
 a handful of held-out images.
 
 With `metric="pooled"` the product is chosen with one metric for all products, the inverse of the mean of their
-covariances (linear discriminant analysis); the distance reported and the unknown-product limit stay in the chosen
-product's own metric.
+covariances (linear discriminant analysis), plus `defect_weight` x the mean of the moments of how painted defects
+moved each product's feature (`defect_moves`, buffer `defectmove_<t>`); the distance reported and the unknown-product
+limit stay in the chosen product's own metric.
 
 The prototypes are float64 buffers of an `nn.Module` (`mean_<t>` (D,), `precision_<t>` (D, D),
 `unknown_<t>` ()), so they are part of the inspector's state_dict, move with it and export to ONNX.
@@ -30,7 +31,7 @@ from torch import nn
 from .config import RouterConfig
 from .errors import MoleflowError
 from .scoring import lower_median
-from .task_keys import HOLDOUT_BUFFERS
+from .task_keys import HOLDOUT_BUFFERS, ROUTING_BUFFERS
 
 
 def estimate_precision(features: np.ndarray, method: str, ridge: float) -> np.ndarray:
@@ -58,11 +59,24 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     return ((diff @ precision) * diff).sum(-1).clamp_min(0).sqrt()
 
 
-def pool_precisions(precisions: list[torch.Tensor]) -> torch.Tensor:
-    """(D, D) float64 products' precisions -> the one metric of `metric="pooled"`: the inverse of the mean of their
-    covariances (linear discriminant analysis). In NumPy, so that an ONNX trace takes it as a constant."""
-    cov = np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], axis=0)
-    return torch.from_numpy(np.linalg.inv(cov)).to(precisions[0].device)
+def pool_covariances(precisions: list[torch.Tensor], moments: list[torch.Tensor] = (), weight: float = 0.0
+                     ) -> np.ndarray:
+    """(D, D) float64 products' precisions -> the covariance of `metric="pooled"`: the mean of their covariances,
+    plus `weight` x the mean of the products' defect-move moments (`defect_moves`; those that have one)."""
+    return np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], axis=0) + defect_term(moments, weight)
+
+
+def defect_term(moments: list[torch.Tensor], weight: float) -> np.ndarray | float:
+    """`weight` x the mean of the defect-move moments (D, D) the pooled covariance adds (0 without any)."""
+    return weight * np.mean([m.cpu().numpy() for m in moments], axis=0) if weight and len(moments) else 0.0
+
+
+def pool_precisions(precisions: list[torch.Tensor], moments: list[torch.Tensor] = (), weight: float = 0.0
+                    ) -> torch.Tensor:
+    """(D, D) float64 the one metric of `metric="pooled"`: the inverse of `pool_covariances` (linear discriminant
+    analysis, with the defects' moves as a nuisance when `weight` > 0). In NumPy, so that an ONNX trace takes it as a
+    constant."""
+    return torch.from_numpy(np.linalg.inv(pool_covariances(precisions, moments, weight))).to(precisions[0].device)
 
 
 def pooled_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
@@ -193,8 +207,19 @@ class PrototypeRouter(nn.Module):
         if task not in self.task_ids:
             self.task_ids.append(task)
 
+    def set_defect_moves(self, task: int, moment: torch.Tensor) -> None:
+        """Keep task `task`'s defect-move moment (D, D) (`defect_moves.move_moment`): the pooled metric discounts the
+        directions its painted defects move the routing feature along (`router.defect_weight`)."""
+        device = next(iter(self.buffers()), moment).device
+        self.register_buffer(f"defectmove_{task}", moment.detach().double().to(device))
+
+    def defect_moves(self, tasks: list[int]) -> list[torch.Tensor]:
+        """The defect-move moments of those of `tasks` that measured one (products learned before they were kept, or
+        from tensors instead of images, did not)."""
+        return [getattr(self, f"defectmove_{t}") for t in tasks if hasattr(self, f"defectmove_{t}")]
+
     def remove_task(self, task: int) -> None:
-        for kind in ("mean", "precision", "unknown") + HOLDOUT_BUFFERS:
+        for kind in ROUTING_BUFFERS + ("unknown",) + HOLDOUT_BUFFERS:
             if hasattr(self, f"{kind}_{task}"):
                 delattr(self, f"{kind}_{task}")
         self.task_ids.remove(task)
@@ -224,7 +249,8 @@ class PrototypeRouter(nn.Module):
         pooled = self.cfg.metric == "pooled"
         if pooled:  # the pooled covariance of `pool_precisions`, with one product's covariance swapped in below
             covariances = [np.linalg.inv(self.prototype(t)[1].cpu().numpy()) for t in tasks]
-            mean_covariance = np.mean(covariances, axis=0)
+            mean_covariance = np.mean(covariances, axis=0) + defect_term(self.defect_moves(tasks),
+                                                                         self.cfg.defect_weight)
         out = {}
         for i, task in enumerate(tasks):
             kept = self.holdout(task)
@@ -263,12 +289,15 @@ class PrototypeRouter(nn.Module):
 
     def pooled_precision(self, tasks: list[int]) -> torch.Tensor:
         """(D, D) float64: the inverse of the mean of the covariances of `tasks` (each the inverse of its stored
-        precision), the one metric of `metric="pooled"`. Computed in NumPy, so that an ONNX trace takes it as a
-        constant, and kept while those precisions are the same tensors, unmodified."""
+        precision), plus `defect_weight` x the mean of their defect-move moments: the one metric of
+        `metric="pooled"`. Computed in NumPy, so that an ONNX trace takes it as a
+        constant, and kept while those precisions (and defect moves, and their weight) are the same, unmodified."""
         precisions = [self.prototype(t)[1] for t in tasks]
-        key = tuple((p.data_ptr(), p._version, p.device, float(p.sum())) for p in precisions)
+        moments = self.defect_moves(tasks)
+        key = (self.cfg.defect_weight,) + tuple((p.data_ptr(), p._version, p.device, float(p.sum()))
+                                                for p in precisions + moments)
         if key not in self._pooled:
-            self._pooled = {key: pool_precisions(precisions)}  # the latest only
+            self._pooled = {key: pool_precisions(precisions, moments, self.cfg.defect_weight)}  # the latest only
         return self._pooled[key]
 
     def choice_distances(self, features: torch.Tensor, tasks: list[int] | None = None) -> torch.Tensor:

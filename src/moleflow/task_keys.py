@@ -15,7 +15,9 @@ from __future__ import annotations
 import re
 
 # per-task buffers, by what they are for
-ROUTING_BUFFERS = ("mean", "precision")  # the router's prototype: loaded with the model (routing needs every one)
+# the router's prototype and how painted defects moved its feature (`defect_moves`): loaded with the model (routing
+# needs every one)
+ROUTING_BUFFERS = ("mean", "precision", "defectmove")
 # the held-out normals' routing features, each row's image, and the prototype without them
 # (`PrototypeRouter.set_holdout`): how the product routes among every product learned since; never trained on
 HOLDOUT_BUFFERS = ("holdout", "holdoutimage", "holdoutmean", "holdoutprecision")
