@@ -24,7 +24,7 @@ import torch
 
 from .calibration import calibration_record, calibration_split, conformal_threshold
 from .config import Config
-from .data.batch import Images, Prepared, PreparedDataset
+from .data.batch import Images, Prepared, PreparedDataset, as_rgb
 from .data.groups import group_holdout, image_groups
 from .defect_moves import move_moment, move_sample, painted_copies
 from .errors import MoleflowError
@@ -298,7 +298,10 @@ class Learner:
         cal_tokens, cal_routing, cal_meta = self.features.stream(d.cal_images) if d.n_cal else (None, None, None)
         self.inspector.set_prototype(d.task, d.routing)  # without the held-out images first: they measure confusability
         without = [v.clone() for v in self.inspector.router.prototype(d.task)] if cal_tokens is not None else None
-        if self.config.router.defect_weight and not isinstance(d.train_images, torch.Tensor):
+        if self.config.router.defect_weight and isinstance(d.train_images, torch.Tensor):
+            log.info("product %s was given as tensors, not images: no defect moves are measured for it, and the pooled "
+                     "routing metric uses the other products' (router.defect_weight)", d.name)
+        elif self.config.router.defect_weight:
             self._measure_defect_moves(d)
         if cal_tokens is not None:
             tokens, meta, where = cal_tokens, cal_meta, "held-out normal training images"
@@ -321,7 +324,6 @@ class Learner:
     def _measure_defect_moves(self, d: ExpertData) -> None:
         """How painted defects move product `d`'s routing feature, from some of its training images (`defect_moves`):
         kept in the router for the pooled metric (`router.defect_weight`). Image inputs only."""
-        from .data.batch import as_rgb
         index = move_sample(d.n_train, self.config.train.seed * 7919 + d.task)
         arrays = [np.asarray(as_rgb(im)) for im in as_list(subset(d.train_images, index))]
         rng = np.random.default_rng(self.config.train.seed * 7919 + d.task + 1)
@@ -339,7 +341,6 @@ class Learner:
         names = {t.task_id: t.name for t in self.tasks} | {d.task: d.name}
         cases = {"good": (torch.as_tensor(np.asarray(tokens)), routing, meta)}
         if not isinstance(d.cal_images, torch.Tensor):
-            from .data.batch import as_rgb
             from .routing_stress import paste_area_defect
             rng = np.random.default_rng(self.config.train.seed * 7919 + d.task)
             arrays = [np.asarray(as_rgb(im)) for im in d.cal_images]

@@ -59,24 +59,19 @@ def mahalanobis(x: torch.Tensor, mean: torch.Tensor, precision: torch.Tensor) ->
     return ((diff @ precision) * diff).sum(-1).clamp_min(0).sqrt()
 
 
-def pool_covariances(precisions: list[torch.Tensor], moments: list[torch.Tensor] = (), weight: float = 0.0
-                     ) -> np.ndarray:
-    """(D, D) float64 products' precisions -> the covariance of `metric="pooled"`: the mean of their covariances,
-    plus `weight` x the mean of the products' defect-move moments (`defect_moves`; those that have one)."""
-    return np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], axis=0) + defect_term(moments, weight)
-
-
 def defect_term(moments: list[torch.Tensor], weight: float) -> np.ndarray | float:
-    """`weight` x the mean of the defect-move moments (D, D) the pooled covariance adds (0 without any)."""
+    """`weight` x the mean of the products' defect-move moments (D, D) (`defect_moves`; those that have one) that the
+    pooled covariance adds (0 without any)."""
     return weight * np.mean([m.cpu().numpy() for m in moments], axis=0) if weight and len(moments) else 0.0
 
 
 def pool_precisions(precisions: list[torch.Tensor], moments: list[torch.Tensor] = (), weight: float = 0.0
                     ) -> torch.Tensor:
-    """(D, D) float64 the one metric of `metric="pooled"`: the inverse of `pool_covariances` (linear discriminant
-    analysis, with the defects' moves as a nuisance when `weight` > 0). In NumPy, so that an ONNX trace takes it as a
-    constant."""
-    return torch.from_numpy(np.linalg.inv(pool_covariances(precisions, moments, weight))).to(precisions[0].device)
+    """(D, D) float64 products' precisions -> the one metric of `metric="pooled"`: the inverse of the mean of their
+    covariances (linear discriminant analysis) plus `defect_term` (the defects' moves as a nuisance when `weight` >
+    0). In NumPy, so that an ONNX trace takes it as a constant."""
+    cov = np.mean([np.linalg.inv(p.cpu().numpy()) for p in precisions], axis=0) + defect_term(moments, weight)
+    return torch.from_numpy(np.linalg.inv(cov)).to(precisions[0].device)
 
 
 def pooled_distances(features: torch.Tensor, means: torch.Tensor, precision: torch.Tensor) -> torch.Tensor:
