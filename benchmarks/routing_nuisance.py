@@ -48,13 +48,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from routing_choice import adopt_by_rule, router_summary, separable_settings, wrong_margins  # noqa: E402
 from routing_trust import MARGIN, evidence  # noqa: E402
 from routing_trust import summary as trust_summary  # noqa: E402
-from routing_stress import add_setting_arguments, build_scenarios, encode, trim_masks  # noqa: E402
+from routing_stress import (add_setting_arguments, build_scenarios, encode, fit_products, pasted_cases,  # noqa: E402
+                            trim_masks)
 
 from moleflow import Config, MoleFlow  # noqa: E402
 from moleflow.defect_moves import painted_copies  # noqa: E402
-from moleflow.memory import PatchMemory  # noqa: E402
 from moleflow.router import PrototypeRouter, masked_median, mean_per_image, pooled_distances  # noqa: E402
-from moleflow.routing_stress import AREAS, paste_area_defect  # noqa: E402
 
 LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 GATE, LIMIT = 0.1, "z5"  # the default router's trimmed comparison
@@ -75,25 +74,14 @@ def setting_features(model: MoleFlow, products: dict, rng: np.random.Generator, 
     cfg = model.config
     names = list(products)
     router = PrototypeRouter(cfg.router.__class__(**{**vars(cfg.router), "statistic": "median", "metric": "pooled"}))
-    memory = PatchMemory(cfg.score.memory_fraction, cfg.train.seed, cfg.score.memory_max_tokens, cfg.score.memory_coreset)
+    memory, encoded = fit_products(model, products, router)
     out: dict = {"names": names, "products": {}, "cases": {}}
     for t, name in enumerate(names):
-        fit, cal = (encode(model, products[name][s]) for s in ("fit", "cal"))
-        router.add_task(t, torch.cat([fit["median"], cal["median"]]))
-        memory.add_task(t, fit["tokens"])
-        dist = memory.distances(cal["tokens"], t)
-        memory.set_norm(t, dist, dist)
         mean, precision = router.prototype(t)
         out["products"][name] = {"mean": mean, "precision": precision,
-                                 "moves": defect_moves(model, products[name]["fit"], fit, moves_rng)}
+                                 "moves": defect_moves(model, products[name]["fit"], encoded[name][0], moves_rng)}
     for t, name in enumerate(names):  # the pastes of routing_stress.scenario_tables, in its order
-        images = products[name]["eval"]
-        arrays = [np.asarray(im) for im in images]
-        cases = {"good": images}
-        for a in AREAS:
-            cases[f"{a:g}"] = [Image.fromarray(paste_area_defect(x, a, rng, donor=arrays[(i + 1) % len(arrays)]))
-                               for i, x in enumerate(arrays)]
-        for case, imgs in cases.items():
+        for case, imgs in pasted_cases(products[name]["eval"], rng).items():
             e = encode(model, imgs)
             z = torch.stack([memory.standardised_distance(memory.distances(e["tokens"], u), u)
                              for u in range(len(names))], 1)

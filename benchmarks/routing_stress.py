@@ -106,6 +106,34 @@ def product_split(files: list[Path], keys: list[str], rng: np.random.Generator, 
     return {s: [load_rgb(f) for f in v[:limit if s == "fit" else max(1, limit // 3)]] for s, v in out.items()}
 
 
+def pasted_cases(images: list, rng: np.random.Generator) -> dict[str, list]:
+    """{"good": images, "<area>": the images with one pasted defect of that area each (`AREAS`)}, drawing from `rng`
+    in the order every routing benchmark here draws (so that their pastes are the same)."""
+    arrays = [np.asarray(im) for im in images]
+    cases = {"good": images}
+    for a in AREAS:
+        cases[f"{a:g}"] = [Image.fromarray(paste_area_defect(x, a, rng, donor=arrays[(i + 1) % len(arrays)]))
+                           for i, x in enumerate(arrays)]
+    return cases
+
+
+def fit_products(model: MoleFlow, products: dict[str, dict[str, list]], router: PrototypeRouter
+                 ) -> tuple[PatchMemory, dict[str, tuple[dict, dict]]]:
+    """As learning builds them: `router` gets each product's prototype (of its fit and calibration images) and the
+    returned patch memory its coreset (of the fit images) standardised on the calibration images. Returns the memory
+    and each product's (fit, calibration) `encode`."""
+    cfg = model.config
+    memory = PatchMemory(cfg.score.memory_fraction, cfg.train.seed, cfg.score.memory_max_tokens, cfg.score.memory_coreset)
+    encoded = {}
+    for t, name in enumerate(products):
+        fit, cal = encoded[name] = tuple(encode(model, products[name][s]) for s in ("fit", "cal"))
+        router.add_task(t, torch.cat([fit["median"], cal["median"]]))
+        memory.add_task(t, fit["tokens"])
+        dist = memory.distances(cal["tokens"], t)
+        memory.set_norm(t, dist, dist)
+    return memory, encoded
+
+
 def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: np.random.Generator,
                     extra: dict[str, FeatureFn] | None = None) -> dict:
     """For every product's evaluation case: prototype distances (N, T) under both statistics and patch misfits
@@ -131,13 +159,7 @@ def scenario_tables(model: MoleFlow, products: dict[str, dict[str, list]], rng: 
     means = torch.stack([routers["median"].prototype(t)[0] for t in range(len(names))])
     out = {}
     for t, name in enumerate(names):
-        images = products[name]["eval"]
-        arrays = [np.asarray(im) for im in images]
-        cases = {"good": images}
-        for a in AREAS:
-            cases[f"{a:g}"] = [Image.fromarray(paste_area_defect(x, a, rng, donor=arrays[(i + 1) % len(arrays)]))
-                               for i, x in enumerate(arrays)]
-        for case, imgs in cases.items():
+        for case, imgs in pasted_cases(products[name]["eval"], rng).items():
             e = encode(model, imgs, extra=extra)
             raw = torch.stack([memory.distances(e["tokens"], u) for u in range(len(names))], 1)
             norm = torch.stack([getattr(memory, f"norm_{u}") for u in range(len(names))])  # (T, 4)

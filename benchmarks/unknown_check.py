@@ -36,13 +36,10 @@ import time
 
 import numpy as np
 import torch
-from PIL import Image
 
 from moleflow import Config, MoleFlow
-from moleflow.memory import PatchMemory
 from moleflow.router import PrototypeRouter, fitting_patches, masked_median, mean_per_image
-from moleflow.routing_stress import AREAS, paste_area_defect
-from routing_stress import CASES, add_setting_arguments, build_scenarios, encode
+from routing_stress import CASES, add_setting_arguments, build_scenarios, encode, fit_products, pasted_cases
 
 
 def family(setting: str) -> str:
@@ -55,23 +52,11 @@ def setting_rates(model: MoleFlow, products: dict[str, dict[str, list]], rng: np
     cfg = model.config
     names = list(products)
     router = PrototypeRouter(cfg.router)
-    memory = PatchMemory(cfg.score.memory_fraction, cfg.train.seed, cfg.score.memory_max_tokens,
-                         cfg.score.memory_coreset)
-    for t, name in enumerate(names):
-        fit, cal = (encode(model, products[name][s]) for s in ("fit", "cal"))
-        router.add_task(t, torch.cat([fit["median"], cal["median"]]))
-        memory.add_task(t, fit["tokens"])
-        dist = memory.distances(cal["tokens"], t)
-        memory.set_norm(t, dist, dist)
+    memory = fit_products(model, products, router)[0]
     limits = router.limits(list(range(len(names))))
     out = {k: {c: [0, 0, 0] for c in CASES} for k in ("known", "left_out")}
     for t, name in enumerate(names):
-        arrays = [np.asarray(im) for im in products[name]["eval"]]
-        cases = {"good": products[name]["eval"]}
-        for a in AREAS:
-            cases[f"{a:g}"] = [Image.fromarray(paste_area_defect(x, a, rng, donor=arrays[(i + 1) % len(arrays)]))
-                               for i, x in enumerate(arrays)]
-        for case, images in cases.items():
+        for case, images in pasted_cases(products[name]["eval"], rng).items():
             e = encode(model, images)
             for kind, tasks in (("known", list(range(len(names)))), ("left_out", [u for u in range(len(names))
                                                                                if u != t])):
