@@ -53,7 +53,8 @@ from routing_stress import (add_setting_arguments, build_scenarios, encode, fit_
 
 from moleflow import Config, MoleFlow  # noqa: E402
 from moleflow.defect_moves import painted_copies  # noqa: E402
-from moleflow.router import PrototypeRouter, masked_median, mean_per_image, pooled_distances  # noqa: E402
+from moleflow.router import (PrototypeRouter, masked_median, mean_per_image, pool_precisions,  # noqa: E402
+                             pooled_distances)
 
 LAMBDAS = (0.0, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0)
 GATE, LIMIT = 0.1, "z5"  # the default router's trimmed comparison
@@ -92,17 +93,15 @@ def setting_features(model: MoleFlow, products: dict, rng: np.random.Generator, 
 
 
 def metric(setting: dict, lam: float, centred: bool = False) -> torch.Tensor:
-    """(D, D) pooled precision with the defect moves' second moment (times `lam`) added to the mean covariance."""
-    prods = setting["products"].values()
-    cov = np.mean([np.linalg.inv(p["precision"].numpy()) for p in prods], axis=0)
-    if lam:
-        moments = []
-        for p in prods:
-            d = p["moves"].numpy()
-            d = d - d.mean(0) if centred else d
-            moments.append(d.T @ d / len(d))
-        cov = cov + lam * np.mean(moments, axis=0)
-    return torch.from_numpy(np.linalg.inv(cov))
+    """(D, D) pooled precision with the defect moves' second moment (times `lam`) added to the mean covariance: the
+    router's `pool_precisions`, here also with the moment centred."""
+    prods = list(setting["products"].values())
+    moments = []
+    for p in prods:
+        d = p["moves"].numpy()
+        d = d - d.mean(0) if centred else d
+        moments.append(torch.from_numpy(d.T @ d / len(d)))
+    return pool_precisions([p["precision"] for p in prods], moments, lam)
 
 
 def choices(setting: dict, precision: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -167,14 +167,8 @@ class Inspector(nn.Module):
 
     def set_prototype(self, task: int, features: torch.Tensor) -> None:
         """Task `task`'s router prototype and unknown-product limit from its routing features (N, D), replacing
-        any it has (how defects move its feature, `defect_moves`, is kept)."""
-        moves = []
-        if task in self.router.task_ids:
-            moves = self.router.defect_moves([task])
-            self.router.remove_task(task)
-        self.router.add_task(task, features)
-        for moment in moves:
-            self.router.set_defect_moves(task, moment)
+        any it has (its other router buffers, such as how defects move its feature, are kept)."""
+        self.router.fit_task(task, features)
         self.place()
 
     def set_unknown_limit(self, task: int, limit: float) -> None:

@@ -186,6 +186,11 @@ class PrototypeRouter(nn.Module):
         unknown-product distance on their out-of-sample distances."""
         if task in self.task_ids:
             raise MoleflowError(f"the router already has task {task}")
+        self.fit_task(task, features)
+
+    def fit_task(self, task: int, features: torch.Tensor) -> None:
+        """`add_task`, or for a task the router has, its prototype and unknown-product limit built again (its other
+        buffers, the defect moves and held-out parts, are kept)."""
         x = features.detach().double().cpu()
         mean, precision = self.fit_prototype(x)
         limit = float("inf")
@@ -194,19 +199,21 @@ class PrototypeRouter(nn.Module):
             limit = float(torch.quantile(own, self.cfg.unknown_quantile)) * self.cfg.unknown_margin
         self.set_prototype(task, mean, precision, limit)
 
+    def _keep(self, name: str, value: torch.Tensor) -> None:
+        """Register buffer `name` on the device of the router's buffers (`value`'s own while it has none)."""
+        self.register_buffer(name, value.detach().to(next(iter(self.buffers()), value).device))
+
     def set_prototype(self, task: int, mean: torch.Tensor, precision: torch.Tensor, unknown: float) -> None:
-        device = next(iter(self.buffers()), mean).device
-        self.register_buffer(f"mean_{task}", mean.double().to(device))
-        self.register_buffer(f"precision_{task}", precision.double().to(device))
-        self.register_buffer(f"unknown_{task}", torch.tensor(float(unknown), dtype=torch.float64, device=device))
+        self._keep(f"mean_{task}", mean.double())
+        self._keep(f"precision_{task}", precision.double())
+        self._keep(f"unknown_{task}", torch.tensor(float(unknown), dtype=torch.float64, device=mean.device))
         if task not in self.task_ids:
             self.task_ids.append(task)
 
     def set_defect_moves(self, task: int, moment: torch.Tensor) -> None:
         """Keep task `task`'s defect-move moment (D, D) (`defect_moves.move_moment`): the pooled metric discounts the
         directions its painted defects move the routing feature along (`router.defect_weight`)."""
-        device = next(iter(self.buffers()), moment).device
-        self.register_buffer(f"defectmove_{task}", moment.detach().double().to(device))
+        self._keep(f"defectmove_{task}", moment.double())
 
     def defect_moves(self, tasks: list[int]) -> list[torch.Tensor]:
         """The defect-move moments of those of `tasks` that measured one (products learned before they were kept, or
@@ -224,9 +231,8 @@ class PrototypeRouter(nn.Module):
         """Keep task `task`'s held-out normals: their routing features (M, D), each row's image index (M,) (the
         tiles of one image share it) and the prototype built without them (mean (D,), precision (D, D)), so that
         `holdout_choices` routes them again, out of sample, among the products learned since. Never trained on."""
-        device = next(iter(self.buffers()), features).device
         for kind, value in zip(HOLDOUT_BUFFERS, (features.float(), image.long(), mean.double(), precision.double())):
-            self.register_buffer(f"{kind}_{task}", value.detach().to(device))
+            self._keep(f"{kind}_{task}", value)
 
     def holdout(self, task: int) -> tuple[torch.Tensor, ...] | None:
         """What `set_holdout` kept for task `task` (features, image, mean, precision), or None: no images were held
